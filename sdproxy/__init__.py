@@ -1,0 +1,3 @@
+"""sdproxy: a concurrency-limiting, autoscaling reverse proxy for Stable Diffusion WebUI pods."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,5 @@
+"""Allow ``python -m sdproxy``."""
+
+from sdproxy.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,1 @@
+"""I/O adapters: the aiohttp proxy, discovery sources, scalers, metrics, composition root."""
