@@ -1,0 +1,282 @@
+"""Runtime: Prometheus metrics for the proxy, on its own registry, served at GET /metrics.
+
+Two kinds of metric live here:
+
+* **Events** (requests, rejections, queue waits, backend errors, interrupts, scale
+  events) are counters and histograms the proxy bumps as things happen.
+* **State** (queue depth, oldest wait, pods by state, per-pod in-flight/limit, desired
+  pods, leader, discovery) is NOT kept in gauges the proxy must remember to update: a
+  custom collector reads the ``/-/status`` snapshot at scrape time, so the status page
+  and /metrics can never disagree and a removed pod's state series vanish by themselves
+  (client_python "Custom Collectors": https://prometheus.github.io/client_python/collector/custom/).
+
+Cardinality is bounded: ``route_class`` comes from a closed set, ``code`` is an HTTP
+status, ``pod`` labels of event counters are dropped with ``forget_pod`` when discovery
+removes a pod. ``reason`` and ``kind`` are short codes chosen by our own code, never
+taken from a request.
+
+The registry is never the process-global one, so several proxies (tests, in-process
+replicas) can live side by side.
+"""
+
+from __future__ import annotations
+
+import platform
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import Any
+
+from aiohttp import web
+from prometheus_client import CollectorRegistry, Counter, Histogram, Info
+from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4, generate_latest
+from prometheus_client.gc_collector import GCCollector
+from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.process_collector import ProcessCollector
+
+import sdproxy
+
+Snapshot = Callable[[], Mapping[str, Any]]
+
+ROUTE_CLASSES = frozenset({"heavy", "light", "job", "admin", "proxy"})
+#: every state is always exported (0 when empty) so alerts never see a missing series
+POD_STATES = ("starting", "warming", "ready", "draining")
+SCALE_DIRECTIONS = ("up", "down")
+#: pre-created at 0 so rate()/increase() see the first event (Prometheus "Instrumentation"
+#: practices: avoid missing metrics)
+REJECT_REASONS = (
+    "queue_full",
+    "queue_timeout",
+    "no_backends",
+    "client_gone",
+    "job_cancelled",
+    "shutting_down",
+)
+INTERRUPT_REASONS = ("client_gone", "user", "shutdown")
+
+#: light calls take milliseconds, a txt2img seconds, a large hires batch many minutes
+REQUEST_BUCKETS = (
+    0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300, 600, 1800,
+)  # fmt: skip
+#: an idle pool answers at once; a cold start (scale from zero) waits minutes
+QUEUE_BUCKETS = (
+    0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 900, 1800,
+)  # fmt: skip
+
+
+class Metrics:
+    """All sdproxy metrics on one private registry (``self.registry``)."""
+
+    def __init__(self, *, snapshot: Snapshot | None = None) -> None:
+        self.registry = CollectorRegistry()
+        reg = self.registry
+        self._requests = Counter(
+            "sdproxy_requests_total",
+            "Requests answered, by route class and HTTP status.",
+            ["route_class", "code"],
+            registry=reg,
+        )
+        self._duration = Histogram(
+            "sdproxy_request_duration_seconds",
+            "Time from request arrival to the end of the response, queue wait included.",
+            ["route_class"],
+            buckets=REQUEST_BUCKETS,
+            registry=reg,
+        )
+        self._queue_wait = Histogram(
+            "sdproxy_queue_wait_seconds",
+            "Time heavy requests waited in the shared queue before a pod slot was bound.",
+            buckets=QUEUE_BUCKETS,
+            registry=reg,
+        )
+        self._rejected = Counter(
+            "sdproxy_rejected_total",
+            "Requests not forwarded, by reason (queue_full, queue_timeout, no_backends…).",
+            ["reason"],
+            registry=reg,
+        )
+        self._backend_errors = Counter(
+            "sdproxy_backend_errors_total",
+            "Failures talking to a pod, by pod and kind (connect, timeout, reset, status_5xx…).",
+            ["pod", "kind"],
+            registry=reg,
+        )
+        self._interrupts = Counter(
+            "sdproxy_interrupts_total",
+            "Generations interrupted on a pod, by reason (client_gone, user, shutdown).",
+            ["reason"],
+            registry=reg,
+        )
+        self._scale_events = Counter(
+            "sdproxy_scale_events_total",
+            "Changes of the desired pod count, by direction (up, down).",
+            ["direction"],
+            registry=reg,
+        )
+        self._pre_create()
+        self._register_process_metrics(reg)
+        if snapshot is not None:
+            reg.register(StateCollector(snapshot))
+
+    def _pre_create(self) -> None:
+        for reason in REJECT_REASONS:
+            self._rejected.labels(reason=reason)
+        for reason in INTERRUPT_REASONS:
+            self._interrupts.labels(reason=reason)
+        for direction in SCALE_DIRECTIONS:
+            self._scale_events.labels(direction=direction)
+
+    @staticmethod
+    def _register_process_metrics(reg: CollectorRegistry) -> None:
+        build = Info("sdproxy_build", "sdproxy version and Python runtime.", registry=reg)
+        build.info({"version": sdproxy.__version__, "python": platform.python_version()})
+        ProcessCollector(registry=reg)  # process_cpu_seconds_total, memory, fds, start time
+        GCCollector(registry=reg)
+
+    def observe_request(self, *, route_class: str, code: int, duration_s: float) -> None:
+        """One answered request (any outcome, rejections included)."""
+        if route_class not in ROUTE_CLASSES:
+            raise ValueError(f"route_class {route_class!r} not in {sorted(ROUTE_CLASSES)}")
+        if not 100 <= code <= 599:
+            raise ValueError(f"HTTP status out of range: {code}")
+        self._requests.labels(route_class=route_class, code=str(code)).inc()
+        self._duration.labels(route_class=route_class).observe(max(0.0, duration_s))
+
+    def observe_queue_wait(self, wait_s: float) -> None:
+        """How long a heavy request waited for a slot (also for those that timed out)."""
+        self._queue_wait.observe(max(0.0, wait_s))
+
+    def rejected(self, reason: str) -> None:
+        self._rejected.labels(reason=reason).inc()
+
+    def backend_error(self, *, pod: str, kind: str) -> None:
+        self._backend_errors.labels(pod=pod, kind=kind).inc()
+
+    def interrupt(self, reason: str) -> None:
+        self._interrupts.labels(reason=reason).inc()
+
+    def scale_event(self, direction: str) -> None:
+        if direction not in SCALE_DIRECTIONS:
+            raise ValueError(f"direction must be one of {SCALE_DIRECTIONS}, got {direction!r}")
+        self._scale_events.labels(direction=direction).inc()
+
+    def forget_pod(self, pod: str) -> None:
+        """Drop every event series labelled with a pod that discovery removed.
+
+        State series (in-flight, limit…) come from the snapshot and vanish on their own.
+        """
+        self._backend_errors.remove_by_labels({"pod": pod})
+
+    def exposition(self) -> tuple[bytes, str]:
+        """The text exposition (format 0.0.4, which every Prometheus and promtool reads)."""
+        return generate_latest(self.registry), CONTENT_TYPE_PLAIN_0_0_4
+
+
+class StateCollector:
+    """Gauges computed at scrape time from the ``/-/status`` snapshot."""
+
+    def __init__(self, snapshot: Snapshot) -> None:
+        self._snapshot = snapshot
+
+    def describe(self) -> Iterable[Metric]:
+        """Names only, so the registry can detect clashes without taking a snapshot."""
+        return list(_state_metrics({}))
+
+    def collect(self) -> Iterable[Metric]:
+        return list(_state_metrics(self._snapshot()))
+
+
+def _num(value: Any) -> float:
+    """A JSON number, with null/missing as 0 and booleans as 0/1."""
+    return float(value) if isinstance(value, int | float) else 0.0
+
+
+def _state_metrics(snap: Mapping[str, Any]) -> Iterator[Metric]:
+    yield from _queue_metrics(snap.get("queue") or {})
+    yield from _pod_metrics(snap.get("pods") or [])
+    auto = snap.get("autoscaler") or {}
+    yield GaugeMetricFamily(
+        "sdproxy_desired_pods",
+        "Pods the autoscaler asks for (the KEDA/HPA signal with --scaler none).",
+        value=_num(auto.get("desired")),
+    )
+    yield GaugeMetricFamily(
+        "sdproxy_leader",
+        "1 if this replica holds the autoscaler leader Lease (always 1 without election).",
+        value=_num(bool(auto.get("leader"))),
+    )
+    discovery = snap.get("discovery") or {}
+    yield GaugeMetricFamily(
+        "sdproxy_discovery_connected",
+        "1 if the discovery source (static list, EndpointSlice watch) is in touch.",
+        value=_num(bool(discovery.get("connected"))),
+    )
+
+
+def _queue_metrics(queue: Mapping[str, Any]) -> Iterator[Metric]:
+    yield GaugeMetricFamily(
+        "sdproxy_queue_depth",
+        "Heavy requests waiting in the shared queue.",
+        value=_num(queue.get("depth")),
+    )
+    yield GaugeMetricFamily(
+        "sdproxy_queue_capacity",
+        "Bound of the shared queue (--max-queue); beyond it requests get 503 queue_full.",
+        value=_num(queue.get("max")),
+    )
+    yield GaugeMetricFamily(
+        "sdproxy_queue_oldest_wait_seconds",
+        "How long the oldest queued request has waited so far (0 when the queue is empty).",
+        value=_num(queue.get("oldest_wait_s")),
+    )
+    yield GaugeMetricFamily(
+        "sdproxy_queue_timeout_seconds",
+        "Longest a request may wait in the queue before 503 queue_timeout.",
+        value=_num(queue.get("timeout_s")),
+    )
+
+
+def _pod_metrics(pods: Iterable[Mapping[str, Any]]) -> Iterator[Metric]:
+    by_state = dict.fromkeys(POD_STATES, 0)
+    inflight = GaugeMetricFamily(
+        "sdproxy_pod_inflight", "Heavy requests running on a pod.", labels=["pod"]
+    )
+    limit = GaugeMetricFamily(
+        "sdproxy_pod_limit", "Heavy requests a pod may run at once (slots).", labels=["pod"]
+    )
+    completed = CounterMetricFamily(
+        "sdproxy_pod_completed", "Heavy requests a pod has completed.", labels=["pod"]
+    )
+    checkpoint = GaugeMetricFamily(
+        "sdproxy_pod_checkpoint_info",
+        "1 for the checkpoint a pod has loaded, as last seen by the proxy.",
+        labels=["pod", "checkpoint"],
+    )
+    for pod in pods:
+        pod_id = str(pod.get("id", ""))
+        state = pod.get("state")
+        if state in by_state:
+            by_state[state] += 1
+        inflight.add_metric([pod_id], _num(pod.get("inflight")))
+        limit.add_metric([pod_id], _num(pod.get("limit")))
+        completed.add_metric([pod_id], _num(pod.get("completed")))
+        if pod.get("checkpoint"):
+            checkpoint.add_metric([pod_id, str(pod["checkpoint"])], 1.0)
+    states = GaugeMetricFamily("sdproxy_pods", "Known pods by lifecycle state.", labels=["state"])
+    for state, count in by_state.items():
+        states.add_metric([state], count)
+    yield from (states, inflight, limit, completed, checkpoint)
+
+
+METRICS_KEY = web.AppKey("metrics", Metrics)
+
+
+async def _serve_metrics(request: web.Request) -> web.Response:
+    body, content_type = request.app[METRICS_KEY].exposition()
+    return web.Response(body=body, headers={"Content-Type": content_type})
+
+
+def metrics_app(metrics: Metrics) -> web.Application:
+    """A small app serving GET /metrics (for the separate --metrics-listen port)."""
+    app = web.Application()
+    app[METRICS_KEY] = metrics
+    app.router.add_get("/metrics", _serve_metrics)
+    return app

@@ -1,0 +1,182 @@
+"""Integration: the metrics module's exposition, promtool lint, pod forgetting, /metrics app."""
+
+from __future__ import annotations
+
+import copy
+import platform
+import subprocess
+from collections.abc import Iterator
+from typing import Any
+
+import prometheus_client
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client.samples import Sample
+
+from sdproxy.runtime.metrics import POD_STATES, Metrics, metrics_app
+from tests.conftest import require_binary
+
+POD_A = "10.0.0.7:7860"
+POD_B = "10.0.0.8:7860"
+
+
+def sample_snapshot(*, depth: int = 3) -> dict[str, Any]:
+    """A /-/status document as the contract describes it, with two pods."""
+    return {
+        "version": "0.1.0",
+        "uptime_s": 12.3,
+        "queue": {"depth": depth, "max": 1000, "oldest_wait_s": 12.3, "timeout_s": 600},
+        "pods": [
+            _pod(POD_A, state="ready", inflight=1, completed=10),
+            _pod(POD_B, state="starting", inflight=0, completed=0),
+        ],
+        "autoscaler": {
+            "scaler": "local",
+            "leader": True,
+            "desired": 2,
+            "ready": 1,
+            "starting": 1,
+            "events": [{"at": "2026-11-25T18:00:00Z", "from": 1, "to": 2, "reason": "queue 3 > 1"}],
+        },
+        "discovery": {"source": "static", "connected": True, "last_error": None},
+    }
+
+
+def _pod(pod_id: str, *, state: str, inflight: int, completed: int) -> dict[str, Any]:
+    return {
+        "id": pod_id,
+        "url": f"http://{pod_id}",
+        "state": state,
+        "inflight": inflight,
+        "limit": 1,
+        "checkpoint": "a.safetensors",
+        "completed": completed,
+        "errors": 0,
+    }
+
+
+def exercise_all(metrics: Metrics) -> None:
+    """Touch every event metric so each family has samples."""
+    for route_class, code in (("heavy", 200), ("light", 200), ("job", 409), ("proxy", 503)):
+        metrics.observe_request(route_class=route_class, code=code, duration_s=2.5)
+    metrics.observe_request(route_class="admin", code=403, duration_s=0.002)
+    metrics.observe_queue_wait(42.0)
+    metrics.observe_queue_wait(0.001)
+    metrics.rejected("queue_full")
+    metrics.rejected("queue_timeout")
+    for pod in (POD_A, POD_B):
+        metrics.backend_error(pod=pod, kind="connect")
+        metrics.backend_error(pod=pod, kind="status_5xx")
+    metrics.interrupt("client_gone")
+    metrics.scale_event("up")
+    metrics.scale_event("down")
+
+
+def samples(metrics: Metrics) -> Iterator[Sample]:
+    body, _ = metrics.exposition()
+    for family in text_string_to_metric_families(body.decode()):
+        yield from family.samples
+
+
+def value(metrics: Metrics, name: str, **labels: str) -> float:
+    found = [s.value for s in samples(metrics) if s.name == name and s.labels == labels]
+    assert len(found) == 1, f"{name}{labels}: {found}"
+    return found[0]
+
+
+def test_promtool_finds_no_problems_in_the_exposition() -> None:
+    promtool = require_binary("promtool", install="apt-get install prometheus")
+    metrics = Metrics(snapshot=sample_snapshot)
+    exercise_all(metrics)
+    body, _ = metrics.exposition()
+    assert b'sdproxy_pod_inflight{pod="10.0.0.7:7860"}' in body  # lint ran with pods
+    result = subprocess.run(
+        [promtool, "check", "metrics"], input=body, capture_output=True, timeout=30, check=False
+    )
+    output = (result.stdout + result.stderr).decode()
+    assert result.returncode == 0, output
+    assert output.strip() == ""
+
+
+def test_state_gauges_are_read_from_the_snapshot_at_scrape_time() -> None:
+    snap = sample_snapshot(depth=3)
+    metrics = Metrics(snapshot=lambda: snap)
+    assert value(metrics, "sdproxy_queue_depth") == 3
+    snap["queue"]["depth"] = 7
+    snap["autoscaler"]["leader"] = False
+    assert value(metrics, "sdproxy_queue_depth") == 7
+    assert value(metrics, "sdproxy_queue_capacity") == 1000
+    assert value(metrics, "sdproxy_queue_oldest_wait_seconds") == 12.3
+    assert value(metrics, "sdproxy_desired_pods") == 2
+    assert value(metrics, "sdproxy_leader") == 0
+    assert value(metrics, "sdproxy_discovery_connected") == 1
+    assert value(metrics, "sdproxy_pod_inflight", pod=POD_A) == 1
+    assert value(metrics, "sdproxy_pod_limit", pod=POD_B) == 1
+    assert value(metrics, "sdproxy_pod_completed_total", pod=POD_A) == 10
+    assert value(metrics, "sdproxy_pods", state="ready") == 1
+    assert value(metrics, "sdproxy_pods", state="starting") == 1
+
+
+def test_every_pod_state_is_exported_even_with_no_pods_and_nulls() -> None:
+    snap = sample_snapshot()
+    snap["pods"] = []
+    snap["queue"]["oldest_wait_s"] = None
+    metrics = Metrics(snapshot=lambda: snap)
+    for state in POD_STATES:
+        assert value(metrics, "sdproxy_pods", state=state) == 0
+    assert value(metrics, "sdproxy_queue_oldest_wait_seconds") == 0
+
+
+def test_forgetting_a_pod_drops_its_series() -> None:
+    snap = sample_snapshot()
+    metrics = Metrics(snapshot=lambda: snap)
+    exercise_all(metrics)
+    snap["pods"] = [p for p in snap["pods"] if p["id"] != POD_A]
+    metrics.forget_pod(POD_A)
+    pods_seen = {s.labels.get("pod") for s in samples(metrics)}
+    assert POD_A not in pods_seen
+    assert POD_B in pods_seen
+    assert value(metrics, "sdproxy_backend_errors_total", pod=POD_B, kind="connect") == 1
+
+
+def test_event_counters_count_and_common_reasons_start_at_zero() -> None:
+    metrics = Metrics()
+    assert value(metrics, "sdproxy_rejected_total", reason="no_backends") == 0
+    assert value(metrics, "sdproxy_scale_events_total", direction="up") == 0
+    exercise_all(metrics)
+    assert value(metrics, "sdproxy_requests_total", route_class="job", code="409") == 1
+    assert value(metrics, "sdproxy_request_duration_seconds_count", route_class="heavy") == 1
+    assert value(metrics, "sdproxy_queue_wait_seconds_count") == 2
+    assert value(metrics, "sdproxy_queue_wait_seconds_bucket", le="60.0") == 2
+    assert value(metrics, "sdproxy_interrupts_total", reason="client_gone") == 1
+    assert (
+        value(metrics, "sdproxy_build_info", version="0.1.0", python=platform.python_version()) == 1
+    )
+
+
+@pytest.mark.parametrize(
+    ("route_class", "code"),
+    [
+        pytest.param("ui", 200, id="route-class-outside-the-closed-set"),
+        pytest.param("heavy", 42, id="not-an-http-status"),
+    ],
+)
+def test_unbounded_labels_are_refused(route_class: str, code: int) -> None:
+    with pytest.raises(ValueError):
+        Metrics().observe_request(route_class=route_class, code=code, duration_s=1.0)
+
+
+def test_instances_have_private_registries() -> None:
+    first, second = Metrics(snapshot=sample_snapshot), Metrics(snapshot=sample_snapshot)
+    first.rejected("queue_full")
+    assert value(second, "sdproxy_rejected_total", reason="queue_full") == 0
+    assert prometheus_client.REGISTRY.get_sample_value("sdproxy_queue_depth") is None
+
+
+async def test_metrics_app_serves_the_exposition(aiohttp_client: Any) -> None:
+    snap = copy.deepcopy(sample_snapshot(depth=5))
+    client = await aiohttp_client(metrics_app(Metrics(snapshot=lambda: snap)))
+    response = await client.get("/metrics")
+    assert response.status == 200
+    assert response.headers["Content-Type"].startswith("text/plain; version=0.0.4")
+    assert "sdproxy_queue_depth 5.0" in await response.text()
