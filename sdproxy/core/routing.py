@@ -1,0 +1,122 @@
+"""Core: classify a request into a route class (see shared/SD-WEBUI.md, "Routes").
+
+The table is data: built-in rules plus user rules ("METHOD /path/prefix=class") from the
+settings, checked first-match in order of decreasing prefix length, so a user rule can
+override a built-in one for the same prefix. Classes:
+
+- heavy: takes a GPU slot (txt2img, img2img, extras, interrogate, refresh-*, options that
+  change sd_model_checkpoint, any unknown POST — sd-webui extensions such as ControlNet
+  run on the GPU and default to heavy)
+- light: forwarded at once to the least loaded ready pod (reads, png-info)
+- job: bound to the pod that runs the caller's job (progress, interrupt, skip)
+- admin: unsafe mid-generation (train/*, server-*, unload/reload-checkpoint): 403 unless
+  explicitly enabled
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from enum import StrEnum
+
+from sdproxy.errors import ConfigError
+
+
+class RouteClass(StrEnum):
+    HEAVY = "heavy"
+    LIGHT = "light"
+    JOB = "job"
+    ADMIN = "admin"
+    PROXY = "proxy"  # the proxy's own /-/ endpoints (for metrics labels)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Rule:
+    method: str  # "GET", "POST", … or "*"
+    prefix: str  # path prefix; an exact path matches itself
+    route_class: RouteClass
+
+
+def _rules(method: str, route_class: RouteClass, names: Iterable[str]) -> list[Rule]:
+    return [Rule(method=method, prefix=f"/sdapi/v1/{n}", route_class=route_class) for n in names]
+
+
+# modules/api/api.py (sd-webui v1.10): add_api_route(...) calls.
+BUILTIN_RULES: tuple[Rule, ...] = (
+    *_rules(
+        "POST",
+        RouteClass.HEAVY,
+        [
+            "txt2img",
+            "img2img",
+            "extra-single-image",
+            "extra-batch-images",
+            "interrogate",
+            "refresh-checkpoints",
+            "refresh-vae",
+            "refresh-embeddings",
+        ],
+    ),
+    *_rules("POST", RouteClass.LIGHT, ["png-info", "refresh-loras"]),
+    *_rules("GET", RouteClass.JOB, ["progress"]),
+    *_rules("POST", RouteClass.JOB, ["interrupt", "skip"]),
+    *_rules(
+        "POST",
+        RouteClass.ADMIN,
+        ["train/", "create/", "unload-checkpoint", "reload-checkpoint", "server-"],
+    ),
+    Rule(method="GET", prefix="/", route_class=RouteClass.LIGHT),
+    Rule(method="HEAD", prefix="/", route_class=RouteClass.LIGHT),
+    Rule(method="OPTIONS", prefix="/", route_class=RouteClass.LIGHT),
+    Rule(method="*", prefix="/", route_class=RouteClass.HEAVY),
+)
+
+OPTIONS_PATH = "/sdapi/v1/options"
+
+
+def parse_rule(text: str) -> Rule:
+    """Parse a user rule 'METHOD /path/prefix=class' (e.g. 'POST /controlnet/detect=light')."""
+    head, sep, cls = text.rpartition("=")
+    parts = head.split()
+    if not sep or len(parts) != 2 or not parts[1].startswith("/"):
+        raise ConfigError(f"route rule {text!r}: expected 'METHOD /path/prefix=class'")
+    try:
+        route_class = RouteClass(cls.strip().lower())
+    except ValueError as exc:
+        raise ConfigError(f"route rule {text!r}: class must be heavy|light|job|admin") from exc
+    if route_class is RouteClass.PROXY:
+        raise ConfigError(f"route rule {text!r}: class must be heavy|light|job|admin")
+    return Rule(method=parts[0].upper(), prefix=parts[1], route_class=route_class)
+
+
+class RouteTable:
+    """First match wins, longest prefix first; user rules beat built-ins on equal prefix."""
+
+    def __init__(self, user_rules: Sequence[Rule] = ()) -> None:
+        ordered = [*user_rules, *BUILTIN_RULES]
+        # stable sort keeps user rules ahead of built-ins with the same prefix length
+        self._rules = sorted(ordered, key=lambda r: -len(r.prefix))
+
+    @classmethod
+    def from_strings(cls, texts: Iterable[str]) -> RouteTable:
+        return cls([parse_rule(t) for t in texts])
+
+    def classify(self, method: str, path: str) -> RouteClass:
+        """The class of a request by method and path (checkpoint options are separate)."""
+        method = method.upper()
+        for rule in self._rules:
+            if rule.method not in ("*", method):
+                continue
+            if path == rule.prefix or path.startswith(rule.prefix):
+                return rule.route_class
+        return RouteClass.HEAVY  # unreachable: the "*" catch-all matches every path
+
+    @staticmethod
+    def needs_body_to_classify(method: str, path: str) -> bool:
+        """POST /sdapi/v1/options is heavy only if it changes sd_model_checkpoint."""
+        return method.upper() == "POST" and path == OPTIONS_PATH
+
+
+def classify_options(body_keys: Iterable[str]) -> RouteClass:
+    """POST options reloads weights (takes sd-webui's queue_lock) when it sets a checkpoint."""
+    return RouteClass.HEAVY if "sd_model_checkpoint" in set(body_keys) else RouteClass.LIGHT

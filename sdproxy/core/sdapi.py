@@ -1,0 +1,110 @@
+"""Core: read what the scheduler needs from an sd-webui API request body, within a bound.
+
+Heavy bodies can be many MB (img2img ``init_images`` are base64). The runtime reads at most
+a bounded prefix before queueing; ``inspect_body`` extracts the top-level scalar fields
+that drive cost (steps, width, height, batch_size, n_iter, enable_hr, …) and the requested
+checkpoint (``override_settings.sd_model_checkpoint``, or ``sd_model_checkpoint`` for POST
+options). A complete body is parsed with ``json``; a truncated one with a tokenizer that
+skips long strings in C (the regex engine) and tracks nesting, so a 10 MB base64 value costs
+one regex match, and keys nested in scripts' args are never mistaken for top-level ones.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+# Strings (with escapes), punctuation, and bare literals (numbers, true/false/null).
+_TOKEN = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"|[{}\[\]:,]|[^\s{}\[\]:,"]+', re.DOTALL)
+_NESTED_OF_INTEREST = "override_settings"
+
+
+@dataclass(frozen=True, kw_only=True)
+class BodyInfo:
+    """What the proxy learned from a body (fields may be partial for a truncated body)."""
+
+    #: top-level scalar fields (str, int, float, bool, None)
+    fields: Mapping[str, Any]
+    #: checkpoint the request needs, if it names one
+    checkpoint: str | None
+    #: whether the body was seen whole and was a JSON object
+    complete: bool
+
+
+def _scalar(token: str) -> tuple[bool, Any]:
+    if len(token) > 256:  # a scalar the scheduler cares about is short; skip blobs
+        return False, None
+    try:
+        return True, json.loads(token)
+    except ValueError:
+        return False, None
+
+
+def _scan_truncated(text: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Top-level scalars and override_settings scalars from a JSON prefix."""
+    top: dict[str, Any] = {}
+    nested: dict[str, Any] = {}
+    depth = 0
+    path: list[str | None] = []  # key that opened each container
+    key: str | None = None
+    expect_value = False
+    for match in _TOKEN.finditer(text):
+        tok = match.group()
+        if tok in "{[":
+            path.append(key if expect_value else None)
+            depth += 1
+            key, expect_value = None, False
+        elif tok in "}]":
+            depth -= 1
+            if path:
+                path.pop()
+            key, expect_value = None, False
+        elif tok == ":":
+            expect_value = key is not None
+        elif tok == ",":
+            key, expect_value = None, False
+        elif expect_value and key is not None:
+            ok, value = _scalar(tok)
+            in_override = depth == 2 and path[-1] == _NESTED_OF_INTEREST
+            target = top if depth == 1 else nested if in_override else None
+            if ok and target is not None:
+                target.setdefault(key, value)
+            key, expect_value = None, False
+        elif tok.startswith('"') and depth in (1, 2):
+            key = json.loads(tok) if "\\" in tok else tok[1:-1]
+    return top, nested
+
+
+def _checkpoint(top: Mapping[str, Any], nested: Mapping[str, Any]) -> str | None:
+    value = nested.get("sd_model_checkpoint", top.get("sd_model_checkpoint"))
+    return value if isinstance(value, str) and value else None
+
+
+def inspect_body(data: bytes, *, complete: bool) -> BodyInfo:
+    """Inspect a request body (whole, or a bounded prefix when ``complete`` is False)."""
+    text = data.decode("utf-8", errors="replace")
+    if complete:
+        try:
+            doc = json.loads(text) if text.strip() else {}
+        except ValueError:
+            return BodyInfo(fields={}, checkpoint=None, complete=False)
+        if not isinstance(doc, dict):
+            return BodyInfo(fields={}, checkpoint=None, complete=False)
+        top = {k: v for k, v in doc.items() if not isinstance(v, dict | list)}
+        over = doc.get(_NESTED_OF_INTEREST)
+        nested = over if isinstance(over, dict) else {}
+        return BodyInfo(fields=top, checkpoint=_checkpoint(top, nested), complete=True)
+    top, nested = _scan_truncated(text)
+    return BodyInfo(fields=top, checkpoint=_checkpoint(top, nested), complete=False)
+
+
+def body_keys(data: bytes) -> frozenset[str]:
+    """Top-level keys of a small, complete JSON object body (empty if not one)."""
+    try:
+        doc = json.loads(data) if data.strip() else {}
+    except ValueError:
+        return frozenset()
+    return frozenset(doc) if isinstance(doc, dict) else frozenset()
