@@ -1,0 +1,242 @@
+"""Bench: scenario 5, ``autoscale`` — sdproxy's policy against KPA, KEDA and an oracle.
+
+One job: replay a bursty, day-shaped arrival trace in virtual time against the pod model
+(``bench._autoscale_sim``: shared FIFO queue, one generation per pod, cold start from
+order to ready, billing from order to removal, scale-in of idle pods only) once per
+policy (``bench._autoscale_policies``), and report GPU-pod-seconds and queue waits.
+
+Public entry points (called by ``python -m bench``):
+``run_autoscale(quick=..., seed=...) -> dict`` (JSON-serialisable) and
+``plot_autoscale(result, out_dir) -> list[Path]``.
+
+Targets (issue 6): sdproxy within 1.15x of the oracle's GPU-pod-seconds, with a p95
+wait no worse than Knative KPA's.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Callable, Sequence
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from bench._autoscale_policies import KedaPolicy, KpaPolicy, OraclePolicy, SdproxyPolicy
+from bench._autoscale_sim import Policy, Request, SimConfig, SimResult, Simulation
+from sdproxy.core.autoscale import AutoscaleConfig
+
+HOUR = 3600.0
+MAX_PODS = 20
+COLD_START_S = 90.0
+TICK_S = 2.0  # KPA's tick-interval; every policy is ticked alike
+
+# (hour, arrivals per second): a working day. The rate is linear between points.
+DAY_SHAPE: tuple[tuple[float, float], ...] = (
+    (0.0, 0.0003),  # night: a stray request every hour or so
+    (6.0, 0.0003),
+    (7.0, 0.05),
+    (9.0, 1.0),  # morning ramp
+    (12.0, 1.2),
+    (12.5, 0.5),  # lunch dip
+    (13.5, 0.5),
+    (14.5, 1.4),  # afternoon peak
+    (17.0, 1.3),
+    (19.0, 0.4),
+    (21.0, 0.1),
+    (23.0, 0.0003),
+    (24.0, 0.0003),
+)
+# a two-hour compressed day for --quick: idle, ramp, plateau with spikes, decline, idle
+QUICK_SHAPE: tuple[tuple[float, float], ...] = (
+    (0.0, 0.0),
+    (0.2, 0.0),
+    (0.5, 1.0),
+    (1.3, 1.2),
+    (1.6, 0.1),
+    (1.75, 0.0),
+    (2.0, 0.0),
+)
+
+
+def _rate(shape: Sequence[tuple[float, float]], t: float) -> float:
+    hour = t / HOUR
+    for (h0, r0), (h1, r1) in zip(shape, shape[1:], strict=False):
+        if h0 <= hour <= h1:
+            return r0 + (r1 - r0) * (hour - h0) / (h1 - h0)
+    return 0.0
+
+
+def _spikes(rng: random.Random, *, duration_s: float, count: int) -> list[tuple[float, float]]:
+    """(start, length) of bursts: a batch job adds 2.5 req/s for 1-3 minutes."""
+    day = (0.35 * duration_s, 0.8 * duration_s)
+    return [(rng.uniform(*day), rng.uniform(60.0, 180.0)) for _ in range(count)]
+
+
+def _service_s(rng: random.Random) -> float:
+    """One generation: 2-8 s, most near 4 s (triangular), a 512x512 20-step txt2img."""
+    return rng.triangular(2.0, 8.0, 4.0)
+
+
+def make_trace(*, quick: bool, seed: int) -> tuple[list[Request], float]:
+    """Arrivals (non-homogeneous Poisson by thinning) and the trace length in seconds."""
+    rng = random.Random(seed)
+    shape = QUICK_SHAPE if quick else DAY_SHAPE
+    duration = shape[-1][0] * HOUR
+    spikes = _spikes(rng, duration_s=duration, count=2 if quick else 6)
+
+    def rate(t: float) -> float:
+        extra = sum(2.5 for start, length in spikes if start <= t < start + length)
+        return _rate(shape, t) + extra
+
+    peak = max(r for _, r in shape) + 2.5 * len(spikes)
+    out, t = [], 0.0
+    while True:
+        t += rng.expovariate(peak)
+        if t >= duration:
+            return out, duration
+        if rng.random() * peak < rate(t):
+            out.append(Request(arrival_s=t, service_s=_service_s(rng)))
+
+
+def sdproxy_config() -> AutoscaleConfig:
+    """The CLI defaults (--idle-to-zero-s 300, --scale-down-delay-s 60, --max-scale-step 4)."""
+    return AutoscaleConfig(
+        min_pods=0, max_pods=MAX_PODS, idle_to_zero_s=300.0, scale_down_delay_s=60.0, max_step=4
+    )
+
+
+def _policies(trace: Sequence[Request], horizon: float) -> list[Callable[[], Policy]]:
+    return [
+        lambda: SdproxyPolicy(sdproxy_config()),
+        lambda: KpaPolicy(max_pods=MAX_PODS),
+        lambda: KedaPolicy(max_pods=MAX_PODS),
+        lambda: OraclePolicy(
+            trace=trace,
+            lookahead_s=COLD_START_S + TICK_S,
+            horizon_s=horizon,
+            max_pods=MAX_PODS,
+        ),
+    ]
+
+
+def _percentile(sorted_values: Sequence[float], q: float) -> float:
+    """Nearest-rank percentile; 0.0 for no values."""
+    if not sorted_values:
+        return 0.0
+    rank = max(1, math.ceil(q / 100.0 * len(sorted_values)))
+    return sorted_values[rank - 1]
+
+
+def _summary(res: SimResult, *, arrivals: int) -> dict[str, Any]:
+    waits = sorted(res.waits)
+    return {
+        "gpu_pod_seconds": round(res.gpu_pod_seconds, 1),
+        "wait_p50_s": round(_percentile(waits, 50), 3),
+        "wait_p95_s": round(_percentile(waits, 95), 3),
+        "wait_p99_s": round(_percentile(waits, 99), 3),
+        "wait_max_s": round(waits[-1] if waits else 0.0, 3),
+        "wait_mean_s": round(sum(waits) / len(waits), 3) if waits else 0.0,
+        "arrivals": arrivals,
+        "served": len(waits),
+        "dropped": res.dropped,
+        "pods_ordered": res.pods_ordered,
+        "end_s": res.end_s,
+        "series": {
+            "t_s": res.series_t,
+            "pods": res.series_pods,
+            "ready": res.series_ready,
+            "queued": res.series_queued,
+        },
+    }
+
+
+def _ratio(a: float, b: float) -> float:
+    return round(a / b, 3) if b > 0 else (1.0 if a == 0 else math.inf)
+
+
+def _targets(policies: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    ours, oracle, kpa = policies["sdproxy"], policies["oracle"], policies["knative-kpa"]
+    gpu = _ratio(ours["gpu_pod_seconds"], oracle["gpu_pod_seconds"])
+    p95 = _ratio(ours["wait_p95_s"], kpa["wait_p95_s"])
+    return {
+        "gpu_seconds_vs_oracle": {"value": gpu, "target": "<= 1.15", "met": gpu <= 1.15},
+        "p95_wait_vs_kpa": {
+            "value": p95,
+            "sdproxy_s": ours["wait_p95_s"],
+            "kpa_s": kpa["wait_p95_s"],
+            "target": "<= 1.0",
+            "met": ours["wait_p95_s"] <= kpa["wait_p95_s"],
+        },
+    }
+
+
+def run_autoscale(*, quick: bool, seed: int = 1) -> dict[str, Any]:
+    """Replay one trace against every policy; JSON-serialisable results and targets."""
+    trace, horizon = make_trace(quick=quick, seed=seed)
+    sim = SimConfig(cold_start_s=COLD_START_S, tick_s=TICK_S, sample_s=10.0 if quick else 60.0)
+    policies: dict[str, dict[str, Any]] = {}
+    for make in _policies(trace, horizon):
+        policy = make()
+        res = Simulation(trace=trace, policy=policy, config=sim).run(horizon_s=horizon)
+        policies[policy.name] = _summary(res, arrivals=len(trace))
+    return {
+        "scenario": "autoscale",
+        "quick": quick,
+        "seed": seed,
+        "trace": {
+            "duration_s": horizon,
+            "arrivals": len(trace),
+            "service_s_mean": round(sum(r.service_s for r in trace) / max(1, len(trace)), 3),
+            "max_pods": MAX_PODS,
+        },
+        "sim": asdict(sim),
+        "sdproxy_config": asdict(sdproxy_config()),
+        "policies": policies,
+        "targets": _targets(policies),
+    }
+
+
+def plot_autoscale(result: dict[str, Any], out_dir: Path) -> list[Path]:
+    """Pods over time and queue depth over time, one line per policy (PNG, Agg)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    for key, label, name in (
+        ("pods", "pods ordered or ready", "autoscale_pods.png"),
+        ("queued", "requests queued", "autoscale_queue.png"),
+    ):
+        fig, ax = plt.subplots(figsize=(12, 4.5))
+        for policy, data in result["policies"].items():
+            hours = [t / HOUR for t in data["series"]["t_s"]]
+            ax.step(hours, data["series"][key], where="post", label=policy, linewidth=1)
+        ax.set_xlabel("hour of the (virtual) day")
+        ax.set_ylabel(label)
+        ax.set_title(f"autoscale scenario: {label} ({'quick' if result['quick'] else 'full'})")
+        ax.legend()
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        path = out_dir / name
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
+if __name__ == "__main__":  # python -m bench.autoscale [--quick]
+    import json
+    import sys
+
+    result = run_autoscale(quick="--quick" in sys.argv)
+    brief = {
+        k: {m: v for m, v in d.items() if m != "series"} for k, d in result["policies"].items()
+    }
+    print(
+        json.dumps(
+            {"trace": result["trace"], "policies": brief, "targets": result["targets"]}, indent=1
+        )
+    )
