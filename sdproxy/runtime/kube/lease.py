@@ -108,7 +108,12 @@ class LeaderElector:
         now = self._clock()
         lease = await self._api.read_lease(self._namespace, self._name)
         if lease is None:
-            await self._api.create_lease(self._namespace, self._body(None))
+            try:
+                await self._api.create_lease(self._namespace, self._body(None))
+            except KubeApiError as exc:
+                if exc.status == 409:  # AlreadyExists: another replica created it first
+                    return False
+                raise
             return self._won(now, "acquired (new Lease)")
         spec: dict[str, Any] = lease.get("spec") or {}
         holder = spec.get("holderIdentity") or ""

@@ -71,9 +71,11 @@ class KubernetesScaler:
     def is_leader(self) -> bool:
         return self._elector is not None and self._elector.is_leader()
 
-    async def close(self) -> None:
+    async def close(self, *, release: bool = True) -> None:
+        """Stop the election and close the client. ``release=False`` leaves the Lease to
+        expire, as a crashed replica would (tests use it to prove the takeover)."""
         if self._elector is not None:
-            await self._elector.close(release=True)
+            await self._elector.close(release=release)
         if self._api is not None:
             await self._api.close()
         self._api = self._elector = None
