@@ -42,11 +42,12 @@ tr[data-state=starting] .state,tr[data-state=warming] .state{color:#0969da}
 _SCRIPT = """
 "use strict";
 const $ = (id) => document.getElementById(id);
-const text = (id, value) => { $(id).textContent = value === null || value === undefined ? "–" : String(value); };
+const show = (value) => value === null || value === undefined ? "–" : String(value);
+const text = (id, value) => { $(id).textContent = show(value); };
 const yesNo = (value) => value ? "yes" : "no";
 function cell(row, value, cls) {
   const td = document.createElement("td");
-  td.textContent = value === null || value === undefined ? "–" : String(value);
+  td.textContent = show(value);
   if (cls) td.className = cls;
   row.appendChild(td);
 }
