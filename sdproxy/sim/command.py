@@ -1,11 +1,118 @@
-"""Sim: the ``sdproxy sim`` sub-command (being written; see issue 2)."""
+"""Sim: the ``sdproxy sim`` sub-command — flags, start-up lines, signal handling.
+
+Prints one line per pod to stdout, flushed, once all listen:
+``sim pod N listening on http://HOST:PORT`` (N counts from 0); tests and the demo parse
+it. Runs until SIGINT or SIGTERM, then stops the listeners and exits 0.
+"""
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import signal
 from typing import Any
+
+from sdproxy.errors import ConfigError
+from sdproxy.sim.config import DEFAULT_CHECKPOINT, SimConfig
+from sdproxy.sim.server import run_pods
+
+DEFAULTS = SimConfig()
+
+
+def _checkpoints(text: str) -> tuple[str, ...]:
+    return tuple(part.strip() for part in text.split(",") if part.strip())
 
 
 def register(sub: Any) -> None:
-    parser: argparse.ArgumentParser = sub.add_parser("sim", help="run simulated sd-webui pods")
-    parser.set_defaults(handler=None)
+    parser: argparse.ArgumentParser = sub.add_parser(
+        "sim",
+        help="run simulated sd-webui pods",
+        description="Run simulated sd-webui pods (API surface, one GPU lock per pod, "
+        "cost-based service times) for tests, the demo and benchmarks.",
+    )
+    add = parser.add_argument
+    add("--pods", type=int, default=1, help="independent pods on consecutive ports [1]")
+    add("--host", default="127.0.0.1", help="listen address [127.0.0.1]")
+    add("--port", type=int, default=7860, help="first pod's port; 0 = ephemeral [7860]")
+    add(
+        "--step-ms",
+        type=float,
+        default=DEFAULTS.step_ms,
+        help="ms per 512x512 sampling step (100 ~ A10) [%(default)s]",
+    )
+    add(
+        "--threads",
+        type=int,
+        default=DEFAULTS.threads,
+        help="worker threads per pod; all routes stall when used up [%(default)s]",
+    )
+    add(
+        "--checkpoints",
+        type=_checkpoints,
+        default=DEFAULTS.checkpoints,
+        help=f"comma-separated checkpoint files, first is the default [{DEFAULT_CHECKPOINT}]",
+    )
+    add(
+        "--switch-s",
+        type=float,
+        default=DEFAULTS.switch_s,
+        help="seconds to load another checkpoint [%(default)s]",
+    )
+    add(
+        "--startup-s",
+        type=float,
+        default=DEFAULTS.startup_s,
+        help="seconds until the model is loaded; heavy requests wait [%(default)s]",
+    )
+    add(
+        "--vram-pixels",
+        type=int,
+        default=DEFAULTS.vram_pixels,
+        help="CUDA OOM above batch_size*width*height pixels [%(default)s]",
+    )
+    add(
+        "--fail-rate",
+        type=float,
+        default=DEFAULTS.fail_rate,
+        help="probability of a random 500 per generation [%(default)s]",
+    )
+    add("--seed", type=int, default=None, help="seed for failures, lock order, seeds")
+    parser.set_defaults(handler=run)
+
+
+def config_from_args(args: argparse.Namespace) -> SimConfig:
+    try:
+        return SimConfig(
+            step_ms=args.step_ms,
+            threads=args.threads,
+            checkpoints=tuple(args.checkpoints),
+            switch_s=args.switch_s,
+            startup_s=args.startup_s,
+            vram_pixels=args.vram_pixels,
+            fail_rate=args.fail_rate,
+            seed=args.seed,
+        )
+    except ValueError as exc:
+        raise ConfigError(f"sim: {exc}") from exc
+
+
+async def run(args: argparse.Namespace) -> int:
+    """Serve ``--pods`` pods until SIGINT/SIGTERM."""
+    config = config_from_args(args)
+    if args.pods < 1 or not 0 <= args.port <= 65535 - args.pods + 1:
+        raise ConfigError("sim: --pods must be >= 1 and the ports must fit below 65536")
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        async with run_pods(config, count=args.pods, host=args.host, port=args.port) as urls:
+            for index, url in enumerate(urls):
+                print(f"sim pod {index} listening on {url}", flush=True)
+            await stop.wait()
+    except OSError as exc:
+        raise ConfigError(f"sim: cannot listen: {exc}") from exc
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+    return 0
