@@ -52,9 +52,9 @@ _RESET = object()  # watcher queue sentinel: drop the connection
 _END = object()  # watcher queue sentinel: end the stream cleanly
 
 
-@dataclass(frozen=True)
+@dataclass
 class Call:
-    """One request as RBAC sees it, plus its answer."""
+    """One request as RBAC sees it, plus its answer (status 0 while in progress)."""
 
     verb: str
     group: str
@@ -76,7 +76,7 @@ class _Target:
     namespace: str
 
 
-@dataclass
+@dataclass(eq=False)
 class _Watcher:
     namespace: str
     selector: dict[str, str]
@@ -239,7 +239,7 @@ def parse_path(method: str, path: str, query: Mapping[str, str]) -> _Target:
     sub = rest[4] if len(rest) > 4 else ""
     verbs = {"POST": "create", "PUT": "update", "PATCH": "patch", "DELETE": "delete"}
     if method == "GET":
-        verb = "get" if name else ("watch" if query.get("watch") in ("true", "1") else "list")
+        verb = "get" if name else ("watch" if _truthy(query.get("watch")) else "list")
     else:
         verb = verbs.get(method, method.lower())
     return _Target(verb, group, resource, sub, name, namespace)
@@ -519,20 +519,20 @@ class FakeKube:
             target = parse_path(request.method, request.path, request.query)
         except KubeError as exc:
             return _status_response(exc.code, exc.reason, exc.message)
-        content_type = request.headers.get("Content-Type", "")
-        response = await self._guarded(request, handler, target)
-        self.requests.append(
-            Call(
-                target.verb,
-                target.group,
-                target.resource,
-                target.subresource,
-                target.name,
-                target.namespace,
-                response.status,
-                content_type if request.can_read_body else "",
-            )
+        content_type = request.headers.get("Content-Type", "") if request.can_read_body else ""
+        call = Call(
+            target.verb,
+            target.group,
+            target.resource,
+            target.subresource,
+            target.name,
+            target.namespace,
+            0,
+            content_type,
         )
+        self.requests.append(call)  # logged on arrival: the order is the order of calls
+        response = await self._guarded(request, handler, target)
+        call.status = response.status
         return response
 
     async def _guarded(
@@ -554,7 +554,6 @@ class FakeKube:
                 f'resource "{resource}" in API group "{target.group}"'
             )
             return _status_response(403, "Forbidden", message)
-        request["target"] = target
         try:
             response: web.StreamResponse = await handler(request)
         except KubeError as exc:
@@ -562,7 +561,7 @@ class FakeKube:
         return response
 
     async def _dispatch(self, request: web.Request) -> web.StreamResponse:
-        target: _Target = request["target"]
+        target = parse_path(request.method, request.path, request.query)
         route = (target.group, target.resource, target.subresource)
         handlers = {
             ("discovery.k8s.io", "endpointslices", ""): self._endpointslices,
@@ -630,7 +629,7 @@ class FakeKube:
             request.query.get("resourceVersion", ""), namespace, selector
         )
         timeout = float(request.query.get("timeoutSeconds", "1800"))
-        bookmarks = request.query.get("allowWatchBookmarks") in ("true", "1")
+        bookmarks = _truthy(request.query.get("allowWatchBookmarks"))
         watcher = _Watcher(namespace, selector, bookmarks)
         expired = bool(initial) and initial[0]["type"] == "ERROR"
         if not expired:
@@ -795,6 +794,11 @@ class FakeKube:
         self._bump(lease)
         self.leases[key] = lease
         return web.json_response(lease, status=201)
+
+
+def _truthy(value: str | None) -> bool:
+    """A boolean query parameter as Go's strconv.ParseBool reads it (Python sends True)."""
+    return (value or "").lower() in ("1", "t", "true")
 
 
 def _pod_of(endpoint: Obj) -> str:
