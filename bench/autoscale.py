@@ -15,6 +15,7 @@ wait no worse than Knative KPA's.
 
 from __future__ import annotations
 
+import itertools
 import math
 import random
 from collections.abc import Callable, Sequence
@@ -61,7 +62,7 @@ QUICK_SHAPE: tuple[tuple[float, float], ...] = (
 
 def _rate(shape: Sequence[tuple[float, float]], t: float) -> float:
     hour = t / HOUR
-    for (h0, r0), (h1, r1) in zip(shape, shape[1:], strict=False):
+    for (h0, r0), (h1, r1) in itertools.pairwise(shape):
         if h0 <= hour <= h1:
             return r0 + (r1 - r0) * (hour - h0) / (h1 - h0)
     return 0.0
