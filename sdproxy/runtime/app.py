@@ -1,0 +1,318 @@
+"""Runtime: the composition root — build the proxy from settings, run it, stop it cleanly.
+
+Wires the admission core (through the Gate), a discovery source, a scaler, the autoscaler
+loop, warm-up gating, metrics and the operational endpoints (/-/healthz, /-/readyz,
+/-/status). Background tasks start in ``_lifecycle`` (an aiohttp cleanup context), so
+they are cancelled exactly when the app stops. ``serve`` handles SIGTERM: stop accepting,
+answer queued requests 503 shutting_down, let in-flight generations finish within the
+drain timeout, exit 0. The monotonic clock is chosen here, once (``CLOCK``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import time
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+
+from sdproxy import __version__
+from sdproxy.core.admission import Admission, AdmissionConfig, RejectReason
+from sdproxy.core.pods import Endpoint, PodState
+from sdproxy.runtime.autoscaler import Autoscaler
+from sdproxy.runtime.discovery import Discovery, StaticDiscovery
+from sdproxy.runtime.gate import Gate, Transitions
+from sdproxy.runtime.local import LocalPods
+from sdproxy.runtime.logs import log_event, setup_logging
+from sdproxy.runtime.metrics import Metrics, metrics_app
+from sdproxy.runtime.proxy import Proxy
+from sdproxy.runtime.scaling import NoScaler, Scaler
+from sdproxy.runtime.status_page import status_response
+from sdproxy.runtime.warmup import Warmer
+from sdproxy.settings import Settings
+
+log = logging.getLogger("sdproxy")
+CLOCK = time.monotonic
+
+
+def admission_config(settings: Settings) -> AdmissionConfig:
+    # Hold requests while no pod is ready when pods can still come: an autoscaler of ours,
+    # or Kubernetes (KEDA/HPA scale the Deployment from our sdproxy_desired_pods).
+    hold = settings.discovery.kind == "kubernetes" or settings.scaler.kind != "none"
+    return AdmissionConfig(
+        max_inflight=settings.proxy.max_inflight,
+        max_queue=settings.proxy.max_queue,
+        queue_timeout_s=settings.proxy.queue_timeout_s,
+        hold_when_empty=hold,
+        warmup=settings.discovery.warmup,
+    )
+
+
+class Services:
+    """Everything one proxy replica is made of; built without I/O, started by the app."""
+
+    def __init__(
+        self, settings: Settings, *, discovery: Discovery | None, scaler: Scaler | None
+    ) -> None:
+        self.settings = settings
+        self.clock = CLOCK
+        self.started_at = CLOCK()
+        self.admission = Admission(admission_config(settings))
+        self.metrics = Metrics(snapshot=self.snapshot)
+        self.gate = Gate(
+            self.admission,
+            clock=CLOCK,
+            on_reject=self._on_reject,
+            on_transitions=self._on_transitions,
+        )
+        self.scaler = scaler or _scaler(settings)
+        # the local scaler knows the pods it started: it is the discovery source too
+        self.discovery = discovery or _discovery(settings, self.scaler)
+        self.autoscaler = Autoscaler(
+            settings=settings.scaler,
+            admission=self.admission,
+            scaler=self.scaler,
+            metrics=self.metrics,
+            clock=CLOCK,
+        )
+        self.proxy: Proxy | None = None
+        self.warmer: Warmer | None = None
+        self.synced = False
+
+    def _on_reject(self, reason: RejectReason) -> None:
+        self.metrics.rejected(reason.value)
+
+    def _on_transitions(self, transitions: Transitions) -> None:
+        for pod_id, old, new in transitions:
+            log_event(
+                "pod_state",
+                pod=pod_id,
+                previous=old.value if old else None,
+                state=new.value if new else "gone",
+            )
+            if new is None:
+                self.metrics.forget_pod(pod_id)
+            elif new is PodState.WARMING and self.warmer is not None:
+                self.warmer.warm(pod_id)
+
+    def on_snapshot(self, endpoints: Sequence[Endpoint]) -> None:
+        """A discovery source pushed the pods it knows."""
+        self.synced = True
+        self.gate.reconcile(endpoints)
+
+    def snapshot(self) -> dict[str, Any]:
+        """The /-/status document; also the source of the state gauges in /metrics."""
+        adm = self.admission
+        now = self.clock()
+        health = self.discovery.health()
+        return {
+            "version": __version__,
+            "uptime_s": round(now - self.started_at, 3),
+            "queue": {
+                "depth": len(adm.queue),
+                "max": adm.config.max_queue,
+                "oldest_wait_s": round(adm.oldest_wait_s(now), 3),
+                "timeout_s": adm.config.queue_timeout_s,
+            },
+            "inflight": adm.inflight,
+            "pods": [
+                {
+                    "id": pod.pod_id,
+                    "url": pod.url,
+                    "state": pod.state.value,
+                    "inflight": len(pod.running),
+                    "limit": pod.limit,
+                    "checkpoint": pod.checkpoint,
+                    "completed": pod.completed,
+                    "errors": pod.errors,
+                    "ejected": now < pod.ejected_until,
+                }
+                for pod in adm.pods.values()
+            ],
+            "autoscaler": {
+                "scaler": self.scaler.name,
+                "leader": self.scaler.is_leader(),
+                "desired": self.autoscaler.desired,
+                "ready": adm.count(PodState.READY),
+                "starting": adm.count(PodState.STARTING, PodState.WARMING),
+                "min_pods": self.settings.scaler.min_pods,
+                "max_pods": self.settings.scaler.max_pods,
+                "events": list(self.autoscaler.events),
+            },
+            "discovery": {
+                "source": self.discovery.name,
+                "connected": health.connected,
+                "last_error": health.last_error,
+            },
+            "shutting_down": adm.closed,
+        }
+
+
+def _discovery(settings: Settings, scaler: Scaler) -> Discovery:
+    if isinstance(scaler, LocalPods):
+        return scaler
+    if settings.discovery.kind == "kubernetes":
+        from sdproxy.runtime.kube import KubernetesDiscovery
+
+        return KubernetesDiscovery(settings.discovery)
+    return StaticDiscovery(settings.discovery.backends)
+
+
+def _scaler(settings: Settings) -> Scaler:
+    if settings.scaler.kind == "kubernetes":
+        from sdproxy.runtime.kube import KubernetesScaler
+
+        return KubernetesScaler(
+            settings.scaler, settings.discovery.namespace, kubeconfig=settings.discovery.kubeconfig
+        )
+    if settings.scaler.kind == "local":
+        return LocalPods(settings.scaler)
+    return NoScaler()
+
+
+SERVICES: web.AppKey[Services] = web.AppKey("services", Services)
+
+
+def build_app(
+    settings: Settings, *, discovery: Discovery | None = None, scaler: Scaler | None = None
+) -> web.Application:
+    """The proxy as an aiohttp application (tests run it with aiohttp's test server)."""
+    services = Services(settings, discovery=discovery, scaler=scaler)
+    app = web.Application(client_max_size=int(settings.proxy.max_body_mb * 1024 * 1024))
+    app[SERVICES] = services
+    app.router.add_get("/-/healthz", _healthz)
+    app.router.add_get("/-/readyz", _readyz)
+    app.router.add_get("/-/status", _status)
+    app.router.add_get("/-/metrics", _metrics)
+    app.router.add_route("*", "/{tail:.*}", _proxy)
+    app.cleanup_ctx.append(_lifecycle)
+    return app
+
+
+async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
+    services = app[SERVICES]
+    settings = services.settings
+    timeout = aiohttp.ClientTimeout(
+        total=None,
+        connect=settings.proxy.connect_timeout_s,
+        sock_read=settings.proxy.backend_timeout_s,
+    )
+    connector = aiohttp.TCPConnector(limit=0, enable_cleanup_closed=True)
+    async with aiohttp.ClientSession(
+        timeout=timeout, connector=connector, auto_decompress=False
+    ) as session:
+        services.proxy = Proxy(
+            settings=settings.proxy,
+            gate=services.gate,
+            session=session,
+            metrics=services.metrics,
+            clock=services.clock,
+        )
+        services.warmer = Warmer(
+            session=session, gate=services.gate, timeout_s=settings.discovery.warmup_timeout_s
+        )
+        tasks = [
+            asyncio.create_task(services.discovery.run(services.on_snapshot), name="discovery"),
+            asyncio.create_task(services.gate.run_ticker(), name="admission-ticker"),
+            asyncio.create_task(services.autoscaler.run(), name="autoscaler"),
+        ]
+        start = getattr(services.scaler, "start", None)
+        if start is not None:
+            await start()
+        try:
+            yield
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            await services.warmer.close()
+            await services.proxy.wait_background()
+            await services.scaler.close()
+
+
+async def _proxy(request: web.Request) -> web.StreamResponse:
+    proxy = request.app[SERVICES].proxy
+    assert proxy is not None, "the proxy starts with the app"
+    return await proxy.handle(request)
+
+
+async def _healthz(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+async def _readyz(request: web.Request) -> web.Response:
+    """Ready to take traffic: discovery has reported once and we are not shutting down.
+    Zero ready pods is still ready: the proxy holds requests while pods start."""
+    services = request.app[SERVICES]
+    if services.admission.closed:
+        return web.json_response({"status": "shutting_down"}, status=503)
+    if not services.synced:
+        return web.json_response({"status": "discovery_not_synced"}, status=503)
+    return web.json_response({"status": "ready"})
+
+
+async def _status(request: web.Request) -> web.Response:
+    return status_response(request, request.app[SERVICES].snapshot())
+
+
+async def _metrics(request: web.Request) -> web.Response:
+    body, content_type = request.app[SERVICES].metrics.exposition()
+    return web.Response(body=body, headers={"Content-Type": content_type})
+
+
+async def serve(settings: Settings, *, ready: asyncio.Event | None = None) -> int:
+    """Run ``sdproxy serve`` until SIGTERM/SIGINT; returns the exit code."""
+    setup_logging(settings.log)
+    app = build_app(settings)
+    services = app[SERVICES]
+    runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
+    await runner.setup()
+    listen = settings.proxy.listen
+    site = web.TCPSite(runner, listen.host, listen.port, backlog=4096)
+    await site.start()
+    metrics_runner = await _start_metrics(settings, services.metrics)
+    log.info("sdproxy %s listening on http://%s", __version__, listen)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    if ready is not None:
+        ready.set()
+    await stop.wait()
+    log.info("shutting down: draining %d in-flight generations", services.admission.inflight)
+    await site.stop()
+    services.gate.shutdown()
+    await _drain(services, settings.proxy.drain_timeout_s)
+    if metrics_runner is not None:
+        await metrics_runner.cleanup()
+    await runner.cleanup()
+    return 0
+
+
+async def _start_metrics(settings: Settings, metrics: Metrics) -> web.AppRunner | None:
+    where = settings.proxy.metrics_listen
+    if where is None:
+        return None
+    runner = web.AppRunner(metrics_app(metrics), access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, where.host, where.port).start()
+    log.info("metrics on http://%s/metrics", where)
+    return runner
+
+
+async def _drain(services: Services, timeout_s: float) -> None:
+    deadline = services.clock() + timeout_s
+    while services.clock() < deadline:
+        if not services.admission.inflight:
+            break
+        await asyncio.sleep(0.1)
+    if services.admission.inflight:
+        log.warning("drain timeout: %d generations still running", services.admission.inflight)
+    with contextlib.suppress(Exception):
+        if services.proxy is not None:
+            await asyncio.wait_for(services.proxy.wait_background(), timeout=5)

@@ -1,0 +1,110 @@
+"""Runtime: run the autoscaling policy every tick and hand its decision to a Scaler.
+
+Reads the admission core's counters, calls the pure ``sdproxy.core.autoscale.decide``,
+and on a change (or every ``REASSERT_S``, so a scale someone else changed is put back)
+asks the Scaler for the count, passing the idle pods that may be removed. Only the
+leader acts; every replica computes and exports the desired count.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any
+
+from sdproxy.core.admission import Admission
+from sdproxy.core.autoscale import AutoscaleConfig, AutoscaleState, Decision, Observation, decide
+from sdproxy.core.pods import PodState
+from sdproxy.runtime.logs import log_event
+from sdproxy.runtime.metrics import Metrics
+from sdproxy.runtime.scaling import Scaler
+from sdproxy.settings import ScalerSettings
+
+log = logging.getLogger("sdproxy.autoscaler")
+REASSERT_S = 30.0
+
+
+def config_from(settings: ScalerSettings) -> AutoscaleConfig:
+    return AutoscaleConfig(
+        min_pods=settings.min_pods,
+        max_pods=settings.max_pods,
+        idle_to_zero_s=settings.idle_to_zero_s,
+        scale_down_delay_s=settings.scale_down_delay_s,
+        max_step=settings.max_step,
+    )
+
+
+class Autoscaler:
+    """The policy loop of one proxy replica."""
+
+    def __init__(
+        self,
+        *,
+        settings: ScalerSettings,
+        admission: Admission,
+        scaler: Scaler,
+        metrics: Metrics,
+        clock: Callable[[], float],
+    ) -> None:
+        self.settings = settings
+        self.config = config_from(settings)
+        self.admission = admission
+        self.scaler = scaler
+        self.metrics = metrics
+        self.clock = clock
+        self.state = AutoscaleState()
+        self.desired: int | None = None
+        self.events: deque[dict[str, Any]] = deque(maxlen=20)
+        self._asserted_at = -REASSERT_S
+
+    def observe(self) -> Observation:
+        adm = self.admission
+        return Observation(
+            inflight=adm.inflight,
+            queued=len(adm.queue),
+            ready=adm.count(PodState.READY),
+            starting=adm.count(PodState.STARTING, PodState.WARMING),
+            per_pod_limit=adm.config.max_inflight,
+        )
+
+    async def step(self) -> Decision:
+        now = self.clock()
+        decision, self.state = decide(self.observe(), self.state, config=self.config, now=now)
+        self.desired = decision.desired
+        if decision.changed:
+            self._record(decision)
+        if self.scaler.is_leader() and (decision.changed or now - self._asserted_at >= REASSERT_S):
+            self._asserted_at = now
+            await self.scaler.scale_to(decision.desired, idle_pods=self.admission.idle_pods())
+        return decision
+
+    def _record(self, decision: Decision) -> None:
+        direction = "up" if decision.desired > decision.previous else "down"
+        self.metrics.scale_event(direction)
+        self.events.append(
+            {
+                "at": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+                "from": decision.previous,
+                "to": decision.desired,
+                "reason": decision.reason,
+            }
+        )
+        log_event(
+            "scale",
+            direction=direction,
+            previous=decision.previous,
+            desired=decision.desired,
+            reason=decision.reason,
+        )
+
+    async def run(self) -> None:
+        """Tick forever; a failing scaler is logged and retried on the next tick."""
+        while True:
+            try:
+                await self.step()
+            except Exception:  # the loop must outlive any one scaler failure
+                log.exception("autoscaler tick failed")
+            await asyncio.sleep(self.settings.interval_s)

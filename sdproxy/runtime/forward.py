@@ -1,0 +1,168 @@
+"""Runtime: move one HTTP exchange between a client and a pod, streaming both ways.
+
+Bodies are never buffered whole: the request is sent as the already-read prefix followed by
+the rest of the client's stream, and the response is copied chunk by chunk. aiohttp's
+client is built with ``auto_decompress=False`` so encoded bodies pass through untouched.
+Client errors are translated here, at the boundary, into ``UpstreamError`` with a kind.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass
+
+import aiohttp
+from aiohttp import web
+from multidict import CIMultiDict
+
+from sdproxy.errors import BodyTooLarge
+
+# RFC 9110 §7.6.1: connection-specific fields are not forwarded.
+HOP_BY_HOP = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+    }
+)
+CHUNK = 256 * 1024
+
+
+class UpstreamError(Exception):
+    """A pod exchange failed. ``sent`` is False when nothing reached the pod (safe retry)."""
+
+    def __init__(self, kind: str, detail: str, *, sent: bool) -> None:
+        super().__init__(detail)
+        self.kind = kind
+        self.detail = detail
+        self.sent = sent
+
+
+@dataclass(kw_only=True)
+class RequestBody:
+    """A client body: the prefix already read, and whether more is still on the socket."""
+
+    prefix: bytes
+    complete: bool
+    stream: aiohttp.StreamReader
+    limit_bytes: int
+    started: bool = False
+
+    def payload(self) -> bytes | AsyncIterator[bytes]:
+        return self.prefix if self.complete else self._iterate()
+
+    async def _iterate(self) -> AsyncIterator[bytes]:
+        self.started = True
+        total = len(self.prefix)
+        yield self.prefix
+        async for chunk in self.stream.iter_any():
+            total += len(chunk)
+            if total > self.limit_bytes:
+                raise BodyTooLarge(f"request body over {self.limit_bytes} bytes")
+            yield chunk
+
+    @property
+    def retryable(self) -> bool:
+        return self.complete or not self.started
+
+
+async def read_prefix(request: web.Request, *, peek_bytes: int, limit_bytes: int) -> RequestBody:
+    """Read at most ``peek_bytes`` of the body (all of it when it is that small)."""
+    length = request.content_length
+    if length is not None and length > limit_bytes:
+        raise BodyTooLarge(f"request body of {length} bytes is over the {limit_bytes} limit")
+    parts: list[bytes] = []
+    size = 0
+    complete = False
+    while size < peek_bytes:
+        chunk = await request.content.read(peek_bytes - size)
+        if not chunk:
+            complete = True
+            break
+        parts.append(chunk)
+        size += len(chunk)
+    else:
+        complete = request.content.at_eof()
+    if size > limit_bytes:
+        raise BodyTooLarge(f"request body over {limit_bytes} bytes")
+    return RequestBody(
+        prefix=b"".join(parts), complete=complete, stream=request.content, limit_bytes=limit_bytes
+    )
+
+
+def upstream_headers(request: web.Request, extra: Mapping[str, str]) -> CIMultiDict[str]:
+    headers: CIMultiDict[str] = CIMultiDict()
+    for name, value in request.headers.items():
+        low = name.lower()
+        if low in HOP_BY_HOP or low == "host":
+            continue
+        headers.add(name, value)
+    peer = request.remote or ""
+    prior = request.headers.get("X-Forwarded-For")
+    headers["X-Forwarded-For"] = f"{prior}, {peer}" if prior else peer
+    headers["X-Forwarded-Proto"] = request.scheme
+    if request.host:
+        headers["X-Forwarded-Host"] = request.host
+    headers.update(extra)
+    return headers
+
+
+async def send(
+    session: aiohttp.ClientSession,
+    *,
+    method: str,
+    url: str,
+    headers: CIMultiDict[str],
+    body: RequestBody | bytes | None,
+) -> aiohttp.ClientResponse:
+    """Send the request and return once the pod's response headers arrived."""
+    data = body.payload() if isinstance(body, RequestBody) else body
+    try:
+        return await session.request(method, url, headers=headers, data=data, allow_redirects=False)
+    except aiohttp.ClientConnectorError as exc:
+        raise UpstreamError("connect", f"cannot connect to {url}: {exc}", sent=False) from exc
+    except BodyTooLarge:
+        raise
+    except TimeoutError as exc:
+        raise UpstreamError("timeout", f"{url} did not answer in time", sent=True) from exc
+    except aiohttp.ClientError as exc:
+        sent = not isinstance(body, RequestBody) or body.started or body.complete
+        raise UpstreamError("reset", f"{url}: {exc!r}", sent=sent) from exc
+
+
+def response_headers(upstream: aiohttp.ClientResponse) -> CIMultiDict[str]:
+    headers: CIMultiDict[str] = CIMultiDict()
+    for name, value in upstream.headers.items():
+        if name.lower() not in HOP_BY_HOP:
+            headers.add(name, value)
+    return headers
+
+
+async def relay(
+    request: web.Request,
+    upstream: aiohttp.ClientResponse,
+    *,
+    extra_headers: Mapping[str, str],
+) -> tuple[web.StreamResponse, int]:
+    """Copy the pod's response to the client; returns it and the body bytes sent."""
+    response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
+    response.headers.update(response_headers(upstream))
+    response.headers.update(extra_headers)
+    if upstream.content_length is None and "Content-Length" not in response.headers:
+        response.enable_chunked_encoding()
+    await response.prepare(request)
+    sent = 0
+    try:
+        async for chunk in upstream.content.iter_chunked(CHUNK):
+            await response.write(chunk)
+            sent += len(chunk)
+    except aiohttp.ClientError as exc:
+        raise UpstreamError("reset", f"response from pod broke off: {exc!r}", sent=True) from exc
+    await response.write_eof()
+    return response, sent

@@ -1,0 +1,91 @@
+"""Runtime: who is calling, and which heavy job is theirs (for job-bound routes).
+
+sd-webui's progress/interrupt/skip act on whatever runs on THAT pod (modules/progress.py,
+modules/shared_state.py), so the proxy sends them to the pod running the caller's job.
+The caller is the ``X-Sdproxy-Client`` header, else the ``sdproxy_client`` cookie the proxy
+sets, else the client address. A job is indexed under every identity the request had, so
+a later poll is found whichever of them it carries.
+"""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass
+
+from aiohttp import web
+
+from sdproxy.core.queue import TicketId
+
+CLIENT_HEADER = "X-Sdproxy-Client"
+COOKIE = "sdproxy_client"
+
+
+@dataclass(frozen=True, kw_only=True)
+class Caller:
+    """The identities of one request, most specific first."""
+
+    header: str | None
+    cookie: str | None
+    address: str
+    #: a cookie value to set on the response (the request had none)
+    new_cookie: str | None
+
+    @property
+    def keys(self) -> list[str]:
+        keys = []
+        if self.header:
+            keys.append("h:" + self.header)
+        if self.cookie or self.new_cookie:
+            keys.append("c:" + (self.cookie or self.new_cookie or ""))
+        keys.append("a:" + self.address)
+        return keys
+
+    @property
+    def id(self) -> str:
+        """The identity used in logs."""
+        return self.header or self.cookie or self.new_cookie or self.address
+
+
+def identify(request: web.Request) -> Caller:
+    header = request.headers.get(CLIENT_HEADER) or None
+    cookie = request.cookies.get(COOKIE) or None
+    return Caller(
+        header=header[:128] if header else None,
+        cookie=cookie[:128] if cookie else None,
+        address=request.remote or "unknown",
+        new_cookie=None if (cookie or header) else secrets.token_urlsafe(12),
+    )
+
+
+def set_cookie(response: web.StreamResponse, caller: Caller) -> None:
+    if caller.new_cookie and not response.prepared:
+        response.set_cookie(COOKIE, caller.new_cookie, httponly=True, samesite="Lax", path="/")
+
+
+class JobIndex:
+    """caller identity -> ticket of their latest heavy job still in the proxy."""
+
+    def __init__(self) -> None:
+        self._by_key: dict[str, TicketId] = {}
+        self._keys: dict[TicketId, list[str]] = {}
+
+    def add(self, caller: Caller, ticket: TicketId) -> None:
+        keys = caller.keys
+        self._keys[ticket] = keys
+        for key in keys:
+            self._by_key[key] = ticket
+
+    def remove(self, ticket: TicketId) -> None:
+        for key in self._keys.pop(ticket, []):
+            if self._by_key.get(key) == ticket:
+                del self._by_key[key]
+
+    def find(self, caller: Caller) -> TicketId | None:
+        for key in caller.keys:
+            ticket = self._by_key.get(key)
+            if ticket is not None:
+                return ticket
+        return None
+
+    def __len__(self) -> int:
+        return len(self._keys)

@@ -1,0 +1,394 @@
+"""Runtime: the aiohttp handler that classifies, admits and forwards every client request.
+
+heavy  -> a slot from the Gate (queue if none) -> pod; on client disconnect mid-generation
+          the pod is told to interrupt and the slot is released only when its response ends
+light  -> least loaded ready pod at once (retried on another pod if the connect fails)
+job    -> the pod running the caller's job; answered by the proxy while it is queued
+admin  -> 403 unless --allow-admin (then treated as heavy)
+Errors answer ``{"error": code, "detail": text}`` with the status from sdproxy.errors.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+
+from sdproxy import errors
+from sdproxy.core.admission import Dispatch, Job, TicketId
+from sdproxy.core.cost import estimate_steps
+from sdproxy.core.routing import RouteClass, RouteTable, classify_options
+from sdproxy.core.sdapi import body_keys, inspect_body
+from sdproxy.runtime import forward
+from sdproxy.runtime.gate import Gate
+from sdproxy.runtime.jobs import Caller, JobIndex, identify, set_cookie
+from sdproxy.runtime.logs import AccessRecord, log_access
+from sdproxy.runtime.metrics import Metrics
+from sdproxy.settings import ProxySettings
+
+log = logging.getLogger("sdproxy.proxy")
+
+PEEK_BYTES = 256 * 1024  # enough for any txt2img body; img2img blobs are streamed past it
+INTERRUPT_PATH = "/sdapi/v1/interrupt"
+LIGHT_ATTEMPTS = 3
+
+
+@dataclass(kw_only=True)
+class Exchange:
+    """Bookkeeping for one request, filled in as it goes (for the access log)."""
+
+    request_id: str
+    caller: Caller
+    route_class: RouteClass
+    started: float
+    pod: str | None = None
+    queue_ms: float = 0.0
+    bytes_in: int = 0
+    bytes_out: int = 0
+    status: int = 0
+    error: str | None = None
+    extra: dict[str, str] = field(default_factory=dict)
+
+
+def error_response(exc: errors.ClientFacingError, ex: Exchange | None = None) -> web.Response:
+    headers = {"X-Request-Id": ex.request_id} if ex else {}
+    if exc.retry_after_s is not None:
+        headers["Retry-After"] = str(max(1, round(exc.retry_after_s)))
+    if ex is not None:
+        ex.error = exc.code
+    return web.json_response(exc.body(), status=exc.status, headers=headers)
+
+
+class Proxy:
+    """Forwards client requests to pods under the admission rules."""
+
+    def __init__(
+        self,
+        *,
+        settings: ProxySettings,
+        gate: Gate,
+        session: aiohttp.ClientSession,
+        metrics: Metrics,
+        clock: Callable[[], float],
+    ) -> None:
+        self.settings = settings
+        self.gate = gate
+        self.session = session
+        self.metrics = metrics
+        self.clock = clock
+        self.table = RouteTable.from_strings(settings.routes)
+        self.jobs = JobIndex()
+        self.limit_bytes = int(settings.max_body_mb * 1024 * 1024)
+        self._background: set[asyncio.Task[None]] = set()
+
+    # ---- entry ------------------------------------------------------------------------
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        caller = identify(request)
+        ex = Exchange(
+            request_id=request.headers.get("X-Request-Id") or uuid.uuid4().hex,
+            caller=caller,
+            route_class=self.table.classify(request.method, request.path),
+            started=self.clock(),
+        )
+        response: web.StreamResponse | None = None
+        try:
+            response = await self._route(request, ex)
+        except errors.ClientFacingError as exc:
+            response = error_response(exc, ex)
+        finally:
+            self._finish(request, ex, response)
+        return response
+
+    async def _route(self, request: web.Request, ex: Exchange) -> web.StreamResponse:
+        if self.table.needs_body_to_classify(request.method, request.path):
+            body = await forward.read_prefix(
+                request, peek_bytes=self.limit_bytes, limit_bytes=self.limit_bytes
+            )
+            ex.route_class = classify_options(body_keys(body.prefix))
+        else:
+            body = None
+        if ex.route_class is RouteClass.ADMIN and not self.settings.allow_admin:
+            raise errors.Forbidden(
+                f"{request.method} {request.path} is unsafe while generations run; "
+                "start the proxy with --allow-admin to forward it"
+            )
+        if ex.route_class in (RouteClass.HEAVY, RouteClass.ADMIN):
+            return await self._heavy(request, ex, body)
+        if ex.route_class is RouteClass.JOB:
+            return await self._job_bound(request, ex)
+        return await self._light(request, ex, body)
+
+    def _finish(
+        self, request: web.Request, ex: Exchange, response: web.StreamResponse | None
+    ) -> None:
+        status = response.status if response is not None else 499  # client closed request
+        duration = self.clock() - ex.started
+        if response is not None and not response.prepared:
+            response.headers["X-Request-Id"] = ex.request_id
+            set_cookie(response, ex.caller)
+        self.metrics.observe_request(
+            route_class=ex.route_class.value, code=status, duration_s=duration
+        )
+        log_access(
+            AccessRecord(
+                request_id=ex.request_id,
+                client_id=ex.caller.id,
+                method=request.method,
+                path=request.path,
+                route_class=ex.route_class.value,
+                pod=ex.pod,
+                queue_ms=round(ex.queue_ms, 1),
+                duration_ms=round(duration * 1000, 1),
+                status=status,
+                bytes_in=ex.bytes_in or (request.content_length or 0),
+                bytes_out=ex.bytes_out,
+                error=ex.error,
+            )
+        )
+
+    # ---- heavy ------------------------------------------------------------------------
+
+    async def _heavy(
+        self, request: web.Request, ex: Exchange, body: forward.RequestBody | None
+    ) -> web.StreamResponse:
+        if body is None:
+            body = await forward.read_prefix(
+                request, peek_bytes=PEEK_BYTES, limit_bytes=self.limit_bytes
+            )
+        info = inspect_body(body.prefix, complete=body.complete)
+        job = Job(
+            ticket=self.gate.new_ticket(),
+            enqueued_at=self.clock(),
+            cost=estimate_steps(info.fields, route=request.path.rsplit("/", 1)[-1]),
+            checkpoint=info.checkpoint,
+        )
+        self.jobs.add(ex.caller, job.ticket)
+        try:
+            try:
+                dispatch = await self.gate.acquire(job)
+            except asyncio.CancelledError:
+                self.metrics.rejected("client_gone")
+                raise
+            self.metrics.observe_queue_wait(dispatch.queued_s)
+            ex.queue_ms = dispatch.queued_s * 1000
+            return await self._run_heavy(request, ex, body, dispatch)
+        finally:
+            self.jobs.remove(job.ticket)
+
+    async def _run_heavy(
+        self,
+        request: web.Request,
+        ex: Exchange,
+        body: forward.RequestBody,
+        dispatch: Dispatch,
+    ) -> web.StreamResponse:
+        """Send to the bound pod; retry elsewhere only if nothing reached it."""
+        while True:
+            ex.pod = dispatch.pod_id
+            headers = forward.upstream_headers(request, {"X-Request-Id": ex.request_id})
+            exchange = asyncio.ensure_future(
+                forward.send(
+                    self.session,
+                    method=request.method,
+                    url=dispatch.url + request.path_qs,
+                    headers=headers,
+                    body=body,
+                )
+            )
+            try:
+                upstream = await asyncio.shield(exchange)
+            except asyncio.CancelledError:
+                self._abandon(dispatch, exchange)
+                raise
+            except forward.UpstreamError as exc:
+                self.metrics.backend_error(pod=dispatch.pod_id, kind=exc.kind)
+                if exc.sent or not body.retryable:
+                    self.gate.release(dispatch.ticket, pod_failed=True)
+                    raise errors.BackendError(f"pod {dispatch.pod_id}: {exc.detail}") from exc
+                log.warning("pod %s refused: %s; retrying elsewhere", dispatch.pod_id, exc.detail)
+                dispatch = await self.gate.retry(dispatch.ticket)
+                continue
+            except BaseException:
+                self.gate.release(dispatch.ticket, pod_failed=True)
+                raise
+            return await self._relay_heavy(request, ex, upstream, dispatch)
+
+    async def _relay_heavy(
+        self,
+        request: web.Request,
+        ex: Exchange,
+        upstream: aiohttp.ClientResponse,
+        dispatch: Dispatch,
+    ) -> web.StreamResponse:
+        extra = {
+            "X-Sdproxy-Pod": dispatch.pod_id,
+            "X-Sdproxy-Queue-Ms": f"{dispatch.queued_s * 1000:.0f}",
+            "X-Request-Id": ex.request_id,
+        }
+        failed = False
+        try:
+            response, ex.bytes_out = await forward.relay(request, upstream, extra_headers=extra)
+            return response
+        except forward.UpstreamError as exc:
+            failed = True
+            self.metrics.backend_error(pod=dispatch.pod_id, kind=exc.kind)
+            raise
+        finally:
+            upstream.release()
+            self.gate.release(dispatch.ticket, pod_failed=failed)
+
+    def _abandon(
+        self, dispatch: Dispatch, exchange: asyncio.Future[aiohttp.ClientResponse]
+    ) -> None:
+        """The client left mid-generation: interrupt the pod, keep the slot until the
+        pod's response has ended (releasing earlier would put two jobs on one pod)."""
+        self.metrics.interrupt("client_gone")
+        self.spawn(self._finish_abandoned(dispatch, exchange), name=f"abandon-{dispatch.ticket}")
+
+    async def _finish_abandoned(
+        self, dispatch: Dispatch, exchange: asyncio.Future[aiohttp.ClientResponse]
+    ) -> None:
+        failed = False
+        try:
+            await self._post_interrupt(dispatch.url)
+            upstream = await exchange
+            async with upstream:
+                async for _ in upstream.content.iter_chunked(forward.CHUNK):
+                    pass  # drain: the pod is done only when its response is
+        except (forward.UpstreamError, aiohttp.ClientError, TimeoutError) as exc:
+            failed = True
+            log.info("abandoned job on %s ended with %r", dispatch.pod_id, exc)
+        finally:
+            self.gate.release(dispatch.ticket, pod_failed=failed)
+
+    async def _post_interrupt(self, base_url: str) -> None:
+        timeout = aiohttp.ClientTimeout(total=self.settings.connect_timeout_s + 5)
+        try:
+            async with self.session.post(base_url + INTERRUPT_PATH, timeout=timeout) as resp:
+                await resp.read()
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            log.warning("could not interrupt %s: %r", base_url, exc)
+
+    def spawn(self, coro: Any, *, name: str) -> None:
+        """Start a background task with a strong reference (see asyncio.create_task)."""
+        task: asyncio.Task[None] = asyncio.get_running_loop().create_task(coro, name=name)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def wait_background(self) -> None:
+        if self._background:
+            await asyncio.gather(*self._background, return_exceptions=True)
+
+    # ---- light ------------------------------------------------------------------------
+
+    async def _light(
+        self, request: web.Request, ex: Exchange, body: forward.RequestBody | None
+    ) -> web.StreamResponse:
+        if body is None and request.can_read_body:
+            body = await forward.read_prefix(
+                request, peek_bytes=PEEK_BYTES, limit_bytes=self.limit_bytes
+            )
+        tried: list[Any] = []
+        for _ in range(LIGHT_ATTEMPTS):
+            pod = self.gate.admission.pick_light(self.clock(), exclude=tried)
+            if pod is None:
+                break
+            tried.append(pod.pod_id)
+            ex.pod = pod.pod_id
+            headers = forward.upstream_headers(request, {"X-Request-Id": ex.request_id})
+            try:
+                upstream = await forward.send(
+                    self.session,
+                    method=request.method,
+                    url=pod.url + request.path_qs,
+                    headers=headers,
+                    body=body,
+                )
+            except forward.UpstreamError as exc:
+                self.metrics.backend_error(pod=pod.pod_id, kind=exc.kind)
+                if exc.sent or (body is not None and not body.retryable):
+                    raise errors.BackendError(f"pod {pod.pod_id}: {exc.detail}") from exc
+                self.gate.admission.eject(pod.pod_id, self.clock())
+                continue
+            async with upstream:
+                response, ex.bytes_out = await forward.relay(
+                    request,
+                    upstream,
+                    extra_headers={"X-Request-Id": ex.request_id, "X-Sdproxy-Pod": pod.pod_id},
+                )
+            return response
+        raise errors.NoBackends("no ready sd-webui pod to answer", retry_after_s=5)
+
+    # ---- job-bound --------------------------------------------------------------------
+
+    async def _job_bound(self, request: web.Request, ex: Exchange) -> web.StreamResponse:
+        ticket = self.jobs.find(ex.caller)
+        running = self.gate.admission.running(ticket) if ticket is not None else None
+        if running is not None:
+            ex.pod = running.pod_id
+            headers = forward.upstream_headers(request, {"X-Request-Id": ex.request_id})
+            body = await request.read() if request.can_read_body else None
+            upstream = await forward.send(
+                self.session,
+                method=request.method,
+                url=running.url + request.path_qs,
+                headers=headers,
+                body=body,
+            )
+            async with upstream:
+                response, ex.bytes_out = await forward.relay(
+                    request, upstream, extra_headers={"X-Sdproxy-Pod": running.pod_id}
+                )
+            return response
+        queued = ticket is not None and ticket in self.gate.admission.queue
+        if request.path.endswith("/progress"):
+            return web.json_response(self._progress(ticket if queued else None))
+        if request.path.endswith("/interrupt") and queued and ticket is not None:
+            self.gate.cancel_queued(ticket)
+            self.metrics.interrupt("user")
+        return web.json_response({})  # sd-webui answers {} (modules/api/api.py interruptapi)
+
+    def _progress(self, ticket: TicketId | None) -> dict[str, Any]:
+        """sd-webui's ProgressResponse shape, for a job still queued in the proxy."""
+        adm = self.gate.admission
+        position = adm.position(ticket) if ticket is not None else None
+        eta = adm.eta_s(ticket) if ticket is not None else 0.0
+        text = (
+            f"Queued in sdproxy: position {position} of {len(adm.queue)}"
+            if position is not None
+            else None
+        )
+        return {
+            "progress": 0.0,
+            "eta_relative": round(eta, 2),
+            "state": {
+                "skipped": False,
+                "interrupted": False,
+                "job": "queued" if position is not None else "",
+                "job_count": 0,
+                "job_timestamp": "0",
+                "job_no": 0,
+                "sampling_step": 0,
+                "sampling_steps": 0,
+            },
+            "current_image": None,
+            "textinfo": text,
+            "sdproxy": {
+                "queued": position is not None,
+                "queue_position": position,
+                "queue_depth": len(adm.queue),
+                "eta_s": round(eta, 2),
+            },
+        }
+
+
+def json_body(data: Any) -> bytes:
+    return json.dumps(data, separators=(",", ":")).encode()
