@@ -173,7 +173,9 @@ OPTIONS: tuple[Option, ...] = (
     Option(name="queue_timeout_s", kind=float, default=600.0, help="longest wait in queue"),
     Option(name="max_body_mb", kind=float, default=64.0, help="request body limit in MiB (413)"),
     Option(name="drain_timeout_s", kind=float, default=300.0, help="SIGTERM drain bound"),
-    Option(name="allow_admin", kind=_bool, default=False, is_flag=True, help="forward admin routes"),
+    Option(
+        name="allow_admin", kind=_bool, default=False, is_flag=True, help="forward admin routes"
+    ),
     Option(name="connect_timeout_s", kind=float, default=5.0, help="pod TCP connect timeout"),
     Option(name="backend_timeout_s", kind=float, default=1800.0, help="pod answer timeout"),
     Option(
@@ -284,9 +286,7 @@ def _convert(opt: Option, value: Any) -> Any:
     return converted
 
 
-def resolve(
-    namespace: argparse.Namespace, env: Mapping[str, str] | None = None
-) -> dict[str, Any]:
+def resolve(namespace: argparse.Namespace, env: Mapping[str, str] | None = None) -> dict[str, Any]:
     """Merge flags > environment > TOML > defaults into one flat dict of typed values."""
     env = os.environ if env is None else env
     config_path = getattr(namespace, "config", None) or env.get(ENV_PREFIX + "CONFIG")
