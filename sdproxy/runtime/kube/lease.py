@@ -147,6 +147,9 @@ class LeaderElector:
     def _body(self, lease: JsonObj | None) -> JsonObj:
         now = micro_time(self._wall_clock())
         spec: dict[str, Any] = dict((lease or {}).get("spec") or {})
+        for key in ("acquireTime", "renewTime"):  # the client reads them back as +00:00
+            if isinstance(spec.get(key), str):
+                spec[key] = micro_time(datetime.fromisoformat(spec[key]))
         if spec.get("holderIdentity") != self.identity:
             spec["acquireTime"] = now
             spec["leaseTransitions"] = int(spec.get("leaseTransitions") or 0) + (lease is not None)
