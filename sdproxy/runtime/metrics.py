@@ -67,7 +67,14 @@ class Metrics:
 
     def __init__(self, *, snapshot: Snapshot | None = None) -> None:
         self.registry = CollectorRegistry()
-        reg = self.registry
+        self._declare_request_metrics(self.registry)
+        self._declare_pod_event_metrics(self.registry)
+        self._pre_create()
+        self._register_process_metrics(self.registry)
+        if snapshot is not None:
+            self.registry.register(StateCollector(snapshot))
+
+    def _declare_request_metrics(self, reg: CollectorRegistry) -> None:
         self._requests = Counter(
             "sdproxy_requests_total",
             "Requests answered, by route class and HTTP status.",
@@ -93,6 +100,8 @@ class Metrics:
             ["reason"],
             registry=reg,
         )
+
+    def _declare_pod_event_metrics(self, reg: CollectorRegistry) -> None:
         self._backend_errors = Counter(
             "sdproxy_backend_errors_total",
             "Failures talking to a pod, by pod and kind (connect, timeout, reset, status_5xx…).",
@@ -111,10 +120,6 @@ class Metrics:
             ["direction"],
             registry=reg,
         )
-        self._pre_create()
-        self._register_process_metrics(reg)
-        if snapshot is not None:
-            reg.register(StateCollector(snapshot))
 
     def _pre_create(self) -> None:
         for reason in REJECT_REASONS:
