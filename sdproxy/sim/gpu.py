@@ -30,6 +30,8 @@ class Outcome:
     interrupted: bool
     #: shared.state.job_timestamp of the job, for the response's info
     job_timestamp: str
+    #: title of the checkpoint that sampled (infotext "Model"), before any restore
+    checkpoint: str | None
 
 
 @contextlib.asynccontextmanager
@@ -113,7 +115,12 @@ async def sample(pod: SimPod, job: Job, plan: GenerationPlan) -> Outcome:
                 pod, job, steps=one.steps, step_s=one.units_per_step * pod.config.step_s
             )
         images += plan.batch_size
-    return Outcome(images=images, interrupted=job.interrupted, job_timestamp=job.job_timestamp)
+    return Outcome(
+        images=images,
+        interrupted=job.interrupted,
+        job_timestamp=job.job_timestamp,
+        checkpoint=pod.loaded,
+    )
 
 
 def check_faults(pod: SimPod, plan: GenerationPlan) -> None:

@@ -22,6 +22,7 @@ from sdproxy.core.cost import (
     plan_txt2img,
 )
 from sdproxy.sim import gpu, schema
+from sdproxy.sim.checkpoints import Checkpoint
 from sdproxy.sim.failures import http_exception
 from sdproxy.sim.images import png_b64
 from sdproxy.sim.keys import POD
@@ -43,9 +44,10 @@ def _seed(pod: SimPod, value: object) -> int:
     return value if isinstance(value, int) and value >= 0 else pod.rng.randrange(4294967294)
 
 
-def infotext(model: Mapping[str, object], *, seed: int, size: tuple[int, int], pod: SimPod) -> str:
+def infotext(
+    model: Mapping[str, object], *, seed: int, size: tuple[int, int], checkpoint: Checkpoint
+) -> str:
     """processing.create_infotext, the lines a real image carries in its PNG."""
-    checkpoint = pod.catalog.resolve(pod.loaded) or pod.catalog.default
     negative = model.get("negative_prompt") or ""
     fields = {
         "Steps": model.get("steps"),
@@ -70,8 +72,8 @@ def generation_response(
     seed = _seed(pod, model.get("seed"))
     size = (plan.out_width, plan.out_height)
     seeds = [seed + index for index in range(outcome.images)]
-    texts = [infotext(model, seed=s, size=size, pod=pod) for s in seeds]
-    checkpoint = pod.catalog.resolve(pod.loaded) or pod.catalog.default
+    checkpoint = pod.catalog.resolve(outcome.checkpoint) or pod.catalog.default
+    texts = [infotext(model, seed=s, size=size, checkpoint=checkpoint) for s in seeds]
     info = {
         "prompt": model.get("prompt"),
         "all_prompts": [model.get("prompt")] * outcome.images,

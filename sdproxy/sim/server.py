@@ -35,10 +35,12 @@ async def _start_one(
     config: SimConfig, *, index: int, host: str, port: int, clock: Clock | None
 ) -> tuple[web.AppRunner, str]:
     app = make_app(config, clock=clock, rng=pod_rng(config, index))
-    runner = web.AppRunner(app, access_log=None, handler_cancellation=False)
+    runner = web.AppRunner(
+        app, access_log=None, handler_cancellation=False, shutdown_timeout=SHUTDOWN_TIMEOUT_S
+    )
     await runner.setup()
     try:
-        site = web.TCPSite(runner, host, port, shutdown_timeout=SHUTDOWN_TIMEOUT_S)
+        site = web.TCPSite(runner, host, port)
         await site.start()
     except BaseException:
         await runner.cleanup()
