@@ -42,6 +42,7 @@ class SdproxyPolicy:
             ready=obs.ready,
             starting=obs.starting,
             per_pod_limit=obs.per_pod_limit,
+            cold_start_s=obs.cold_start_s,
         )
         decision, self.state = decide(observation, self.state, config=self.config, now=now)
         return decision.desired

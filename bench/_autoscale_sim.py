@@ -47,6 +47,9 @@ class SimObservation:
     #: time-weighted mean of in-flight + queued since the previous tick (what Knative's
     #: queue-proxy/activator report: average concurrency, not a point sample)
     mean_demand: float
+    #: the last measured order-to-READY time (0 before any pod became ready), as
+    #: sdproxy's runtime measures it from discovery; only sdproxy's policy reads it
+    cold_start_s: float = 0.0
 
 
 class Policy(Protocol):
@@ -105,6 +108,7 @@ class Simulation:
         self.inflight = 0
         self.area = 0.0  # integral of demand dt since the last tick
         self.last_t = 0.0
+        self.measured_cold_start = 0.0
         self.out = SimResult()
 
     # -- bookkeeping ---------------------------------------------------------------
@@ -164,6 +168,7 @@ class Simulation:
             starting=len(alive) - ready,
             per_pod_limit=1,
             mean_demand=mean,
+            cold_start_s=self.measured_cold_start,
         )
 
     def _scale(self, desired: int, t: float) -> None:
@@ -197,6 +202,7 @@ class Simulation:
             return
         if kind == _READY:
             self.pods[i].is_ready = True
+            self.measured_cold_start = t - self.pods[i].ordered_s
             self._dispatch(t)
         else:
             self._on_done(i, t)

@@ -91,7 +91,8 @@ def make_trace(*, quick: bool, seed: int) -> tuple[list[Request], float]:
         return _rate(shape, t) + extra
 
     peak = max(r for _, r in shape) + 2.5 * len(spikes)
-    out, t = [], 0.0
+    out: list[Request] = []
+    t = 0.0
     while True:
         t += rng.expovariate(peak)
         if t >= duration:

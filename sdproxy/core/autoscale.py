@@ -13,10 +13,13 @@ The rules, in order (why each differs from Knative's KPA, see /work/shared/PRIOR
    count as capacity that is coming, so a queue that waits for a cold start does not
    order a second pod for the same request on every tick.
 3. **Scale down only after a stable window**: the target is the largest need seen in the
-   last ``scale_down_delay_s`` (the HorizontalPodAutoscaler's downscale
-   ``stabilizationWindowSeconds`` rule; KPA uses an average over ``stable-window``
-   60 s instead, which drops capacity while bursts still come back). Load that flaps
-   faster than the window holds its peak, so the count does not flap.
+   last ``max(scale_down_delay_s, measured cold start)`` (the HorizontalPodAutoscaler's
+   downscale ``stabilizationWindowSeconds`` rule; KPA uses an average over
+   ``stable-window`` 60 s instead, which drops capacity while bursts still come back).
+   Load that flaps faster than the window holds its peak, so the count does not flap.
+   Why at least one cold start (ski rental): a pod removed and needed again within one
+   cold start saves less billing than the cold start its replacement is billed, and
+   makes requests wait that cold start too; the bench's autoscale scenario measures it.
 4. **Keep one warm pod** while heavy work was seen within ``idle_to_zero_s``; after that
    the count may fall to ``min_pods`` (zero). A request that arrives at zero pods is
    need 1 > 0, rule 2: scale from zero on the same tick.
@@ -44,6 +47,9 @@ class Observation:
     starting: int
     #: heavy requests one pod runs at once (``--max-inflight``, sd-webui: 1)
     per_pod_limit: int = 1
+    #: recent time from a pod being asked for to READY, as the runtime measured it
+    #: (0: not measured yet); it lengthens the scale-down window, rule 3
+    cold_start_s: float = 0.0
 
     @property
     def demand(self) -> int:
@@ -107,7 +113,8 @@ def decide(
     """One tick of the policy (rules in the module docstring)."""
     need = pods_needed(observation)
     last_heavy = now if observation.demand > 0 else state.last_heavy_at
-    window_start = now - config.scale_down_delay_s
+    window_s = max(config.scale_down_delay_s, observation.cold_start_s)
+    window_start = now - window_s
     history = (*(s for s in state.history if s[0] >= window_start), (now, need))
     previous = state.last_desired
     if previous is None:
@@ -118,6 +125,7 @@ def decide(
         held=max(n for _, n in history),
         previous=previous,
         idle_s=None if last_heavy is None else now - last_heavy,
+        window_s=window_s,
         config=config,
     )
     desired = _bounded(target, previous=previous, config=config)
@@ -135,6 +143,7 @@ def _target(
     held: int,
     previous: int,
     idle_s: float | None,
+    window_s: float,
     config: AutoscaleConfig,
 ) -> tuple[int, str]:
     """Rules 2-4: the unbounded target and why."""
@@ -151,7 +160,7 @@ def _target(
     floor = 0 if idle_s is None else 1  # rule 4: one warm pod until idle_to_zero_s
     target = min(previous, max(held, floor))
     if target < previous:
-        why = f"scale down: peak need {held} over the last {config.scale_down_delay_s:.0f}s"
+        why = f"scale down: peak need {held} over the last {window_s:.0f}s"
         if held < floor:
             why += f", one warm pod kept (idle {idle_s:.0f}s < {config.idle_to_zero_s:.0f}s)"
         return target, f"{why}; {seen}"

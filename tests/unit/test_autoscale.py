@@ -220,3 +220,25 @@ def test_desired_within_bounds_and_step(
         assert len(state_.history) >= 1
         if pods_needed(observation) > decision.previous:
             assert decision.desired > decision.previous or decision.desired == config.max_pods
+
+
+@pytest.mark.parametrize(
+    ("cold_start_s", "held_s"),
+    [
+        pytest.param(0.0, 60.0, id="unmeasured-uses-scale-down-delay"),
+        pytest.param(30.0, 60.0, id="short-cold-start-uses-delay"),
+        pytest.param(90.0, 90.0, id="long-cold-start-holds-one-cold-start"),
+    ],
+)
+def test_scale_down_window_is_at_least_one_cold_start(cold_start_s: float, held_s: float) -> None:
+    clock = Clock()
+
+    def seen(inflight: int) -> Observation:
+        return Observation(
+            inflight=inflight, queued=0, ready=4, starting=0, cold_start_s=cold_start_s
+        )
+
+    clock.run([seen(4)])
+    after = clock.run([seen(1)] * 60)
+    drop = next(i for i, d in enumerate(after) if d < 4)
+    assert (drop + 1) * 2.0 == pytest.approx(held_s, abs=2.0)
