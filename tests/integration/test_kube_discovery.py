@@ -243,6 +243,14 @@ async def test_outage_keeps_last_pods_reports_disconnected_and_recovers(
 async def test_no_credentials_and_forbidden_are_reported_not_raised(
     kube: FakeKube, tmp_path: Path
 ) -> None:
+    missing = KubernetesDiscovery(
+        discovery_settings(tmp_path / "no-such-kubeconfig"), backoff_initial_s=0.05
+    )
+    sink = Snapshots()
+    async with running(missing, sink):
+        await wait_until(lambda: missing.health().last_error is not None, what="config error")
+        assert "credentials" in str(missing.health().last_error)
+    assert sink.history == []
     forbidden = FakeKube(rules=[])
     async with forbidden:
         sink = Snapshots()

@@ -20,7 +20,6 @@ from typing import Any
 import aiohttp
 from kubernetes_asyncio import client, config, watch
 from kubernetes_asyncio.client.exceptions import ApiException
-from kubernetes_asyncio.config.config_exception import ConfigException
 
 from sdproxy.errors import ConfigError, SdproxyError
 
@@ -73,8 +72,8 @@ async def _configuration(kubeconfig: str, env: Mapping[str, str]) -> Any:
             await config.load_kube_config(
                 config_file=path.split(os.pathsep)[0], client_configuration=conf
             )
-    except (ConfigException, OSError, ValueError, KeyError) as exc:
-        raise ConfigError(f"no Kubernetes credentials: {exc}") from exc
+    except Exception as exc:  # ConfigException, OSError, YAML errors: all mean "no config"
+        raise ConfigError(f"no usable Kubernetes credentials: {exc}") from exc
     return conf
 
 
