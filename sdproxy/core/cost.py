@@ -95,7 +95,7 @@ class GenerationPlan:
         return self.iterations * self.batch_size
 
 
-def read_int(params: Mapping[str, object], key: str, default: int) -> int:
+def read_int(params: Mapping[str, object], key: str, *, default: int) -> int:
     """An integer field the way pydantic v1 coerces it; ``default`` if absent or invalid."""
     value = params.get(key)
     if isinstance(value, bool) or value is None:
@@ -110,7 +110,7 @@ def read_int(params: Mapping[str, object], key: str, default: int) -> int:
     return default
 
 
-def read_float(params: Mapping[str, object], key: str, default: float) -> float:
+def read_float(params: Mapping[str, object], key: str, *, default: float) -> float:
     """A float field; ``default`` if absent, invalid or not finite."""
     value = params.get(key)
     if isinstance(value, bool) or value is None:
@@ -139,8 +139,14 @@ def read_bool(params: Mapping[str, object], key: str, *, default: bool) -> bool:
     return default
 
 
-def _clamp(value: int, low: int, high: int) -> int:
-    return max(low, min(high, value))
+def _side(pixels: int) -> int:
+    """An image side clamped to 8..MAX_SIDE."""
+    return max(8, min(MAX_SIDE, pixels))
+
+
+def _count(value: int) -> int:
+    """A step or image count clamped to 1..MAX_COUNT."""
+    return max(1, min(MAX_COUNT, value))
 
 
 def sampler_factor(params: Mapping[str, object]) -> float:
@@ -165,27 +171,27 @@ def _denoised_steps(steps: int, strength: float) -> int:
 
 def _base(params: Mapping[str, object]) -> tuple[int, int, int, int, int]:
     """(steps, width, height, batch_size, n_iter), clamped to sane ranges."""
-    steps = _clamp(read_int(params, "steps", DEFAULT_STEPS), 1, MAX_COUNT)
-    width = _clamp(read_int(params, "width", DEFAULT_SIZE), 8, MAX_SIDE)
-    height = _clamp(read_int(params, "height", DEFAULT_SIZE), 8, MAX_SIDE)
-    batch = _clamp(read_int(params, "batch_size", 1), 1, MAX_COUNT)
-    n_iter = _clamp(read_int(params, "n_iter", 1), 1, MAX_COUNT)
+    steps = _count(read_int(params, "steps", default=DEFAULT_STEPS))
+    width = _side(read_int(params, "width", default=DEFAULT_SIZE))
+    height = _side(read_int(params, "height", default=DEFAULT_SIZE))
+    batch = _count(read_int(params, "batch_size", default=1))
+    n_iter = _count(read_int(params, "n_iter", default=1))
     return steps, width, height, batch, n_iter
 
 
-def hires_size(params: Mapping[str, object], width: int, height: int) -> tuple[int, int]:
+def hires_size(params: Mapping[str, object], *, width: int, height: int) -> tuple[int, int]:
     """Target size of txt2img's hires pass (StableDiffusionProcessingTxt2Img.init)."""
-    resize_x = read_int(params, "hr_resize_x", 0)
-    resize_y = read_int(params, "hr_resize_y", 0)
+    resize_x = read_int(params, "hr_resize_x", default=0)
+    resize_y = read_int(params, "hr_resize_y", default=0)
     if resize_x <= 0 and resize_y <= 0:
-        scale = min(max(read_float(params, "hr_scale", DEFAULT_HR_SCALE), 0.01), 16.0)
-        return _clamp(int(width * scale), 8, MAX_SIDE), _clamp(int(height * scale), 8, MAX_SIDE)
+        scale = min(max(read_float(params, "hr_scale", default=DEFAULT_HR_SCALE), 0.01), 16.0)
+        return _side(int(width * scale)), _side(int(height * scale))
     # one side given: keep the aspect ratio (sd-webui does the same)
     if resize_x <= 0:
         resize_x = resize_y * width // height
     if resize_y <= 0:
         resize_y = resize_x * height // width
-    return _clamp(resize_x, 8, MAX_SIDE), _clamp(resize_y, 8, MAX_SIDE)
+    return _side(resize_x), _side(resize_y)
 
 
 def plan_txt2img(params: Mapping[str, object]) -> GenerationPlan:
@@ -194,10 +200,10 @@ def plan_txt2img(params: Mapping[str, object]) -> GenerationPlan:
     factor = sampler_factor(params)
     passes = [_pass(steps=steps, width=width, height=height, batch=batch, factor=factor)]
     if read_bool(params, "enable_hr", default=False):
-        hr_steps = read_int(params, "hr_second_pass_steps", 0)
-        hr_steps = _clamp(hr_steps, 1, MAX_COUNT) if hr_steps > 0 else steps
-        strength = read_float(params, "denoising_strength", DEFAULT_HR_DENOISING)
-        hr_w, hr_h = hires_size(params, width, height)
+        hr_steps = read_int(params, "hr_second_pass_steps", default=0)
+        hr_steps = _count(hr_steps) if hr_steps > 0 else steps
+        strength = read_float(params, "denoising_strength", default=DEFAULT_HR_DENOISING)
+        hr_w, hr_h = hires_size(params, width=width, height=height)
         passes.append(
             _pass(
                 steps=_denoised_steps(hr_steps, strength),
@@ -213,7 +219,7 @@ def plan_txt2img(params: Mapping[str, object]) -> GenerationPlan:
 def plan_img2img(params: Mapping[str, object]) -> GenerationPlan:
     """img2img: one pass of ``steps × denoising_strength`` steps at the requested size."""
     steps, width, height, batch, n_iter = _base(params)
-    strength = read_float(params, "denoising_strength", DEFAULT_IMG2IMG_DENOISING)
+    strength = read_float(params, "denoising_strength", default=DEFAULT_IMG2IMG_DENOISING)
     one = _pass(
         steps=_denoised_steps(steps, strength),
         width=width,
@@ -250,13 +256,13 @@ def extras_output_size(params: Mapping[str, object]) -> tuple[int, int]:
     ``resize_mode`` 0 scales by ``upscaling_resize``; 1 resizes to
     ``upscaling_resize_w × upscaling_resize_h``. An unreadable input counts as 512×512.
     """
-    if read_int(params, "resize_mode", 0) == 1:
-        width = read_int(params, "upscaling_resize_w", DEFAULT_SIZE)
-        height = read_int(params, "upscaling_resize_h", DEFAULT_SIZE)
-        return _clamp(width, 8, MAX_SIDE), _clamp(height, 8, MAX_SIDE)
+    if read_int(params, "resize_mode", default=0) == 1:
+        width = read_int(params, "upscaling_resize_w", default=DEFAULT_SIZE)
+        height = read_int(params, "upscaling_resize_h", default=DEFAULT_SIZE)
+        return _side(width), _side(height)
     width, height = png_size(params.get("image")) or (DEFAULT_SIZE, DEFAULT_SIZE)
-    scale = min(max(read_float(params, "upscaling_resize", 2.0), 0.01), 16.0)
-    return _clamp(int(width * scale), 8, MAX_SIDE), _clamp(int(height * scale), 8, MAX_SIDE)
+    scale = min(max(read_float(params, "upscaling_resize", default=2.0), 0.01), 16.0)
+    return _side(int(width * scale)), _side(int(height * scale))
 
 
 def extras_steps(params: Mapping[str, object]) -> float:

@@ -13,7 +13,7 @@ import signal
 from typing import Any
 
 from sdproxy.errors import ConfigError
-from sdproxy.sim.config import DEFAULT_CHECKPOINT, SimConfig
+from sdproxy.sim.config import SimConfig
 from sdproxy.sim.server import run_pods
 
 DEFAULTS = SimConfig()
@@ -23,60 +23,40 @@ def _checkpoints(text: str) -> tuple[str, ...]:
     return tuple(part.strip() for part in text.split(",") if part.strip())
 
 
+#: (flag, argparse keyword arguments); defaults come from SimConfig where it has them
+FLAGS: tuple[tuple[str, dict[str, Any]], ...] = (
+    ("--pods", {"type": int, "default": 1, "help": "independent pods on consecutive ports"}),
+    ("--host", {"default": "127.0.0.1", "help": "listen address"}),
+    ("--port", {"type": int, "default": 7860, "help": "first pod's port; 0 = ephemeral"}),
+    ("--step-ms", {"type": float, "default": DEFAULTS.step_ms,
+                   "help": "ms per 512x512 sampling step (100 ~ A10)"}),
+    ("--threads", {"type": int, "default": DEFAULTS.threads,
+                   "help": "worker threads per pod; every route stalls when all are busy"}),
+    ("--checkpoints", {"type": _checkpoints, "default": ",".join(DEFAULTS.checkpoints),
+                       "help": "comma-separated checkpoint files; the first is the default"}),
+    ("--switch-s", {"type": float, "default": DEFAULTS.switch_s,
+                    "help": "seconds to load another checkpoint"}),
+    ("--startup-s", {"type": float, "default": DEFAULTS.startup_s,
+                     "help": "seconds until the model is loaded; heavy requests wait"}),
+    ("--vram-pixels", {"type": int, "default": DEFAULTS.vram_pixels,
+                       "help": "CUDA out of memory above batch_size*width*height pixels"}),
+    ("--fail-rate", {"type": float, "default": DEFAULTS.fail_rate,
+                     "help": "probability of a random 500 per generation"}),
+    ("--seed", {"type": int, "default": None,
+                "help": "seed for failures, lock order and seeds; none: from the OS"}),
+)  # fmt: skip
+
+
 def register(sub: Any) -> None:
     parser: argparse.ArgumentParser = sub.add_parser(
         "sim",
         help="run simulated sd-webui pods",
-        description="Run simulated sd-webui pods (API surface, one GPU lock per pod, "
+        description="Run simulated sd-webui pods (sd-webui's API, one GPU lock per pod, "
         "cost-based service times) for tests, the demo and benchmarks.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    add = parser.add_argument
-    add("--pods", type=int, default=1, help="independent pods on consecutive ports [1]")
-    add("--host", default="127.0.0.1", help="listen address [127.0.0.1]")
-    add("--port", type=int, default=7860, help="first pod's port; 0 = ephemeral [7860]")
-    add(
-        "--step-ms",
-        type=float,
-        default=DEFAULTS.step_ms,
-        help="ms per 512x512 sampling step (100 ~ A10) [%(default)s]",
-    )
-    add(
-        "--threads",
-        type=int,
-        default=DEFAULTS.threads,
-        help="worker threads per pod; all routes stall when used up [%(default)s]",
-    )
-    add(
-        "--checkpoints",
-        type=_checkpoints,
-        default=DEFAULTS.checkpoints,
-        help=f"comma-separated checkpoint files, first is the default [{DEFAULT_CHECKPOINT}]",
-    )
-    add(
-        "--switch-s",
-        type=float,
-        default=DEFAULTS.switch_s,
-        help="seconds to load another checkpoint [%(default)s]",
-    )
-    add(
-        "--startup-s",
-        type=float,
-        default=DEFAULTS.startup_s,
-        help="seconds until the model is loaded; heavy requests wait [%(default)s]",
-    )
-    add(
-        "--vram-pixels",
-        type=int,
-        default=DEFAULTS.vram_pixels,
-        help="CUDA OOM above batch_size*width*height pixels [%(default)s]",
-    )
-    add(
-        "--fail-rate",
-        type=float,
-        default=DEFAULTS.fail_rate,
-        help="probability of a random 500 per generation [%(default)s]",
-    )
-    add("--seed", type=int, default=None, help="seed for failures, lock order, seeds")
+    for flag, kwargs in FLAGS:
+        parser.add_argument(flag, **kwargs)
     parser.set_defaults(handler=run)
 
 

@@ -101,7 +101,7 @@ async def _sample_pass(pod: SimPod, job: Job, *, steps: int, step_s: float) -> N
     job.end_pass(pod.clock())
 
 
-async def sample(pod: SimPod, job: Job, plan: GenerationPlan) -> Outcome:
+async def sample(pod: SimPod, job: Job, *, plan: GenerationPlan) -> Outcome:
     """process_images_inner: iterations of passes; skip ends an iteration, interrupt all."""
     images = 0
     for iteration in range(plan.iterations):
@@ -141,7 +141,7 @@ async def generate(
         try:
             async with overrides(pod, model):
                 check_faults(pod, plan)
-                outcome = await sample(pod, job, plan)
+                outcome = await sample(pod, job, plan=plan)
         except failures.WebuiError:
             pod.counters.failed += 1
             raise

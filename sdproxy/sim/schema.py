@@ -192,7 +192,7 @@ def _error(loc: list[object], kind: str) -> dict[str, object]:
     return {"loc": loc, "msg": msg, "type": typ}
 
 
-def _field_errors(name: str, kind: str, value: object) -> list[dict[str, object]]:
+def _field_errors(name: str, *, kind: str, value: object) -> list[dict[str, object]]:
     if kind != "list[str]" or not isinstance(value, list):
         return []
     return [
@@ -221,7 +221,7 @@ def validate(body: object, spec: Spec) -> dict[str, object]:
         except Invalid:
             errors.append(_error(["body", name], kind))
             continue
-        errors.extend(_field_errors(name, kind, body[name]))
+        errors.extend(_field_errors(name, kind=kind, value=body[name]))
     if errors:
         raise unprocessable(errors, body)
     return model

@@ -38,14 +38,14 @@ async def get(session: aiohttp.ClientSession, path: str) -> Any:
         return await resp.json()
 
 
-async def post(session: aiohttp.ClientSession, path: str, body: Any) -> tuple[int, Any]:
-    async with session.post(path, json=body) as resp:
+async def post(session: aiohttp.ClientSession, path: str, *, json: Any) -> tuple[int, Any]:
+    async with session.post(path, json=json) as resp:
         return resp.status, await resp.json()
 
 
-async def timed_post(session: aiohttp.ClientSession, path: str, body: Any) -> tuple[float, Any]:
+async def timed_post(session: aiohttp.ClientSession, path: str, *, json: Any) -> tuple[float, Any]:
     """(loop time at completion, JSON) of a POST that must succeed."""
-    status, data = await post(session, path, body)
+    status, data = await post(session, path, json=json)
     assert status == 200, data
     return asyncio.get_running_loop().time(), data
 
@@ -82,7 +82,9 @@ async def test_heavy_requests_are_serialised_and_counted() -> None:
         loop = asyncio.get_running_loop()
         body = {**SD15, "steps": 10, "send_images": False}  # 10 steps × 10 ms = 0.1 s each
         start = loop.time()
-        done = await asyncio.gather(*(timed_post(s, "/sdapi/v1/txt2img", body) for _ in range(4)))
+        done = await asyncio.gather(
+            *(timed_post(s, "/sdapi/v1/txt2img", json=body) for _ in range(4))
+        )
         ends = sorted(end - start for end, _ in done)
         # one at a time: the k-th completion cannot come before k service times
         for k, end in enumerate(ends, start=1):
@@ -101,7 +103,7 @@ async def test_waiters_are_woken_in_no_fifo_order() -> None:
 
         async def one(index: int) -> None:
             steps = 100 if index == 0 else 5  # the first holds the lock while the rest arrive
-            await timed_post(s, "/sdapi/v1/txt2img", {**body, "steps": steps})
+            await timed_post(s, "/sdapi/v1/txt2img", json={**body, "steps": steps})
             order.append(index)
 
         tasks = []
@@ -122,7 +124,7 @@ async def test_progress_reflects_the_running_job() -> None:
         idle = await get(s, "/sdapi/v1/progress")
         assert idle["progress"] == 0 and idle["state"]["job"] == "" and idle["current_task"] is None
         body = {**SD15, "steps": 40, "n_iter": 2, "force_task_id": "task(mine)"}
-        job = asyncio.create_task(timed_post(s, "/sdapi/v1/txt2img", body))
+        job = asyncio.create_task(timed_post(s, "/sdapi/v1/txt2img", json=body))
         await running_task(s, "task(mine)")
         prog = await get(s, "/sdapi/v1/progress")
         state = prog["state"]
@@ -146,13 +148,13 @@ async def test_interrupt_ends_the_running_job_with_partial_images_only() -> None
         # 4 iterations × 50 steps × 10 ms = 2 s uninterrupted
         long = {**SD15, "steps": 50, "n_iter": 4, "force_task_id": "long"}
         start = loop.time()
-        first = asyncio.create_task(timed_post(s, "/sdapi/v1/txt2img", long))
+        first = asyncio.create_task(timed_post(s, "/sdapi/v1/txt2img", json=long))
         await running_task(s, "long", job_no=1)
         waiting = asyncio.create_task(
-            timed_post(s, "/sdapi/v1/txt2img", {**SD15, "steps": 5, "n_iter": 2})
+            timed_post(s, "/sdapi/v1/txt2img", json={**SD15, "steps": 5, "n_iter": 2})
         )
         await wait_until(lambda: _inflight_at_least(s, 2))
-        status, answer = await post(s, "/sdapi/v1/interrupt", {})
+        status, answer = await post(s, "/sdapi/v1/interrupt", json={})
         assert status == 200 and answer == {}
         end, data = await first
         assert end - start < 1.8  # well short of the 2 s the job would take
@@ -165,8 +167,8 @@ async def test_interrupt_ends_the_running_job_with_partial_images_only() -> None
 
 async def test_interrupt_when_idle_is_a_noop() -> None:
     async with pod() as s:
-        assert (await post(s, "/sdapi/v1/interrupt", {}))[0] == 200
-        _, data = await timed_post(s, "/sdapi/v1/txt2img", {**SD15, "steps": 3, "n_iter": 2})
+        assert (await post(s, "/sdapi/v1/interrupt", json={}))[0] == 200
+        _, data = await timed_post(s, "/sdapi/v1/txt2img", json={**SD15, "steps": 3, "n_iter": 2})
         assert len(data["images"]) == 2
         st = await stats(s)
         assert (st["interrupted"], st["interrupts_received"]) == (0, 1)
@@ -177,9 +179,9 @@ async def test_skip_ends_only_the_current_iteration() -> None:
         loop = asyncio.get_running_loop()
         body = {**SD15, "steps": 100, "n_iter": 2, "force_task_id": "skipme"}  # 2 × 1 s
         start = loop.time()
-        job = asyncio.create_task(timed_post(s, "/sdapi/v1/txt2img", body))
+        job = asyncio.create_task(timed_post(s, "/sdapi/v1/txt2img", json=body))
         await running_task(s, "skipme")
-        status, answer = await post(s, "/sdapi/v1/skip", {})
+        status, answer = await post(s, "/sdapi/v1/skip", json={})
         assert status == 200 and answer is None
         await running_task(s, "skipme", job_no=1)  # the second iteration runs normally
         prog = await get(s, "/sdapi/v1/progress")
@@ -200,7 +202,7 @@ async def test_checkpoint_override_switches_and_restores_afterwards() -> None:
         assert (await stats(s))["loaded_checkpoint"] == titles[CKPT_A]
         body = {**SD15, "steps": 1, "override_settings": {"sd_model_checkpoint": "b"}}
         start = loop.time()
-        end, data = await timed_post(s, "/sdapi/v1/txt2img", body)
+        end, data = await timed_post(s, "/sdapi/v1/txt2img", json=body)
         assert end - start >= 2 * 0.2 * 0.9  # switch to b, then back to a
         assert "Model: b" in data["info"]
         st = await stats(s)
@@ -209,16 +211,18 @@ async def test_checkpoint_override_switches_and_restores_afterwards() -> None:
 
         keep = {**body, "override_settings_restore_afterwards": False}
         start = loop.time()
-        end, _ = await timed_post(s, "/sdapi/v1/txt2img", keep)
+        end, _ = await timed_post(s, "/sdapi/v1/txt2img", json=keep)
         assert end - start >= 0.2 * 0.9
         st = await stats(s)
         assert (st["checkpoint_switches"], st["loaded_checkpoint"]) == (3, titles[CKPT_B])
         assert (await get(s, "/sdapi/v1/options"))["sd_model_checkpoint"] == titles[CKPT_B]
 
         # no override (or an unknown one) runs on the pod's current default: no switch
-        await timed_post(s, "/sdapi/v1/txt2img", {**SD15, "steps": 1})
+        await timed_post(s, "/sdapi/v1/txt2img", json={**SD15, "steps": 1})
         unknown = {"sd_model_checkpoint": "nope.ckpt"}
-        await timed_post(s, "/sdapi/v1/txt2img", {**SD15, "steps": 1, "override_settings": unknown})
+        await timed_post(
+            s, "/sdapi/v1/txt2img", json={**SD15, "steps": 1, "override_settings": unknown}
+        )
         assert (await stats(s))["checkpoint_switches"] == 3
 
 
@@ -226,10 +230,10 @@ async def test_post_options_switches_under_the_lock_and_persists() -> None:
     async with pod(checkpoints=(CKPT_A, CKPT_B)) as s:
         loop = asyncio.get_running_loop()
         job = asyncio.create_task(
-            timed_post(s, "/sdapi/v1/txt2img", {**SD15, "steps": 30, "force_task_id": "t"})
+            timed_post(s, "/sdapi/v1/txt2img", json={**SD15, "steps": 30, "force_task_id": "t"})
         )
         await running_task(s, "t")
-        status, answer = await post(s, "/sdapi/v1/options", {"sd_model_checkpoint": CKPT_B})
+        status, answer = await post(s, "/sdapi/v1/options", json={"sd_model_checkpoint": CKPT_B})
         options_done = loop.time()
         job_done, _ = await job
         assert status == 200 and answer is None
@@ -239,17 +243,19 @@ async def test_post_options_switches_under_the_lock_and_persists() -> None:
         st = await stats(s)
         assert st["checkpoint_switches"] == 1 and st["loaded_checkpoint"].startswith(CKPT_B)
         # persists: a plain request stays on b
-        _, data = await timed_post(s, "/sdapi/v1/txt2img", {**SD15, "steps": 1})
+        _, data = await timed_post(s, "/sdapi/v1/txt2img", json={**SD15, "steps": 1})
         assert "Model: b" in data["info"]
         assert (await stats(s))["checkpoint_switches"] == 1
-        status, error = await post(s, "/sdapi/v1/options", {"sd_model_checkpoint": "zzz"})
+        status, error = await post(s, "/sdapi/v1/options", json={"sd_model_checkpoint": "zzz"})
         assert status == 500 and error["error"] == "RuntimeError"
 
 
 async def test_exhausted_worker_pool_stalls_light_routes_too() -> None:
     async with pod(threads=3) as s:
         body = {**SD15, "steps": 50, "send_images": False}  # 0.5 s each, 1.5 s in all
-        heavy = [asyncio.create_task(timed_post(s, "/sdapi/v1/txt2img", body)) for _ in range(3)]
+        heavy = [
+            asyncio.create_task(timed_post(s, "/sdapi/v1/txt2img", json=body)) for _ in range(3)
+        ]
 
         async def pool_full() -> bool:
             return bool((await stats(s))["threads_in_use"] == 3)
@@ -272,9 +278,11 @@ async def test_pods_are_independent() -> None:
     config = SimConfig(step_ms=5.0, switch_s=0.05, checkpoints=(CKPT_A, CKPT_B))
     async with run_pods(config, count=3) as urls, aiohttp.ClientSession() as s:
         assert len(set(urls)) == 3
-        status, _ = await post(s, urls[0] + "/sdapi/v1/txt2img", {**SD15, "steps": 2})
+        status, _ = await post(s, urls[0] + "/sdapi/v1/txt2img", json={**SD15, "steps": 2})
         assert status == 200
-        status, _ = await post(s, urls[1] + "/sdapi/v1/options", {"sd_model_checkpoint": CKPT_B})
+        status, _ = await post(
+            s, urls[1] + "/sdapi/v1/options", json={"sd_model_checkpoint": CKPT_B}
+        )
         assert status == 200
         all_stats = [await get(s, url + "/sim/stats") for url in urls]
         assert [st["completed"] for st in all_stats] == [1, 0, 0]

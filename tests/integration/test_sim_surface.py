@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import io
-import json
+import json as jsonlib
 from typing import Any
 
 import aiohttp
@@ -24,14 +24,14 @@ TXT2IMG = "/sdapi/v1/txt2img"
 
 
 async def call(
-    url: str, path: str, body: Any = None, *, method: str = "POST", raw: bytes | None = None
+    url: str, path: str, *, json: Any = None, method: str = "POST", raw: bytes | None = None
 ) -> tuple[int, Any, dict[str, str]]:
     async with (
         aiohttp.ClientSession() as session,
         session.request(
             method,
             url + path,
-            json=body if raw is None else None,
+            json=json if raw is None else None,
             data=None if raw is None else io.BytesIO(raw),  # aiohttp warns on big raw bytes
             headers=None if raw is None else {"Content-Type": "application/json"},
         ) as resp,
@@ -54,29 +54,29 @@ async def url() -> Any:
 
 async def test_txt2img_answers_in_sd_webui_shape_with_real_pngs(url: str) -> None:
     body = {"prompt": "a cat", "steps": "3", "width": 320, "height": 192, "n_iter": 2, "x": [1]}
-    status, data, headers = await call(url, TXT2IMG, body)
+    status, data, headers = await call(url, TXT2IMG, json=body)
     assert status == 200
     assert float(headers["X-Process-Time"]) >= 0
     assert [decode_png(img).size for img in data["images"]] == [(320, 192)] * 2
     params = data["parameters"]
     assert params["steps"] == 3 and params["prompt"] == "a cat"  # coerced and echoed
     assert params["cfg_scale"] == 7.0 and "x" not in params  # defaults filled, unknown ignored
-    info = json.loads(data["info"])
+    info = jsonlib.loads(data["info"])
     assert info["all_seeds"] == [info["seed"], info["seed"] + 1]
     assert "Steps: 3" in info["infotexts"][0]
     assert decode_png(data["images"][0]).info["parameters"].startswith("a cat\nSteps: 3")
 
 
 async def test_image_weighs_like_a_real_one_and_hires_upscales(url: str) -> None:
-    _, data, _ = await call(url, TXT2IMG, {"steps": 1})
+    _, data, _ = await call(url, TXT2IMG, json={"steps": 1})
     assert 400_000 <= len(data["images"][0]) <= 800_000  # base64 bytes of one 512² image
     hires = {"steps": 2, "width": 256, "height": 256, "enable_hr": True, "hr_scale": 2}
-    _, data, _ = await call(url, TXT2IMG, hires)
+    _, data, _ = await call(url, TXT2IMG, json=hires)
     assert decode_png(data["images"][0]).size == (512, 512)
 
 
 async def test_send_images_false_returns_no_images(url: str) -> None:
-    _, data, _ = await call(url, TXT2IMG, {"steps": 1, "send_images": False})
+    _, data, _ = await call(url, TXT2IMG, json={"steps": 1, "send_images": False})
     assert data["images"] == []
 
 
@@ -94,7 +94,7 @@ async def test_send_images_false_returns_no_images(url: str) -> None:
 async def test_wrong_types_answer_422_in_sd_webui_error_shape(
     url: str, body: Any, loc: list[Any], kind: str
 ) -> None:
-    status, data, headers = await call(url, TXT2IMG, body)
+    status, data, headers = await call(url, TXT2IMG, json=body)
     assert status == 422
     assert set(data) == {"error", "detail", "body", "errors"}
     assert data["error"] == "RequestValidationError"
@@ -106,19 +106,19 @@ async def test_wrong_types_answer_422_in_sd_webui_error_shape(
 async def test_malformed_json_and_missing_fields(url: str) -> None:
     status, data, _ = await call(url, TXT2IMG, raw=b"{not json")
     assert status == 422 and data["detail"][0]["type"] == "value_error.jsondecode"
-    status, data, _ = await call(url, "/sdapi/v1/png-info", {})
+    status, data, _ = await call(url, "/sdapi/v1/png-info", json={})
     assert status == 422 and data["detail"][0]["msg"] == "field required"
-    status, data, _ = await call(url, "/sdapi/v1/img2img", {"steps": 1})
+    status, data, _ = await call(url, "/sdapi/v1/img2img", json={"steps": 1})
     assert status == 404 and data["detail"] == "Init image not found"
     status, data, headers = await call(url, "/sdapi/v1/nothing-here", method="GET")
     assert status == 404 and data["error"] == "HTTPException" and "X-Process-Time" in headers
 
 
 async def test_img2img_accepts_a_10_mib_upload_and_does_not_echo_it(url: str) -> None:
-    _, generated, _ = await call(url, TXT2IMG, {"steps": 1, "width": 64, "height": 64})
+    _, generated, _ = await call(url, TXT2IMG, json={"steps": 1, "width": 64, "height": 64})
     big = generated["images"][0] + "A" * (10 * 1024 * 1024)
     body = {"init_images": [big], "steps": 4, "width": 128, "height": 96}
-    status, data, _ = await call(url, "/sdapi/v1/img2img", raw=json.dumps(body).encode())
+    status, data, _ = await call(url, "/sdapi/v1/img2img", raw=jsonlib.dumps(body).encode())
     assert status == 200
     assert decode_png(data["images"][0]).size == (128, 96)
     assert data["parameters"]["init_images"] is None
@@ -126,14 +126,14 @@ async def test_img2img_accepts_a_10_mib_upload_and_does_not_echo_it(url: str) ->
 
 async def test_extras_interrogate_and_png_info(url: str) -> None:
     _, generated, _ = await call(
-        url, TXT2IMG, {"prompt": "dog", "steps": 5, "width": 64, "height": 64}
+        url, TXT2IMG, json={"prompt": "dog", "steps": 5, "width": 64, "height": 64}
     )
     image = generated["images"][0]
-    status, data, _ = await call(url, "/sdapi/v1/extra-single-image", {"image": image})
+    status, data, _ = await call(url, "/sdapi/v1/extra-single-image", json={"image": image})
     assert status == 200 and decode_png(data["image"]).size == (128, 128)  # upscaling_resize 2
-    status, data, _ = await call(url, "/sdapi/v1/interrogate", {"image": image})
+    status, data, _ = await call(url, "/sdapi/v1/interrogate", json={"image": image})
     assert status == 200 and isinstance(data["caption"], str)
-    status, data, _ = await call(url, "/sdapi/v1/png-info", {"image": image})
+    status, data, _ = await call(url, "/sdapi/v1/png-info", json={"image": image})
     assert status == 200
     assert data["info"].startswith("dog\n")
     assert data["parameters"]["Prompt"] == "dog" and data["parameters"]["Steps"] == "5"
@@ -155,7 +155,7 @@ async def test_light_reads(url: str) -> None:
 async def test_out_of_memory_is_a_500_with_cuda_text(url: str) -> None:
     # vram_pixels is 2 × 512²: a batch of 4 does not fit, nor does a 2× hires pass
     for body in ({"batch_size": 4, "steps": 1}, {"steps": 1, "enable_hr": True}):
-        status, data, _ = await call(url, TXT2IMG, body)
+        status, data, _ = await call(url, TXT2IMG, json=body)
         assert status == 500
         assert data["error"] == "OutOfMemoryError"
         assert data["errors"].startswith("CUDA out of memory.")
@@ -163,7 +163,7 @@ async def test_out_of_memory_is_a_500_with_cuda_text(url: str) -> None:
     assert memory["cuda"]["events"]["oom"] == 2
     _, st, _ = await call(url, "/sim/stats", method="GET")
     assert (st["oom"], st["failed"], st["completed"]) == (2, 2, 0)
-    assert (await call(url, TXT2IMG, {"batch_size": 2, "steps": 1}))[0] == 200  # fits exactly
+    assert (await call(url, TXT2IMG, json={"batch_size": 2, "steps": 1}))[0] == 200  # fits exactly
 
 
 async def _failure_pattern(seed: int) -> list[int]:
@@ -194,7 +194,7 @@ async def test_start_up_blocks_heavy_but_not_light() -> None:
             assert (await call(url, path, method="GET"))[0] == 200
         _, st, _ = await call(url, "/sim/stats", method="GET")
         assert st["model_loaded"] is False and st["loaded_checkpoint"] is None
-        status, _, _ = await call(url, TXT2IMG, {"steps": 1, "send_images": False})
+        status, _, _ = await call(url, TXT2IMG, json={"steps": 1, "send_images": False})
         assert status == 200
         assert loop.time() - started >= 0.5 * 0.9  # waited for the model
         _, st, _ = await call(url, "/sim/stats", method="GET")
@@ -202,9 +202,9 @@ async def test_start_up_blocks_heavy_but_not_light() -> None:
 
 
 async def test_reset_zeroes_the_counters(url: str) -> None:
-    await call(url, TXT2IMG, {"steps": 1, "send_images": False})
-    await call(url, "/sdapi/v1/interrupt", {})
-    status, _, _ = await call(url, "/sim/reset", {})
+    await call(url, TXT2IMG, json={"steps": 1, "send_images": False})
+    await call(url, "/sdapi/v1/interrupt", json={})
+    status, _, _ = await call(url, "/sim/reset", json={})
     assert status == 200
     _, st, _ = await call(url, "/sim/stats", method="GET")
     assert st["completed"] == st["interrupts_received"] == st["heavy_inflight_max"] == 0
