@@ -207,23 +207,28 @@ def plot_autoscale(result: dict[str, Any], out_dir: Path) -> list[Path]:
     import matplotlib.pyplot as plt
 
     out_dir.mkdir(parents=True, exist_ok=True)
+    policies = result["policies"]
     written = []
     for key, label, name in (
-        ("pods", "pods ordered or ready", "autoscale_pods.png"),
+        ("pods", "pods (ordered or ready)", "autoscale_pods.png"),
         ("queued", "requests queued", "autoscale_queue.png"),
     ):
-        fig, ax = plt.subplots(figsize=(12, 4.5))
-        for policy, data in result["policies"].items():
+        fig, axes = plt.subplots(len(policies), 1, figsize=(12, 2.2 * len(policies)), sharex=True)
+        for ax, (policy, data) in zip(axes, policies.items(), strict=True):
             hours = [t / HOUR for t in data["series"]["t_s"]]
-            ax.step(hours, data["series"][key], where="post", label=policy, linewidth=1)
-        ax.set_xlabel("hour of the (virtual) day")
-        ax.set_ylabel(label)
-        ax.set_title(f"autoscale scenario: {label} ({'quick' if result['quick'] else 'full'})")
-        ax.legend()
-        ax.grid(alpha=0.3)
+            ax.step(hours, data["series"][key], where="post", linewidth=0.8)
+            ax.set_title(
+                f"{policy}: {data['gpu_pod_seconds']:.0f} GPU-pod-s, "
+                f"p95 wait {data['wait_p95_s']:.1f} s",
+                fontsize=9,
+            )
+            ax.set_ylabel(key)
+            ax.grid(alpha=0.3)
+        axes[-1].set_xlabel("hour of the (virtual) day")
+        fig.suptitle(f"autoscale scenario: {label} ({'quick' if result['quick'] else 'full'})")
         fig.tight_layout()
         path = out_dir / name
-        fig.savefig(path, dpi=110)
+        fig.savefig(path, dpi=100)
         plt.close(fig)
         written.append(path)
     return written
