@@ -11,6 +11,7 @@ routes too. ``/sim/*`` is the simulator's own introspection and bypasses the poo
 from __future__ import annotations
 
 import asyncio
+import logging
 import random
 from collections.abc import AsyncIterator
 
@@ -23,6 +24,7 @@ from sdproxy.sim.failures import WebuiError, http_exception
 from sdproxy.sim.keys import POD
 from sdproxy.sim.state import Clock, SimPod
 
+LOG = logging.getLogger(__name__)
 API = "/sdapi/v1"
 HEAVY_PATHS = frozenset(
     f"{API}/{name}" for name in ("txt2img", "img2img", "extra-single-image", "interrogate")
@@ -55,6 +57,7 @@ async def webui_errors(request: web.Request, handler: Handler) -> web.StreamResp
             raise
         error = http_exception(exc.status, exc.reason)
     except Exception as exc:  # api.py handle_exception answers any exception with 500
+        LOG.exception("sim: unexpected error in %s %s", request.method, request.path)
         error = WebuiError(status=500, name=type(exc).__name__, errors=str(exc))
     return web.json_response(error.as_json(), status=error.status)
 

@@ -274,6 +274,19 @@ async def test_exhausted_worker_pool_stalls_light_routes_too() -> None:
         assert (await stats(s))["threads_in_use"] == 0
 
 
+async def test_a_client_that_disconnects_does_not_stop_its_generation() -> None:
+    async with pod() as s:
+        body = {**SD15, "steps": 20, "send_images": False}  # 0.2 s
+        with pytest.raises(TimeoutError):
+            await s.post("/sdapi/v1/txt2img", json=body, timeout=aiohttp.ClientTimeout(total=0.05))
+
+        async def completed() -> bool:
+            return bool((await stats(s))["completed"] == 1)
+
+        await wait_until(completed)  # still ran to the end, as on a real pod
+        assert (await stats(s))["heavy_inflight"] == 0
+
+
 async def test_pods_are_independent() -> None:
     config = SimConfig(step_ms=5.0, switch_s=0.05, checkpoints=(CKPT_A, CKPT_B))
     async with run_pods(config, count=3) as urls, aiohttp.ClientSession() as s:
