@@ -53,6 +53,8 @@ class RequestBody:
     stream: aiohttp.StreamReader
     limit_bytes: int
     started: bool = False
+    #: set when the stream went over the limit; aiohttp wraps what a payload raises
+    overflow: BodyTooLarge | None = None
 
     def payload(self) -> bytes | AsyncIterator[bytes]:
         return self.prefix if self.complete else self._iterate()
@@ -64,7 +66,8 @@ class RequestBody:
         async for chunk in self.stream.iter_any():
             total += len(chunk)
             if total > self.limit_bytes:
-                raise BodyTooLarge(f"request body over {self.limit_bytes} bytes")
+                self.overflow = BodyTooLarge(f"request body over {self.limit_bytes} bytes")
+                raise self.overflow
             yield chunk
 
     @property
@@ -132,6 +135,8 @@ async def send(
     except TimeoutError as exc:
         raise UpstreamError("timeout", f"{url} did not answer in time", sent=True) from exc
     except aiohttp.ClientError as exc:
+        if isinstance(body, RequestBody) and body.overflow is not None:
+            raise body.overflow from exc  # the client's fault, not the pod's
         sent = not isinstance(body, RequestBody) or body.started or body.complete
         raise UpstreamError("reset", f"{url}: {exc!r}", sent=sent) from exc
 

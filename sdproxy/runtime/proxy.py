@@ -216,6 +216,9 @@ class Proxy:
                 log.warning("pod %s refused: %s; retrying elsewhere", dispatch.pod_id, exc.detail)
                 dispatch = await self.gate.retry(dispatch.ticket)
                 continue
+            except errors.BodyTooLarge:
+                self.gate.release(dispatch.ticket)  # the client's fault: the pod is fine
+                raise
             except BaseException:
                 self.gate.release(dispatch.ticket, pod_failed=True)
                 raise
