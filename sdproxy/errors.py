@@ -2,6 +2,8 @@
 
     SdproxyError
     ├── ConfigError                 bad settings (CLI, env, TOML); never reaches a client
+    ├── KubernetesError             a Kubernetes API call failed (logged; discovery keeps
+    │                               the last known pods, the scaler retries next tick)
     └── ClientFacingError           has .status and a stable .code for the JSON body
         ├── QueueFull               503 queue_full (with Retry-After)
         ├── QueueTimeout            503 queue_timeout
@@ -28,6 +30,16 @@ class SdproxyError(Exception):
 
 class ConfigError(SdproxyError):
     """Invalid configuration; reported on the command line, never to HTTP clients."""
+
+
+class KubernetesError(SdproxyError):
+    """A Kubernetes API call failed; ``status`` is None when no HTTP answer came back."""
+
+    def __init__(self, what: str, *, status: int | None, reason: str) -> None:
+        super().__init__(f"{what}: {status if status is not None else 'unreachable'} {reason}")
+        self.what = what
+        self.status = status
+        self.reason = reason
 
 
 class ClientFacingError(SdproxyError):

@@ -23,7 +23,7 @@ from aiohttp import web
 
 from sdproxy import __version__
 from sdproxy.core.admission import Admission, AdmissionConfig, RejectReason
-from sdproxy.core.pods import Endpoint, PodState
+from sdproxy.core.pods import Endpoint, PodId, PodState
 from sdproxy.runtime.autoscaler import Autoscaler
 from sdproxy.runtime.discovery import Discovery, StaticDiscovery
 from sdproxy.runtime.gate import Gate, Transitions
@@ -83,6 +83,7 @@ class Services:
         self.proxy: Proxy | None = None
         self.warmer: Warmer | None = None
         self.synced = False
+        self._appeared: dict[PodId, float] = {}
 
     def _on_reject(self, reason: RejectReason) -> None:
         self.metrics.rejected(reason.value)
@@ -95,7 +96,12 @@ class Services:
                 previous=old.value if old else None,
                 state=new.value if new else "gone",
             )
+            if old is None:
+                self._appeared[pod_id] = self.clock()
+            if new is PodState.READY and pod_id in self._appeared:
+                self.autoscaler.note_cold_start(self.clock() - self._appeared.pop(pod_id))
             if new is None:
+                self._appeared.pop(pod_id, None)
                 self.metrics.forget_pod(pod_id)
             elif new is PodState.WARMING and self.warmer is not None:
                 self.warmer.warm(pod_id)

@@ -59,6 +59,12 @@ class Autoscaler:
         self.desired: int | None = None
         self.events: deque[dict[str, Any]] = deque(maxlen=20)
         self._asserted_at = -REASSERT_S
+        #: slowest recent pod start (appeared -> ready), fed to the policy's scale-in window
+        self.cold_start_s = 0.0
+
+    def note_cold_start(self, seconds: float) -> None:
+        """A pod became ready ``seconds`` after it appeared (decays toward newer samples)."""
+        self.cold_start_s = max(seconds, 0.8 * self.cold_start_s + 0.2 * seconds)
 
     def observe(self) -> Observation:
         adm = self.admission
@@ -68,6 +74,7 @@ class Autoscaler:
             ready=adm.count(PodState.READY),
             starting=adm.count(PodState.STARTING, PodState.WARMING),
             per_pod_limit=adm.config.max_inflight,
+            cold_start_s=self.cold_start_s,
         )
 
     async def step(self) -> Decision:

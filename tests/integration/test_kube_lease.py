@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from sdproxy.runtime.kube import KubeApi, KubeApiError, KubernetesScaler, LeaderElector
+from sdproxy.runtime.kube import KubeApi, KubernetesError, KubernetesScaler, LeaderElector
 from tests.fakekube import FakeKube, wait_until
 from tests.integration.test_kube_scaler import scaler_settings
 
@@ -144,7 +144,7 @@ async def test_racing_candidates_one_wins_the_other_gets_409(
         lease = kube.lease("race")
         assert lease is not None
         lease["metadata"]["resourceVersion"] = "1"
-        with pytest.raises(KubeApiError) as caught:
+        with pytest.raises(KubernetesError) as caught:
             await api_a.replace_lease("sd", "race", lease)
         assert caught.value.status == 409
     finally:

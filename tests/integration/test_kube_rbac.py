@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from sdproxy.core.pods import Endpoint, PodId
-from sdproxy.runtime.kube import DELETION_COST, KubeApiError, KubernetesDiscovery
+from sdproxy.runtime.kube import DELETION_COST, KubernetesDiscovery, KubernetesError
 from sdproxy.runtime.kube.api import KubeApi
 from tests.fakekube import FakeKube, load_role_rules, wait_until
 from tests.integration.test_kube_discovery import discovery_settings
@@ -85,10 +85,10 @@ async def test_the_fake_enforces_the_role(tmp_path: Path) -> None:
         kube.add_deployment("other", replicas=1)
         api = await KubeApi.connect(str(kube.write_kubeconfig(tmp_path / "kubeconfig")))
         try:
-            with pytest.raises(KubeApiError) as caught:
+            with pytest.raises(KubernetesError) as caught:
                 await api.get_scale("sd", "other")  # resourceNames: only sd-webui
             assert caught.value.status == 403
-            with pytest.raises(KubeApiError) as caught:
+            with pytest.raises(KubernetesError) as caught:
                 await api.read_lease("sd", "some-other-lease")
             assert caught.value.status == 403
         finally:

@@ -6,7 +6,8 @@ translation), ``slices`` (EndpointSlices -> Endpoint snapshots, pure), ``discove
 /scale with pod-deletion-cost).
 """
 
-from sdproxy.runtime.kube.api import KubeApi, KubeApiError
+from sdproxy.errors import KubernetesError
+from sdproxy.runtime.kube.api import KubeApi
 from sdproxy.runtime.kube.discovery import KubernetesDiscovery
 from sdproxy.runtime.kube.lease import LeaderElector
 from sdproxy.runtime.kube.scaler import DELETION_COST, KubernetesScaler
@@ -14,8 +15,8 @@ from sdproxy.runtime.kube.scaler import DELETION_COST, KubernetesScaler
 __all__ = [
     "DELETION_COST",
     "KubeApi",
-    "KubeApiError",
     "KubernetesDiscovery",
+    "KubernetesError",
     "KubernetesScaler",
     "LeaderElector",
 ]

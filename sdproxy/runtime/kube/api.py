@@ -2,7 +2,7 @@
 
 Everything else in ``sdproxy.runtime.kube`` talks to Kubernetes through ``KubeApi``: typed
 methods that take and return plain JSON-shaped dicts (the wire format, camelCase keys), and
-that translate ``ApiException``, aiohttp and timeout errors into ``KubeApiError`` with
+that translate ``ApiException``, aiohttp and timeout errors into ``KubernetesError`` with
 ``raise ... from exc``. Credentials: an explicit kubeconfig path, else the in-cluster
 service account, else ``$KUBECONFIG`` (or ~/.kube/config).
 """
@@ -21,7 +21,7 @@ import aiohttp
 from kubernetes_asyncio import client, config, watch
 from kubernetes_asyncio.client.exceptions import ApiException
 
-from sdproxy.errors import ConfigError, SdproxyError
+from sdproxy.errors import ConfigError, KubernetesError
 
 JsonObj = dict[str, Any]
 
@@ -30,21 +30,11 @@ MERGE_PATCH = "application/merge-patch+json"
 CALL_TIMEOUT_S = 10.0
 
 
-class KubeApiError(SdproxyError):
-    """A Kubernetes API call failed; ``status`` is None when no HTTP answer came back."""
-
-    def __init__(self, what: str, *, status: int | None, reason: str) -> None:
-        super().__init__(f"{what}: {status if status is not None else 'unreachable'} {reason}")
-        self.what = what
-        self.status = status
-        self.reason = reason
-
-
-def translate(what: str, exc: BaseException) -> KubeApiError:
-    """The KubeApiError for a client-side failure (ApiException, aiohttp, timeouts)."""
+def translate(what: str, exc: BaseException) -> KubernetesError:
+    """The KubernetesError for a client-side failure (ApiException, aiohttp, timeouts)."""
     if isinstance(exc, ApiException):
-        return KubeApiError(what, status=exc.status, reason=str(exc.reason or "").strip())
-    return KubeApiError(what, status=None, reason=f"{type(exc).__name__}: {exc}".rstrip(": "))
+        return KubernetesError(what, status=exc.status, reason=str(exc.reason or "").strip())
+    return KubernetesError(what, status=None, reason=f"{type(exc).__name__}: {exc}".rstrip(": "))
 
 
 _CLIENT_ERRORS = (ApiException, aiohttp.ClientError, asyncio.TimeoutError, OSError, ValueError)
@@ -200,7 +190,7 @@ class KubeApi:
                     name, namespace, _request_timeout=CALL_TIMEOUT_S
                 ),
             )
-        except KubeApiError as exc:
+        except KubernetesError as exc:
             if exc.status == 404:
                 return None
             raise
@@ -230,5 +220,5 @@ def _watch_event(raw: Any) -> WatchEvent:
     """Validate one decoded event (a non-JSON line comes back as a plain string)."""
     if not isinstance(raw, dict) or not isinstance(raw.get("raw_object"), dict):
         text = raw if isinstance(raw, str) else json.dumps(raw, default=str)
-        raise KubeApiError("watch endpointslices", status=None, reason=f"bad event {text[:200]}")
+        raise KubernetesError("watch endpointslices", status=None, reason=f"bad event {text[:200]}")
     return WatchEvent(type=str(raw.get("type", "")).upper(), obj=raw["raw_object"])

@@ -25,9 +25,9 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from sdproxy.core.pods import Endpoint
-from sdproxy.errors import ConfigError
+from sdproxy.errors import ConfigError, KubernetesError
 from sdproxy.runtime.discovery import DiscoveryHealth, Sink
-from sdproxy.runtime.kube.api import KubeApi, KubeApiError, WatchEvent
+from sdproxy.runtime.kube.api import KubeApi, WatchEvent
 from sdproxy.runtime.kube.slices import endpoints_from_slices
 from sdproxy.settings import DiscoverySettings
 
@@ -80,7 +80,7 @@ class KubernetesDiscovery:
                     await self._watch_until_error(api, sink)
                 except _Gone:
                     log.info("EndpointSlice watch: resourceVersion expired (410); re-listing")
-                except KubeApiError as exc:
+                except KubernetesError as exc:
                     await self._failed(str(exc))
                 except Exception as exc:  # never crash the proxy; log it and re-list
                     log.exception("EndpointSlice discovery failed unexpectedly")
@@ -136,7 +136,7 @@ class KubernetesDiscovery:
                 async with contextlib.aclosing(events):
                     async for event in events:
                         self._apply(event, sink)
-            except KubeApiError as exc:
+            except KubernetesError as exc:
                 if exc.status == 410:
                     raise _Gone from exc
                 raise

@@ -26,7 +26,8 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
-from sdproxy.runtime.kube.api import JsonObj, KubeApi, KubeApiError
+from sdproxy.errors import KubernetesError
+from sdproxy.runtime.kube.api import JsonObj, KubeApi
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +89,7 @@ class LeaderElector:
         if release and self.is_leader():
             try:
                 await self._release()
-            except KubeApiError as exc:
+            except KubernetesError as exc:
                 log.warning("could not release Lease %s: %s", self._name, exc)
         self._leader_until = -math.inf
 
@@ -97,7 +98,7 @@ class LeaderElector:
             started = self._clock()
             try:
                 await self.try_acquire_or_renew()
-            except KubeApiError as exc:
+            except KubernetesError as exc:
                 log.warning("Lease %s: %s (leader: %s)", self._name, exc, self.is_leader())
             except Exception:  # never let the election task die silently
                 log.exception("Lease %s: unexpected error", self._name)
@@ -110,7 +111,7 @@ class LeaderElector:
         if lease is None:
             try:
                 await self._api.create_lease(self._namespace, self._body(None))
-            except KubeApiError as exc:
+            except KubernetesError as exc:
                 if exc.status == 409:  # AlreadyExists: another replica created it first
                     return False
                 raise
@@ -125,7 +126,7 @@ class LeaderElector:
             return False
         try:
             await self._api.replace_lease(self._namespace, self._name, self._body(lease))
-        except KubeApiError as exc:
+        except KubernetesError as exc:
             if exc.status == 409:  # someone else wrote the Lease first: we lost the race
                 self._leader_until = -math.inf
                 return False

@@ -20,8 +20,8 @@ import logging
 from collections.abc import Awaitable, Callable, Sequence
 
 from sdproxy.core.pods import PodId
-from sdproxy.errors import ConfigError
-from sdproxy.runtime.kube.api import KubeApi, KubeApiError
+from sdproxy.errors import ConfigError, KubernetesError
+from sdproxy.runtime.kube.api import KubeApi
 from sdproxy.runtime.kube.lease import LeaderElector
 from sdproxy.settings import ScalerSettings
 
@@ -90,7 +90,7 @@ class KubernetesScaler:
             return
         try:
             await self._scale(max(0, desired), list(idle_pods))
-        except KubeApiError as exc:
+        except KubernetesError as exc:
             log.warning("scaling Deployment %s failed: %s", self._settings.deployment, exc)
 
     async def _scale(self, desired: int, idle_pods: list[PodId]) -> None:
@@ -134,7 +134,7 @@ class KubernetesScaler:
         assert self._api is not None
         try:
             await self._api.patch_pod_annotations(self._namespace, pod, {DELETION_COST: cost})
-        except KubeApiError as exc:
+        except KubernetesError as exc:
             if exc.status == 404:
                 return False
             raise
