@@ -56,17 +56,23 @@ KUBERNETES_SCALER_GRANTS = {
     *(("coordination.k8s.io", "leases", v, "{lease}") for v in ("get", "update", "patch")),
 }
 
-# sdproxy's metrics (issue 7) plus Prometheus' own `up`
-KNOWN_METRICS = {
-    "up",
-    "sdproxy_queue_depth",
-    "sdproxy_queue_wait_seconds_bucket",
-    "sdproxy_queue_wait_seconds_count",
-    "sdproxy_queue_wait_seconds_sum",
-    "sdproxy_pods",
-    "sdproxy_backend_errors_total",
-    "sdproxy_desired_pods",
-}
+
+def _exported_metric_names() -> set[str]:
+    """Every sample name the real exposition carries (with one pod), plus Prometheus' `up`."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from sdproxy.runtime.metrics import Metrics
+
+    snapshot = {"pods": [{"id": "p", "state": "ready", "inflight": 1, "limit": 1}]}
+    metrics = Metrics(snapshot=lambda: snapshot)
+    metrics.observe_queue_wait(1.0)
+    metrics.backend_error(pod="p", kind="connect")
+    body, _ = metrics.exposition()
+    families = text_string_to_metric_families(body.decode())
+    return {"up"} | {sample.name for family in families for sample in family.samples}
+
+
+KNOWN_METRICS = _exported_metric_names()
 
 
 def test_the_three_overlays_exist() -> None:
@@ -366,7 +372,7 @@ def test_prometheus_rules_pass_promtool_and_use_known_metrics(
     functions = {"histogram_quantile", "humanize_duration"}
     used = set().union(*map(_metric_names, exprs)) - functions
     assert used <= KNOWN_METRICS, f"unknown metrics: {sorted(used - KNOWN_METRICS)}"
-    assert {"sdproxy_queue_depth", "sdproxy_pods", "sdproxy_desired_pods"} <= used
+    assert {"sdproxy_queue_depth", "sdproxy_pods"} <= used
     promtool = require_binary("promtool", install="apt-get install prometheus")
     path = tmp_path / "rules.yaml"
     path.write_text(yaml.safe_dump({"groups": groups}))
