@@ -8,7 +8,7 @@ Client errors are translated here, at the boundary, into ``UpstreamError`` with 
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 
 import aiohttp
@@ -154,11 +154,15 @@ async def relay(
     upstream: aiohttp.ClientResponse,
     *,
     extra_headers: Mapping[str, str],
+    before_prepare: Callable[[web.StreamResponse], None] | None = None,
 ) -> tuple[web.StreamResponse, int]:
-    """Copy the pod's response to the client; returns it and the body bytes sent."""
+    """Copy the pod's response to the client; returns it and the body bytes sent.
+    ``before_prepare`` may still add to the head (cookies) before it is sent."""
     response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
     response.headers.update(response_headers(upstream))
     response.headers.update(extra_headers)
+    if before_prepare is not None:
+        before_prepare(response)
     if upstream.content_length is None and "Content-Length" not in response.headers:
         response.enable_chunked_encoding()
     await response.prepare(request)

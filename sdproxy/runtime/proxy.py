@@ -56,6 +56,11 @@ class Exchange:
     error: str | None = None
     extra: dict[str, str] = field(default_factory=dict)
 
+    def before_prepare(self, response: web.StreamResponse) -> None:
+        """A relayed response's head is sent before ``_finish``: give a new caller its
+        cookie there (its later progress polls find its job by it)."""
+        set_cookie(response, self.caller)
+
 
 def error_response(exc: errors.ClientFacingError, ex: Exchange | None = None) -> web.Response:
     headers = {"X-Request-Id": ex.request_id} if ex else {}
@@ -238,7 +243,9 @@ class Proxy:
         }
         failed = False
         try:
-            response, ex.bytes_out = await forward.relay(request, upstream, extra_headers=extra)
+            response, ex.bytes_out = await forward.relay(
+                request, upstream, extra_headers=extra, before_prepare=ex.before_prepare
+            )
             return response
         except forward.UpstreamError as exc:
             failed = True
@@ -326,6 +333,7 @@ class Proxy:
                     request,
                     upstream,
                     extra_headers={"X-Request-Id": ex.request_id, "X-Sdproxy-Pod": pod.pod_id},
+                    before_prepare=ex.before_prepare,
                 )
             return response
         raise errors.NoBackends("no ready sd-webui pod to answer", retry_after_s=5)
@@ -348,7 +356,10 @@ class Proxy:
             )
             async with upstream:
                 response, ex.bytes_out = await forward.relay(
-                    request, upstream, extra_headers={"X-Sdproxy-Pod": running.pod_id}
+                    request,
+                    upstream,
+                    extra_headers={"X-Request-Id": ex.request_id, "X-Sdproxy-Pod": running.pod_id},
+                    before_prepare=ex.before_prepare,
                 )
             return response
         queued = ticket is not None and ticket in self.gate.admission.queue
