@@ -3,8 +3,10 @@
 sd-webui's progress/interrupt/skip act on whatever runs on THAT pod (modules/progress.py,
 modules/shared_state.py), so the proxy sends them to the pod running the caller's job.
 The caller is the ``X-Sdproxy-Client`` header, else the ``sdproxy_client`` cookie the proxy
-sets, else the client address. A job is indexed under every identity the request had, so
-a later poll is found whichever of them it carries.
+sets, else the client address. A job is indexed under every identity the request had; a
+poll is matched by the most specific identity it carries only — a caller that names itself
+is never matched by an address it may share with other callers (NAT, a gateway), or it
+would read, or interrupt, someone else's generation.
 """
 
 from __future__ import annotations
@@ -39,6 +41,15 @@ class Caller:
             keys.append("c:" + (self.cookie or self.new_cookie or ""))
         keys.append("a:" + self.address)
         return keys
+
+    @property
+    def own_key(self) -> str:
+        """The one key a poll is matched by: the name the caller gave, else its address."""
+        if self.header:
+            return "h:" + self.header
+        if self.cookie:
+            return "c:" + self.cookie
+        return "a:" + self.address
 
     @property
     def id(self) -> str:
@@ -81,11 +92,7 @@ class JobIndex:
                 del self._by_key[key]
 
     def find(self, caller: Caller) -> TicketId | None:
-        for key in caller.keys:
-            ticket = self._by_key.get(key)
-            if ticket is not None:
-                return ticket
-        return None
+        return self._by_key.get(caller.own_key)
 
     def __len__(self) -> int:
         return len(self._keys)
