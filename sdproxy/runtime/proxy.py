@@ -347,13 +347,17 @@ class Proxy:
             ex.pod = running.pod_id
             headers = forward.upstream_headers(request, {"X-Request-Id": ex.request_id})
             body = await request.read() if request.can_read_body else None
-            upstream = await forward.send(
-                self.session,
-                method=request.method,
-                url=running.url + request.path_qs,
-                headers=headers,
-                body=body,
-            )
+            try:
+                upstream = await forward.send(
+                    self.session,
+                    method=request.method,
+                    url=running.url + request.path_qs,
+                    headers=headers,
+                    body=body,
+                )
+            except forward.UpstreamError as exc:
+                self.metrics.backend_error(pod=running.pod_id, kind=exc.kind)
+                raise errors.BackendError(f"pod {running.pod_id}: {exc.detail}") from exc
             async with upstream:
                 response, ex.bytes_out = await forward.relay(
                     request,
