@@ -56,6 +56,12 @@ def test_quick_scenario_measures_every_target(scenario: str, tmp_path: Path) -> 
     assert not missing, (
         f"{scenario}: targets not measured {missing}; stderr:\n{proc.stderr[-3000:]}"
     )
+    broken = {
+        name: row.get("error") or row.get("skipped")
+        for name, row in (result.get("systems") or {}).items()
+        if isinstance(row, dict) and (row.get("error") or row.get("skipped"))
+    }
+    assert not broken, f"{scenario}: systems not measured: {broken}"
     for name, t in targets.items():
         assert isinstance(t.get("met"), bool), f"{scenario}.{name}: 'met' is not a bool"
         assert t.get("target"), f"{scenario}.{name}: no target text"
