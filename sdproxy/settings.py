@@ -272,13 +272,24 @@ def _read_toml(path: str | None) -> dict[str, Any]:
     return flat
 
 
+def _typed(opt: Option, value: Any) -> Any:
+    """Strings (flags, env, TOML) are parsed; other TOML values must have the option's type
+    (int(2.5) would silently give 2, int(True) 1, and _bool(1) fail with AttributeError)."""
+    if isinstance(value, str):
+        return opt.kind(value)
+    wanted: tuple[type, ...] = {int: (int,), float: (int, float), _bool: (bool,)}.get(opt.kind, ())
+    if isinstance(value, bool) is not (opt.kind is _bool) or not isinstance(value, wanted):
+        raise TypeError(f"expected {opt.kind.__name__}, got {type(value).__name__}")
+    return opt.kind(value)
+
+
 def _convert(opt: Option, value: Any) -> Any:
     try:
         if opt.is_list:
             if isinstance(value, str):
                 value = [value]
-            return tuple(opt.kind(v) for v in value)
-        converted = opt.kind(value)
+            return tuple(_typed(opt, v) for v in value)
+        converted = _typed(opt, value)
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"{opt.flag}: invalid value {value!r}") from exc
     if opt.choices and converted not in opt.choices:

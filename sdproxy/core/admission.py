@@ -166,9 +166,9 @@ class Admission:
     def release(self, ticket: TicketId, now: float, *, pod_failed: bool = False) -> list[Dispatch]:
         """A dispatched job's response has finished (the pod's slot is free again)."""
         run = self._running.pop(ticket, None)
-        job = self._jobs.pop(ticket, None)
-        if run is None:
+        if run is None:  # not running (queued, finished, unknown): a stray release is a no-op
             return []
+        job = self._jobs.pop(ticket, None)
         pod = self.pods.get(run.pod_id)
         if pod is not None:
             del pod.running[ticket]

@@ -17,8 +17,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-# Strings (with escapes), punctuation, and bare literals (numbers, true/false/null).
-_TOKEN = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"|[{}\[\]:,]|[^\s{}\[\]:,"]+', re.DOTALL)
+# Strings (with escapes), punctuation, bare literals (numbers, true/false/null), and a lone
+# quote: the opening of a string the prefix cut off (the string alternative failed on it).
+_TOKEN = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"|[{}\[\]:,]|[^\s{}\[\]:,"]+|"', re.DOTALL)
 _NESTED_OF_INTEREST = "override_settings"
 
 
@@ -43,6 +44,16 @@ def _scalar(token: str) -> tuple[bool, Any]:
         return False, None
 
 
+def _key(token: str) -> str | None:
+    if "\\" not in token:
+        return token[1:-1]
+    try:  # an invalid escape is the client's problem, not a reason to fail here
+        key: str = json.loads(token)
+    except ValueError:
+        return None
+    return key
+
+
 def _scan_truncated(text: str) -> tuple[dict[str, Any], dict[str, Any]]:
     """Top-level scalars and override_settings scalars from a JSON prefix."""
     top: dict[str, Any] = {}
@@ -53,6 +64,8 @@ def _scan_truncated(text: str) -> tuple[dict[str, Any], dict[str, Any]]:
     expect_value = False
     for match in _TOKEN.finditer(text):
         tok = match.group()
+        if tok == '"' or (match.end() == len(text) and tok[0] not in '"{}[]:,'):
+            break  # the rest is inside a cut string, or a literal the cut shortened (12 of 120)
         if tok in "{[":
             path.append(key if expect_value else None)
             depth += 1
@@ -74,7 +87,7 @@ def _scan_truncated(text: str) -> tuple[dict[str, Any], dict[str, Any]]:
                 target.setdefault(key, value)
             key, expect_value = None, False
         elif tok.startswith('"') and depth in (1, 2):
-            key = json.loads(tok) if "\\" in tok else tok[1:-1]
+            key = _key(tok)
     return top, nested
 
 

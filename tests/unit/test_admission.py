@@ -1,0 +1,761 @@
+"""Unit: the admission core (slots, shared queue, dispatch), tick by tick on a virtual clock.
+
+No event loop: every event is a plain call with ``now`` as an argument. The ``Driver``
+wrapper checks the core's invariants after EVERY event (no pod over its limit, work
+conservation, the books of running tickets agree), so each scenario also proves them.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import (
+    RuleBasedStateMachine,
+    initialize,
+    invariant,
+    precondition,
+    rule,
+)
+
+from sdproxy.core.admission import (
+    Admission,
+    AdmissionConfig,
+    Decision,
+    Dispatch,
+    Queued,
+    Reconciled,
+    Reject,
+    RejectReason,
+    Running,
+)
+from sdproxy.core.pods import Endpoint, PodId, PodState
+from sdproxy.core.queue import Job, TicketId
+
+BASE: dict[str, Any] = {"max_inflight": 1, "max_queue": 10, "queue_timeout_s": 30.0}
+
+
+def url(name: str) -> str:
+    return f"http://{name}:7860"
+
+
+def ep(name: str, *, ready: bool = True, terminating: bool = False) -> Endpoint:
+    return Endpoint(pod_id=PodId(name), url=url(name), ready=ready, terminating=terminating)
+
+
+def T(n: int) -> TicketId:
+    return TicketId(n)
+
+
+def P(name: str) -> PodId:
+    return PodId(name)
+
+
+def dispatch(n: int, pod: str, *, queued_s: float = 0.0) -> Dispatch:
+    return Dispatch(ticket=T(n), pod_id=P(pod), url=url(pod), queued_s=queued_s)
+
+
+def queued(n: int, position: int) -> Queued:
+    return Queued(ticket=T(n), position=position)
+
+
+def reject(n: int, reason: RejectReason) -> Reject:
+    return Reject(ticket=T(n), reason=reason)
+
+
+def assert_invariants(adm: Admission, now: float) -> None:
+    """What must hold after every event, whatever happened."""
+    on_pods = {t: pod.pod_id for pod in adm.pods.values() for t in pod.running}
+    for pod in adm.pods.values():
+        assert len(pod.running) <= pod.limit, f"{pod.pod_id} over its limit"
+        assert pod.listed or pod.running, f"{pod.pod_id} gone and idle but not forgotten"
+    if len(adm.queue):
+        free = [p.pod_id for p in adm.pods.values() if p.free(now)]
+        assert free == [], f"jobs wait while {free} have a free slot"
+    assert adm.inflight == len(on_pods)
+    for ticket, pod_id in on_pods.items():
+        run = adm.running(ticket)
+        assert run is not None and run.pod_id == pod_id
+        assert ticket not in adm.queue
+    if adm.closed:
+        assert len(adm.queue) == 0
+
+
+class Driver:
+    """An Admission plus a virtual clock; checks the invariants after every call."""
+
+    def __init__(self, *pods: Endpoint, **config: Any) -> None:
+        self.adm = Admission(AdmissionConfig(**{**BASE, **config}))
+        self.now = 0.0
+        if pods:
+            self.reconcile(*pods)
+
+    def at(self, now: float) -> Driver:
+        assert now >= self.now, "the virtual clock never goes back"
+        self.now = now
+        return self
+
+    def _checked(self, result: Any) -> Any:
+        assert_invariants(self.adm, self.now)
+        return result
+
+    def submit(self, n: int, *, cost: float = 1.0, checkpoint: str | None = None) -> Decision:
+        job = Job(ticket=T(n), enqueued_at=self.now, cost=cost, checkpoint=checkpoint)
+        return self._checked(self.adm.submit(job, self.now))
+
+    def release(self, n: int, *, pod_failed: bool = False) -> list[Dispatch]:
+        return self._checked(self.adm.release(T(n), self.now, pod_failed=pod_failed))
+
+    def retry(self, n: int) -> Decision:
+        return self._checked(self.adm.retry(T(n), self.now))
+
+    def cancel(self, n: int) -> bool:
+        return self._checked(self.adm.cancel(T(n)))
+
+    def tick(self) -> tuple[list[Dispatch], list[Reject]]:
+        return self._checked(self.adm.tick(self.now))
+
+    def reconcile(self, *endpoints: Endpoint) -> Reconciled:
+        return self._checked(self.adm.reconcile(endpoints, self.now))
+
+    def mark_warm(self, name: str) -> list[Dispatch]:
+        return self._checked(self.adm.mark_warm(P(name), self.now))
+
+    def shutdown(self) -> list[Reject]:
+        return self._checked(self.adm.shutdown())
+
+    def pod(self, name: str) -> Any:
+        return self.adm.pods[P(name)]
+
+    def queue(self) -> list[int]:
+        return [job.ticket for job in self.adm.queue]
+
+
+# ---- dispatch, queue, FIFO -----------------------------------------------------------
+
+
+def test_free_pod_takes_a_job_at_once() -> None:
+    d = Driver(ep("a"))
+    assert d.at(1.5).submit(1) == dispatch(1, "a")
+    assert d.adm.running(T(1)) == Running(
+        ticket=T(1), pod_id=P("a"), url=url("a"), dispatched_at=1.5
+    )
+    assert d.adm.inflight == 1
+    assert d.queue() == []
+
+
+def test_busy_pod_queues_then_releases_in_fifo_order() -> None:
+    d = Driver(ep("a"))
+    assert d.at(0).submit(1) == dispatch(1, "a")
+    assert d.at(1).submit(2) == queued(2, 1)
+    assert d.at(2).submit(3) == queued(3, 2)
+    assert d.at(3).submit(4) == queued(4, 3)
+    assert d.queue() == [2, 3, 4]
+    assert d.adm.oldest_wait_s(3) == 2.0
+    assert d.at(10).release(1) == [dispatch(2, "a", queued_s=9.0)]
+    assert d.at(11).release(2) == [dispatch(3, "a", queued_s=9.0)]
+    assert d.at(12).release(3) == [dispatch(4, "a", queued_s=9.0)]
+    assert d.at(13).release(4) == []
+    assert d.adm.inflight == 0
+    assert d.pod("a").running == {}
+    assert d.pod("a").completed == 4
+    assert d.pod("a").idle_since == 13
+
+
+def test_job_is_bound_when_a_slot_frees_not_at_arrival() -> None:
+    """Queued behind two busy pods, a job takes whichever pod frees first."""
+    d = Driver(ep("a"), ep("b"))
+    assert d.submit(1) == dispatch(1, "a")
+    assert d.submit(2) == dispatch(2, "b")
+    assert d.at(1).submit(3) == queued(3, 1)
+    assert d.at(4).release(2) == [dispatch(3, "b", queued_s=3.0)]
+
+
+def test_limit_above_one_fills_every_slot_least_loaded_first() -> None:
+    d = Driver(ep("a"), ep("b"), max_inflight=2)
+    assert d.at(1).submit(1) == dispatch(1, "a")  # tie: first listed
+    assert d.at(2).submit(2) == dispatch(2, "b")  # least loaded
+    assert d.at(3).submit(3) == dispatch(3, "b")  # equal load: most recently used packs
+    assert d.at(4).submit(4) == dispatch(4, "a")
+    assert d.at(5).submit(5) == queued(5, 1)
+    assert sorted(d.pod("a").running) == [1, 4]
+    assert sorted(d.pod("b").running) == [2, 3]
+    assert d.at(6).release(2) == [dispatch(5, "b", queued_s=1.0)]
+
+
+@pytest.mark.parametrize(
+    ("max_queue", "expected"),
+    [
+        pytest.param(0, [reject(2, RejectReason.QUEUE_FULL)], id="no-queue-at-all"),
+        pytest.param(
+            2,
+            [queued(2, 1), queued(3, 2), reject(4, RejectReason.QUEUE_FULL)],
+            id="third-waiter-refused",
+        ),
+    ],
+)
+def test_queue_full_at_max_queue(max_queue: int, expected: list[Decision]) -> None:
+    d = Driver(ep("a"), max_queue=max_queue)
+    assert d.submit(1) == dispatch(1, "a")
+    assert [d.submit(n) for n in range(2, 2 + len(expected))] == expected
+    assert len(d.adm.queue) == max_queue
+
+
+def test_queue_timeout_expires_waiters_oldest_first_on_tick() -> None:
+    d = Driver(ep("a"), queue_timeout_s=30.0)
+    d.submit(1)
+    assert d.at(1).submit(2) == queued(2, 1)
+    assert d.at(5).submit(3) == queued(3, 2)
+    assert d.at(30.9).tick() == ([], [])
+    assert d.at(31).tick() == ([], [reject(2, RejectReason.QUEUE_TIMEOUT)])
+    assert d.queue() == [3]
+    assert d.at(34.9).tick() == ([], [])
+    assert d.at(35).tick() == ([], [reject(3, RejectReason.QUEUE_TIMEOUT)])
+    assert d.at(36).release(1) == []
+
+
+# ---- no pods, scale from zero, warm-up ------------------------------------------------
+
+
+def test_no_pods_without_hold_answers_no_backends() -> None:
+    d = Driver(hold_when_empty=False)
+    assert d.submit(1) == reject(1, RejectReason.NO_BACKENDS)
+    assert d.queue() == []
+
+
+def test_starting_pod_counts_as_capacity_coming() -> None:
+    d = Driver(ep("a", ready=False), hold_when_empty=False)
+    assert d.pod("a").state is PodState.STARTING
+    assert d.submit(1) == queued(1, 1)
+    assert d.at(3).reconcile(ep("a")) == Reconciled(
+        dispatches=[dispatch(1, "a", queued_s=3.0)],
+        rejects=[],
+        transitions=[(P("a"), PodState.STARTING, PodState.READY)],
+    )
+
+
+def test_scale_from_zero_holds_the_queue_until_a_pod_is_ready() -> None:
+    d = Driver(hold_when_empty=True)
+    assert d.at(0).submit(1) == queued(1, 1)
+    assert d.at(1).submit(2) == queued(2, 2)
+    assert d.at(5).tick() == ([], [])
+    assert d.at(6).reconcile(ep("a", ready=False)) == Reconciled(
+        dispatches=[], rejects=[], transitions=[(P("a"), None, PodState.STARTING)]
+    )
+    assert d.at(7).reconcile(ep("a")) == Reconciled(
+        dispatches=[dispatch(1, "a", queued_s=7.0)],
+        rejects=[],
+        transitions=[(P("a"), PodState.STARTING, PodState.READY)],
+    )
+    assert d.at(8).release(1) == [dispatch(2, "a", queued_s=7.0)]
+
+
+def test_queue_is_rejected_when_the_last_pod_vanishes_without_hold() -> None:
+    d = Driver(ep("a"), hold_when_empty=False)
+    d.submit(1)
+    d.submit(2)
+    d.submit(3)
+    assert d.at(1).reconcile() == Reconciled(
+        dispatches=[],
+        rejects=[reject(2, RejectReason.NO_BACKENDS), reject(3, RejectReason.NO_BACKENDS)],
+        transitions=[(P("a"), PodState.READY, PodState.DRAINING)],
+    )
+    assert d.submit(4) == reject(4, RejectReason.NO_BACKENDS)
+    assert d.at(2).release(1) == []
+    assert d.adm.pods == {}
+
+
+def test_warmup_gates_a_new_pod_until_mark_warm() -> None:
+    d = Driver(warmup=True)
+    assert d.reconcile(ep("a")).transitions == [
+        (P("a"), None, PodState.STARTING),
+        (P("a"), PodState.STARTING, PodState.WARMING),
+    ]
+    assert d.at(1).submit(1) == queued(1, 1)  # warming counts as capacity coming
+    assert d.at(2).tick() == ([], [])
+    assert d.adm.pick_light(2) is None
+    assert d.at(2).reconcile(ep("a")).transitions == []  # still warming
+    assert d.at(4).mark_warm("a") == [dispatch(1, "a", queued_s=3.0)]
+    assert d.pod("a").state is PodState.READY
+    assert d.mark_warm("a") == []  # already warm
+    assert d.mark_warm("nope") == []
+
+
+def test_warming_pod_that_loses_readiness_goes_back_to_starting() -> None:
+    d = Driver(ep("a"), warmup=True)
+    assert d.reconcile(ep("a", ready=False)).transitions == [
+        (P("a"), PodState.WARMING, PodState.STARTING)
+    ]
+    assert d.mark_warm("a") == []
+    assert d.pod("a").state is PodState.STARTING
+
+
+# ---- draining -------------------------------------------------------------------------
+
+
+def test_terminating_pod_takes_no_new_work_but_finishes_its_job() -> None:
+    d = Driver(ep("a"), ep("b"))
+    d.submit(1)
+    d.submit(2)
+    assert d.at(1).reconcile(ep("a", terminating=True), ep("b")).transitions == [
+        (P("a"), PodState.READY, PodState.DRAINING)
+    ]
+    assert d.at(2).submit(3) == queued(3, 1)
+    assert d.at(3).release(1) == []  # a's slot is free but a drains: 3 keeps waiting
+    assert d.pod("a").state is PodState.DRAINING
+    assert d.pod("a").completed == 1
+    assert d.at(4).release(2) == [dispatch(3, "b", queued_s=2.0)]
+    assert d.at(5).reconcile(ep("b")).transitions == [(P("a"), PodState.DRAINING, None)]
+    assert list(d.adm.pods) == [P("b")]
+
+
+def test_vanished_pod_is_forgotten_once_its_running_job_releases() -> None:
+    d = Driver(ep("a"), ep("b"))
+    d.submit(1)
+    d.submit(2)
+    d.submit(3)
+    assert d.at(1).reconcile(ep("b")).transitions == [(P("a"), PodState.READY, PodState.DRAINING)]
+    assert P("a") in d.adm.pods
+    assert d.adm.pick_light(1) == d.pod("b")
+    assert d.at(2).release(1) == []
+    assert list(d.adm.pods) == [P("b")]
+    assert d.at(3).release(2) == [dispatch(3, "b", queued_s=3.0)]
+
+
+def test_not_ready_serving_pod_drains_and_comes_back() -> None:
+    d = Driver(ep("a"), hold_when_empty=True)  # without hold: no_backends while draining
+    d.submit(1)
+    assert d.at(1).reconcile(ep("a", ready=False)).transitions == [
+        (P("a"), PodState.READY, PodState.DRAINING)
+    ]
+    assert d.submit(2) == queued(2, 1)
+    assert d.at(2).release(1) == []
+    assert d.at(3).reconcile(ep("a")) == Reconciled(
+        dispatches=[dispatch(2, "a", queued_s=2.0)],
+        rejects=[],
+        transitions=[(P("a"), PodState.DRAINING, PodState.READY)],
+    )
+
+
+# ---- retry, ejection ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("pods", "hold", "expected", "queue_after"),
+    [
+        pytest.param(["a", "b"], False, dispatch(1, "b", queued_s=1.0), [], id="other-pod-free"),
+        pytest.param(["a"], False, reject(1, RejectReason.NO_BACKENDS), [], id="only-pod"),
+        pytest.param(["a"], True, queued(1, 1), [1], id="only-pod-hold"),
+    ],
+)
+def test_retry_after_connection_refused(
+    pods: list[str], hold: bool, expected: Decision, queue_after: list[int]
+) -> None:
+    d = Driver(*(ep(p) for p in pods), hold_when_empty=hold)
+    assert d.submit(1) == dispatch(1, "a")
+    assert d.at(1).retry(1) == expected
+    assert d.pod("a").ejected_until == 3.0
+    assert d.pod("a").running == {}
+    assert d.queue() == queue_after
+
+
+def test_retry_goes_ahead_of_the_queue_when_every_pod_is_busy() -> None:
+    d = Driver(ep("a"), ep("b"))
+    d.submit(1)
+    d.submit(2)
+    assert d.at(1).submit(3) == queued(3, 1)
+    assert d.at(2).retry(1) == queued(1, 1)
+    assert d.queue() == [1, 3]
+    assert d.at(3).release(2) == [dispatch(1, "b", queued_s=3.0)]
+    assert d.at(4).tick() == ([dispatch(3, "a", queued_s=3.0)], [])  # a's ejection over
+
+
+def test_retry_during_shutdown_with_no_pod_left_is_shutting_down() -> None:
+    d = Driver(ep("a"), hold_when_empty=True)
+    d.submit(1)
+    assert d.shutdown() == []
+    assert d.at(1).retry(1) == reject(1, RejectReason.SHUTTING_DOWN)
+    assert d.adm.inflight == 0
+
+
+def test_retry_of_a_ticket_not_running_is_cancelled() -> None:
+    d = Driver(ep("a"))
+    assert d.retry(99) == reject(99, RejectReason.CANCELLED)
+
+
+def test_ejection_expires_and_tick_readmits_the_pod() -> None:
+    d = Driver(ep("a"), ep("b"))
+    assert d.submit(1) == dispatch(1, "a")
+    assert d.retry(1) == dispatch(1, "b")  # a ejected until 2.0
+    assert d.at(1).submit(2) == queued(2, 1)
+    assert d.at(1.9).tick() == ([], [])
+    assert d.adm.pick_light(1.9) == d.pod("b")
+    assert d.at(2).tick() == ([dispatch(2, "a", queued_s=1.0)], [])
+
+
+def test_ejection_doubles_per_repeat_up_to_32x_and_resets_on_success() -> None:
+    d = Driver(ep("a"), eject_s=1.0)
+    spans = []
+    for _ in range(8):
+        d.adm.eject(P("a"), 100.0)
+        spans.append(d.pod("a").ejected_until - 100.0)
+    assert spans == [1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 32.0, 32.0]
+    assert d.at(200).submit(1) == dispatch(1, "a")
+    d.release(1)
+    assert d.pod("a").ejections == 0
+    d.adm.eject(P("nope"), 0.0)  # unknown pod: nothing happens
+
+
+def test_failed_release_counts_an_error_not_a_completion() -> None:
+    d = Driver(ep("a"))
+    d.submit(1)
+    assert d.at(1).release(1, pod_failed=True) == []
+    assert (d.pod("a").errors, d.pod("a").completed) == (1, 0)
+    assert d.release(1) == []  # a second release of the same ticket is a no-op
+    assert (d.pod("a").errors, d.pod("a").completed) == (1, 0)
+
+
+def test_release_of_a_queued_ticket_changes_nothing() -> None:
+    """A stray release (the runtime's `finally`) must not corrupt the queue's books."""
+    d = Driver(ep("a"))
+    d.submit(1)
+    assert d.at(1).submit(2) == queued(2, 1)
+    assert d.release(2) == []
+    assert d.queue() == [2]
+    assert d.at(40).tick() == ([], [reject(2, RejectReason.QUEUE_TIMEOUT)])
+
+
+# ---- cancel, shutdown -----------------------------------------------------------------
+
+
+def test_cancel_removes_a_queued_job_only() -> None:
+    d = Driver(ep("a"))
+    d.submit(1)
+    d.submit(2)
+    d.submit(3)
+    assert d.cancel(2) is True
+    assert d.cancel(2) is False
+    assert d.cancel(1) is False  # running: the runtime releases it instead
+    assert d.cancel(42) is False
+    assert d.adm.position(T(3)) == 1
+    assert d.at(1).release(1) == [dispatch(3, "a", queued_s=1.0)]
+
+
+def test_shutdown_rejects_the_queue_and_refuses_new_work() -> None:
+    d = Driver(ep("a"))
+    d.submit(1)
+    d.submit(2)
+    d.submit(3)
+    assert d.shutdown() == [
+        reject(2, RejectReason.SHUTTING_DOWN),
+        reject(3, RejectReason.SHUTTING_DOWN),
+    ]
+    assert d.submit(4) == reject(4, RejectReason.SHUTTING_DOWN)
+    assert d.adm.inflight == 1  # in-flight work drains normally
+    assert d.at(1).release(1) == []
+    assert d.adm.inflight == 0
+    assert d.shutdown() == []
+
+
+# ---- pod choice -----------------------------------------------------------------------
+
+
+def test_checkpoint_affinity_beats_lower_load() -> None:
+    d = Driver(ep("a"), ep("b"), max_inflight=2)
+    assert d.at(1).submit(1, checkpoint="sdxl") == dispatch(1, "a")
+    assert d.at(2).submit(2, checkpoint="sdxl") == dispatch(2, "a")  # b is less loaded
+    assert d.at(3).submit(3, checkpoint="sd15") == dispatch(3, "b")
+    assert d.pod("a").checkpoint == "sdxl"
+    assert d.pod("b").checkpoint == "sd15"
+
+
+def test_job_without_checkpoint_goes_to_the_least_loaded_pod() -> None:
+    d = Driver(ep("a"), ep("b"), max_inflight=2)
+    assert d.at(1).submit(1, checkpoint="sdxl") == dispatch(1, "a")
+    assert d.at(2).submit(2) == dispatch(2, "b")
+    assert d.pod("b").checkpoint is None
+
+
+def test_affinity_never_holds_a_job_back_from_a_free_pod() -> None:
+    d = Driver(ep("a"), ep("b"))
+    assert d.submit(1, checkpoint="sd15") == dispatch(1, "a")
+    assert d.submit(2, checkpoint="sdxl") == dispatch(2, "b")
+    assert d.at(1).submit(3, checkpoint="sdxl") == queued(3, 1)
+    assert d.at(2).release(1) == [dispatch(3, "a", queued_s=1.0)]  # b would have sdxl
+    assert d.pod("a").checkpoint == "sdxl"
+
+
+def pick_light_driver() -> Driver:
+    """a: 1 of 2 busy, b: idle but ejected until 10, c: idle, d: not ready, e: 2 of 2."""
+    d = Driver(
+        ep("a"), ep("b"), ep("c"), ep("d", ready=False), ep("e"), max_inflight=2, eject_s=10.0
+    )
+    d.adm.eject(P("b"), 0.0)
+    assert d.at(1).submit(1) == dispatch(1, "a")
+    assert d.at(2).submit(2) == dispatch(2, "c")
+    assert d.at(3).submit(3) == dispatch(3, "e")
+    assert d.at(4).submit(4) == dispatch(4, "e")  # equal load: most recently used
+    assert d.release(2) == []
+    return d
+
+
+@pytest.mark.parametrize(
+    ("now", "exclude", "expected"),
+    [
+        pytest.param(5.0, (), "c", id="least-loaded"),
+        pytest.param(5.0, ("c",), "a", id="exclude"),
+        pytest.param(5.0, ("a", "c"), "e", id="full-pod-still-serves-light"),
+        pytest.param(5.0, ("a", "c", "e"), None, id="ejected-and-not-ready-never"),
+        pytest.param(10.0, (), "b", id="ejection-over-first-listed-wins-tie"),
+    ],
+)
+def test_pick_light(now: float, exclude: tuple[str, ...], expected: str | None) -> None:
+    d = pick_light_driver()
+    pick = d.adm.pick_light(now, exclude=[P(x) for x in exclude])
+    assert (pick.pod_id if pick is not None else None) == expected
+
+
+def test_idle_pods_lists_not_ready_first_then_longest_idle() -> None:
+    d = Driver(ep("a"), ep("b"), ep("c"), ep("d", ready=False), warmup=True)
+    d.at(1).mark_warm("a")
+    d.at(2).mark_warm("b")
+    assert d.adm.idle_pods() == [P("c"), P("d"), P("a"), P("b")]
+    assert d.at(3).submit(1) == dispatch(1, "a")
+    assert d.adm.idle_pods() == [P("c"), P("d"), P("b")]
+    d.at(4).release(1)
+    assert d.adm.idle_pods() == [P("c"), P("d"), P("b"), P("a")]
+    assert d.adm.count(PodState.READY) == 2
+    assert d.adm.count(PodState.STARTING, PodState.WARMING) == 2
+
+
+# ---- queries --------------------------------------------------------------------------
+
+
+def test_position_and_eta_grow_along_the_queue() -> None:
+    d = Driver(ep("a"), seconds_per_unit=1.0)
+    d.submit(1, cost=1.0)
+    d.submit(2, cost=2.0)
+    d.submit(3, cost=3.0)
+    d.submit(4, cost=1.0)
+    assert [d.adm.position(T(n)) for n in (1, 2, 3, 4, 5)] == [None, 1, 2, 3, None]
+    # ((work ahead + half the running work) / ready slots + own cost) * seconds per unit
+    etas = [d.adm.eta_s(T(n)) for n in (2, 3, 4)]
+    assert etas == [2.5, 5.5, 6.5]
+    assert etas == sorted(etas)
+    # a completion re-estimates seconds per unit (EWMA 0.2): job 1 took 6 s for 1 unit
+    assert d.at(6).release(1) == [dispatch(2, "a", queued_s=6.0)]
+    assert d.adm.eta_s(T(3)) == ((0 + 2.0 / 2) / 1 + 3.0) * 2.0
+
+
+def test_eta_spreads_work_over_every_ready_slot() -> None:
+    d = Driver(ep("a"), ep("b"), max_inflight=2, seconds_per_unit=1.0)
+    for n in range(1, 6):
+        d.submit(n, cost=2.0)
+    assert d.adm.position(T(5)) == 1
+    assert d.adm.eta_s(T(5)) == ((0 + 8.0 / 2) / 4 + 2.0) * 1.0
+
+
+# ---- property: a random storm of events -----------------------------------------------
+
+QUEUED, RUNNING = "queued", "running"
+DONE, CANCELLED = "done", "cancelled"
+PODS = ("a", "b", "c", "d")
+ENDPOINT_STATES = ("ready", "not_ready", "terminating", "gone")
+CHECKPOINTS = (None, "sd15", "sdxl")
+
+
+class AdmissionStorm(RuleBasedStateMachine):
+    """Bursts, disconnects, refused connections, pod churn and time, in random order.
+
+    A model records every ticket's fate from the decisions the core returns; invariants
+    compare the model with the core after every step. Time only moves forward, in ticks
+    (the runtime ticks every 0.25 s), and every other event happens at the current time.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.adm = Admission(AdmissionConfig(**BASE))
+        self.now = 0.0
+        self.fate: dict[TicketId, str] = {}
+        self.discovery: dict[str, str] = {}
+        self.next_ticket = 1
+
+    @initialize(
+        limit=st.integers(1, 3),
+        max_queue=st.integers(0, 6),
+        hold=st.booleans(),
+        warmup=st.booleans(),
+        pods=st.lists(st.sampled_from(PODS), unique=True, max_size=3),
+    )
+    def configure(
+        self, limit: int, max_queue: int, hold: bool, warmup: bool, pods: list[str]
+    ) -> None:
+        config = AdmissionConfig(
+            max_inflight=limit,
+            max_queue=max_queue,
+            queue_timeout_s=10.0,
+            hold_when_empty=hold,
+            warmup=warmup,
+            eject_s=1.0,
+        )
+        self.adm = Admission(config)
+        self.discovery = dict.fromkeys(pods, "ready")
+        self._reconcile()
+
+    # -- bookkeeping ---------------------------------------------------------------------
+
+    def _tickets(self, fate: str) -> list[TicketId]:
+        return sorted(t for t, f in self.fate.items() if f == fate)
+
+    def _dispatched(self, dispatches: list[Dispatch], *, allowed: tuple[str, ...]) -> None:
+        for d in dispatches:
+            assert self.fate.get(d.ticket) in allowed, f"{d.ticket} dispatched from nowhere"
+            run = self.adm.running(d.ticket)
+            assert run is not None and run.pod_id == d.pod_id and run.url == d.url
+            self.fate[d.ticket] = RUNNING
+
+    def _rejected(self, rejects: list[Reject]) -> None:
+        for r in rejects:
+            assert self.fate.get(r.ticket) == QUEUED, f"{r.ticket} rejected but not queued"
+            self.fate[r.ticket] = f"rejected:{r.reason}"
+
+    def _decided(self, decision: Decision) -> None:
+        if isinstance(decision, Dispatch):
+            self._dispatched([decision], allowed=(RUNNING,))
+        elif isinstance(decision, Queued):
+            assert decision.position == self.adm.position(decision.ticket)
+            self.fate[decision.ticket] = QUEUED
+        else:
+            self.fate[decision.ticket] = f"rejected:{decision.reason}"
+
+    def _reconcile(self) -> None:
+        endpoints = [
+            ep(name, ready=state == "ready", terminating=state == "terminating")
+            for name, state in sorted(self.discovery.items())
+            if state != "gone"
+        ]
+        out = self.adm.reconcile(endpoints, self.now)
+        last = {pod_id: new for pod_id, _old, new in out.transitions}
+        for pod_id, state in last.items():  # the last transition is where the pod is now
+            pod = self.adm.pods.get(pod_id)
+            assert (pod.state if pod is not None else None) is state
+        self._dispatched(out.dispatches, allowed=(QUEUED,))
+        self._rejected(out.rejects)
+
+    # -- rules ---------------------------------------------------------------------------
+
+    @rule(burst=st.lists(st.sampled_from(CHECKPOINTS), min_size=1, max_size=5))
+    def submit(self, burst: list[str | None]) -> None:
+        for checkpoint in burst:
+            ticket, self.next_ticket = T(self.next_ticket), self.next_ticket + 1
+            job = Job(ticket=ticket, enqueued_at=self.now, checkpoint=checkpoint)
+            self.fate[ticket] = "new"
+            decision = self.adm.submit(job, self.now)
+            if isinstance(decision, Dispatch):
+                self.fate[ticket] = RUNNING
+                self._dispatched([decision], allowed=(RUNNING,))
+            else:
+                self._decided(decision)
+
+    @precondition(lambda self: self.adm.inflight > 0)
+    @rule(data=st.data(), failed=st.booleans())
+    def release(self, data: st.DataObject, failed: bool) -> None:
+        ticket = data.draw(st.sampled_from(self._tickets(RUNNING)))
+        dispatches = self.adm.release(ticket, self.now, pod_failed=failed)
+        self.fate[ticket] = DONE
+        self._dispatched(dispatches, allowed=(QUEUED,))
+
+    @precondition(lambda self: len(self.fate) > self.adm.inflight)
+    @rule(data=st.data())
+    def stray_release(self, data: st.DataObject) -> None:
+        """Releasing a ticket that is not running (queued, finished) changes nothing."""
+        idle = sorted(t for t, f in self.fate.items() if f != RUNNING)
+        ticket = data.draw(st.sampled_from(idle))
+        assert self.adm.release(ticket, self.now) == []
+
+    @precondition(lambda self: self.adm.inflight > 0)
+    @rule(data=st.data())
+    def retry(self, data: st.DataObject) -> None:
+        ticket = data.draw(st.sampled_from(self._tickets(RUNNING)))
+        pod_id = self.adm.pods[self.adm.running(ticket).pod_id]  # type: ignore[union-attr]
+        decision = self.adm.retry(ticket, self.now)
+        assert pod_id.ejected_until > self.now
+        if isinstance(decision, Dispatch):
+            assert decision.pod_id != pod_id.pod_id
+        self._decided(decision)
+
+    @precondition(lambda self: len(self.fate) > 0)
+    @rule(data=st.data())
+    def cancel(self, data: st.DataObject) -> None:
+        ticket = data.draw(st.sampled_from(sorted(self.fate)))
+        was_queued = self.fate[ticket] == QUEUED
+        assert self.adm.cancel(ticket) is was_queued
+        if was_queued:
+            self.fate[ticket] = CANCELLED
+
+    @rule(dt=st.sampled_from([0.0, 0.25, 0.5, 1.0, 3.0, 11.0]))
+    def tick(self, dt: float) -> None:
+        self.now += dt
+        dispatches, rejects = self.adm.tick(self.now)
+        self._rejected(rejects)
+        self._dispatched(dispatches, allowed=(QUEUED,))
+
+    @rule(pod=st.sampled_from(PODS), state=st.sampled_from(ENDPOINT_STATES))
+    def discovery_changes(self, pod: str, state: str) -> None:
+        self.discovery[pod] = state
+        self._reconcile()
+
+    @rule(pod=st.sampled_from(PODS))
+    def warmed_up(self, pod: str) -> None:
+        self._dispatched(self.adm.mark_warm(P(pod), self.now), allowed=(QUEUED,))
+
+    @rule()
+    def shutdown(self) -> None:
+        in_line = [job.ticket for job in self.adm.queue]
+        assert sorted(in_line) == self._tickets(QUEUED)
+        rejects = self.adm.shutdown()
+        assert rejects == [reject(t, RejectReason.SHUTTING_DOWN) for t in in_line]
+        self._rejected(rejects)
+
+    # -- invariants ----------------------------------------------------------------------
+
+    @invariant()
+    def core_invariants_hold(self) -> None:
+        assert_invariants(self.adm, self.now)
+
+    @invariant()
+    def model_matches_core(self) -> None:
+        for ticket, fate in self.fate.items():
+            assert fate != "new", f"{ticket} got no decision"
+            assert (ticket in self.adm.queue) == (fate == QUEUED), (ticket, fate)
+            assert (self.adm.running(ticket) is not None) == (fate == RUNNING), (ticket, fate)
+        assert self.adm.inflight == len(self._tickets(RUNNING))
+        assert len(self.adm.queue) == len(self._tickets(QUEUED))
+
+    # -- the end: everything drains, nothing leaks ---------------------------------------
+
+    def teardown(self) -> None:
+        for _ in range(1000):
+            for ticket in self._tickets(RUNNING):
+                self._dispatched(self.adm.release(ticket, self.now), allowed=(QUEUED,))
+                self.fate[ticket] = DONE if self.fate[ticket] == RUNNING else self.fate[ticket]
+            if not self._tickets(QUEUED) and not self._tickets(RUNNING):
+                break
+            self.now += 100.0  # past every ejection and the queue timeout
+            self.tick(0.0)
+        assert self.adm.inflight == 0
+        assert len(self.adm.queue) == 0
+        assert all(not pod.running for pod in self.adm.pods.values())
+        assert all(pod.listed for pod in self.adm.pods.values())
+        assert all(f not in (QUEUED, RUNNING, "new") for f in self.fate.values())
+
+
+AdmissionStorm.TestCase.settings = settings(
+    max_examples=150,
+    stateful_step_count=40,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+test_admission_storm = AdmissionStorm.TestCase

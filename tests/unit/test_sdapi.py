@@ -1,0 +1,205 @@
+"""Unit: reading cost fields and the checkpoint from sd-webui request bodies, within a bound."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from sdproxy.core.sdapi import BodyInfo, body_keys, inspect_body
+
+TXT2IMG: dict[str, Any] = {
+    "prompt": 'a lighthouse at dusk, {oil painting}: [detailed], "golden" light',
+    "negative_prompt": "",
+    "steps": 30,
+    "width": 768,
+    "height": 512,
+    "cfg_scale": 7.5,
+    "batch_size": 2,
+    "n_iter": 1,
+    "enable_hr": True,
+    "hr_scale": 2.0,
+    "seed": -1,
+    "sampler_name": "DPM++ 2M",
+    "styles": ["cinematic", "film"],
+    "override_settings": {"sd_model_checkpoint": "sdxl_base.safetensors", "CLIP_stop": 2},
+    "alwayson_scripts": {
+        "controlnet": {"args": [{"steps": 99, "width": 64, "sd_model_checkpoint": "cn"}]},
+        "steps": 77,
+    },
+    "restore_faces": None,
+}
+TXT2IMG_SCALARS = {k: v for k, v in TXT2IMG.items() if not isinstance(v, dict | list)}
+
+
+def encode(doc: Any) -> bytes:
+    return json.dumps(doc).encode()
+
+
+def test_complete_body() -> None:
+    assert inspect_body(encode(TXT2IMG), complete=True) == BodyInfo(
+        fields=TXT2IMG_SCALARS, checkpoint="sdxl_base.safetensors", complete=True
+    )
+
+
+def test_truncated_scanner_reads_a_whole_body_like_json_does() -> None:
+    info = inspect_body(encode(TXT2IMG), complete=False)
+    assert info == BodyInfo(
+        fields=TXT2IMG_SCALARS, checkpoint="sdxl_base.safetensors", complete=False
+    )
+
+
+@pytest.mark.parametrize(
+    "complete", [pytest.param(True, id="complete"), pytest.param(False, id="truncated")]
+)
+def test_keys_nested_in_alwayson_scripts_are_not_top_level(complete: bool) -> None:
+    body = {
+        "alwayson_scripts": {"steps": 99, "controlnet": {"args": [{"width": 2048}]}},
+        "extra": {"override_settings": {"sd_model_checkpoint": "deep"}},
+        "steps": 20,
+    }
+    info = inspect_body(encode(body), complete=complete)
+    assert dict(info.fields) == {"steps": 20}
+    assert info.checkpoint is None
+
+
+def test_truncated_prefix_with_a_huge_base64_init_image() -> None:
+    body = {
+        "steps": 25,
+        "width": 1024,
+        "override_settings": {"sd_model_checkpoint": "realistic_v5"},
+        "init_images": ["data:image/png;base64," + "iVBORw0KGgo" * 1_000_000],
+        "denoising_strength": 0.4,  # after the image: beyond the prefix
+        "height": 1024,
+    }
+    data = encode(body)
+    assert len(data) > 10_000_000
+    info = inspect_body(data[:65_536], complete=False)
+    assert info == BodyInfo(
+        fields={"steps": 25, "width": 1024}, checkpoint="realistic_v5", complete=False
+    )
+
+
+def test_long_string_values_are_skipped_only_when_truncated() -> None:
+    body = {"prompt": "x" * 1000, "steps": 5}
+    assert dict(inspect_body(encode(body), complete=False).fields) == {"steps": 5}
+    assert dict(inspect_body(encode(body), complete=True).fields) == body
+
+
+@pytest.mark.parametrize(
+    ("body", "checkpoint"),
+    [
+        pytest.param({"override_settings": {"sd_model_checkpoint": "a"}}, "a", id="override"),
+        pytest.param({"sd_model_checkpoint": "b"}, "b", id="post-options"),
+        pytest.param(
+            {"sd_model_checkpoint": "b", "override_settings": {"sd_model_checkpoint": "a"}},
+            "a",
+            id="override-wins",
+        ),
+        pytest.param({"override_settings": {"sd_model_checkpoint": ""}}, None, id="empty"),
+        pytest.param({"override_settings": {"sd_model_checkpoint": 3}}, None, id="not-a-string"),
+        pytest.param({"override_settings": {"CLIP_stop": 2}}, None, id="other-override"),
+        pytest.param({"override_settings": ["sd_model_checkpoint"]}, None, id="not-an-object"),
+        pytest.param({"steps": 20}, None, id="none"),
+    ],
+)
+@pytest.mark.parametrize(
+    "complete", [pytest.param(True, id="complete"), pytest.param(False, id="truncated")]
+)
+def test_checkpoint(body: dict[str, Any], checkpoint: str | None, complete: bool) -> None:
+    assert inspect_body(encode(body), complete=complete).checkpoint == checkpoint
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        pytest.param(b"{not json", id="garbage"),
+        pytest.param(b'{"steps": 20,}', id="trailing-comma"),
+        pytest.param(b"[1, 2]", id="array"),
+        pytest.param(b'"txt2img"', id="string"),
+        pytest.param(b"\xff\xfe{", id="not-utf8"),
+    ],
+)
+def test_invalid_complete_body_yields_nothing(data: bytes) -> None:
+    assert inspect_body(data, complete=True) == BodyInfo(fields={}, checkpoint=None, complete=False)
+
+
+@pytest.mark.parametrize("data", [pytest.param(b"", id="empty"), pytest.param(b" \n", id="ws")])
+def test_empty_complete_body_is_an_empty_object(data: bytes) -> None:
+    assert inspect_body(data, complete=True) == BodyInfo(fields={}, checkpoint=None, complete=True)
+
+
+@pytest.mark.parametrize(
+    ("prefix", "fields"),
+    [
+        pytest.param(b"", {}, id="empty"),
+        pytest.param(b'{"bad\\q": 1, "steps": 5, ', {"steps": 5}, id="invalid-escape-in-key"),
+        pytest.param(b'{"st\\u0065ps": 5, ', {"steps": 5}, id="escaped-key"),
+        pytest.param(b'{"steps": 5, "width": 10', {"steps": 5}, id="number-cut-at-the-end"),
+        pytest.param(b'{"steps": 5, "enable_hr": tr', {"steps": 5}, id="literal-cut"),
+        pytest.param(
+            b'{"steps": 5, "prompt": "a \\"b\\", {\\"width\\": 9}, \\"',
+            {"steps": 5},
+            id="cut-inside-a-string-with-json-inside",
+        ),
+        pytest.param(b'{"steps": 5, "prompt": "a {\\"wi', {"steps": 5}, id="cut-after-escape"),
+        pytest.param(
+            b'{"steps": 5, "prompt": "12 cats', {"steps": 5}, id="cut-string-not-a-number"
+        ),
+        pytest.param(b'{"steps": 5, "init_images": ["iVBOR', {"steps": 5}, id="cut-in-an-image"),
+        pytest.param(b'{"steps": 5}}]] "x": 1', {"steps": 5}, id="unbalanced-garbage"),
+        pytest.param(b"\xff\xfe{", {}, id="not-utf8"),
+    ],
+)
+def test_truncated_prefix_edge_cases(prefix: bytes, fields: dict[str, Any]) -> None:
+    assert inspect_body(prefix, complete=False) == BodyInfo(
+        fields=fields, checkpoint=None, complete=False
+    )
+
+
+scalars = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-(10**6), 10**6),
+    st.floats(allow_nan=False, allow_infinity=False, width=32),
+    st.text(alphabet=st.sampled_from('a1 -.e"\\{}[]:,\n\u00e9'), max_size=12),
+)
+values = st.recursive(
+    scalars,
+    lambda inner: st.one_of(
+        st.lists(inner, max_size=3), st.dictionaries(st.text(max_size=4), inner, max_size=3)
+    ),
+    max_leaves=8,
+)
+keys = st.sampled_from(["steps", "width", "prompt", "override_settings", 'q"k', "a\\b"])
+documents = st.dictionaries(keys, values, max_size=6)
+
+
+@settings(max_examples=200, deadline=None)
+@given(documents)
+def test_every_prefix_yields_only_true_fields(doc: dict[str, Any]) -> None:
+    """A cut anywhere never invents a field or a wrong value; the whole body gives them all."""
+    data = encode(doc)
+    truth = {k: v for k, v in doc.items() if not isinstance(v, dict | list)}
+    assert dict(inspect_body(data, complete=False).fields) == truth
+    for end in range(len(data)):
+        fields = inspect_body(data[:end], complete=False).fields
+        assert {k: truth.get(k, "<absent>") for k in fields} == dict(fields), data[:end]
+
+
+@pytest.mark.parametrize(
+    ("data", "expected"),
+    [
+        pytest.param(b'{"sd_model_checkpoint": "a", "x": {"y": 1}}', {"sd_model_checkpoint", "x"},
+                     id="top-level-only"),
+        pytest.param(b"", set(), id="empty"),
+        pytest.param(b"{bad", set(), id="invalid"),
+        pytest.param(b"[1]", set(), id="array"),
+        pytest.param(b"\xff", set(), id="not-utf8"),
+    ],
+)  # fmt: skip
+def test_body_keys(data: bytes, expected: set[str]) -> None:
+    assert body_keys(data) == frozenset(expected)
