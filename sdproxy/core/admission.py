@@ -363,7 +363,9 @@ class Admission:
         for pod in self.pods.values():
             if pod.state in (PodState.STARTING, PodState.WARMING):
                 return True
-            if pod.state is PodState.READY and now >= pod.ejected_until:
+            # a pod refused once may have blipped: it is back after its first ejection;
+            # one refused again is treated as down until its ejection ends
+            if pod.state is PodState.READY and (now >= pod.ejected_until or pod.ejections <= 1):
                 return True
         return False
 
