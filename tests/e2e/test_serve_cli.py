@@ -1,0 +1,203 @@
+"""End to end: ``sdproxy sim`` and ``sdproxy serve`` as real processes (``python -m sdproxy``).
+
+A generation through the proxy, Prometheus /metrics on the separate listener, a SIGTERM
+drain (the queued request is answered 503 shutting_down, the running one completes, the
+process exits 0), and settings from SDPROXY_* variables and a --config TOML file.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import sys
+from collections.abc import AsyncIterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from tests.conftest import free_port
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(90)]
+
+TXT2IMG = "/sdapi/v1/txt2img"
+START_TIMEOUT_S = 20.0
+
+
+def child_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The test's environment without SDPROXY_* settings leaking in, plus ``extra``."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SDPROXY_")}
+    env.update(extra or {})
+    return env
+
+
+@contextlib.asynccontextmanager
+async def process(
+    args: list[str], log: Path, env: Mapping[str, str] | None = None
+) -> AsyncIterator[asyncio.subprocess.Process]:
+    """``python -m sdproxy ARGS`` with output in ``log``; killed and reaped on exit."""
+    with log.open("wb") as out:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "sdproxy",
+            *args,
+            stdout=out,
+            stderr=asyncio.subprocess.STDOUT,
+            env=child_env(env),
+        )
+    try:
+        yield proc
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+        await proc.wait()
+
+
+def read_log(path: Path) -> str:
+    """A child's output so far (small files; read synchronously on purpose)."""
+    return path.read_text()
+
+
+async def wait_for(check: Any, what: str, log: Path) -> Any:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + START_TIMEOUT_S
+    while True:
+        result = await check()
+        if result:
+            return result
+        if loop.time() > deadline:
+            pytest.fail(f"timed out waiting for {what}; log:\n{read_log(log)}")
+        await asyncio.sleep(0.05)
+
+
+@contextlib.asynccontextmanager
+async def sim(tmp_path: Path, pods: int = 2) -> AsyncIterator[list[str]]:
+    log = tmp_path / "sim.log"
+    args = ["sim", "--pods", str(pods), "--port", "0", "--step-ms", "10", "--seed", "1"]
+    async with process(args, log) as proc:
+
+        async def urls() -> list[str] | None:
+            assert proc.returncode is None, read_log(log)
+            lines = [ln for ln in read_log(log).splitlines() if " listening on " in ln]
+            return [ln.rsplit(" ", 1)[1] for ln in lines] if len(lines) == pods else None
+
+        found: list[str] = await wait_for(urls, "the simulated pods", log)
+        yield found
+
+
+async def ready(session: aiohttp.ClientSession, url: str) -> bool:
+    try:
+        async with session.get(url + "/-/readyz") as resp:
+            return resp.status == 200
+    except aiohttp.ClientConnectionError:
+        return False
+
+
+@contextlib.asynccontextmanager
+async def serve(
+    tmp_path: Path,
+    session: aiohttp.ClientSession,
+    flags: list[str],
+    env: Mapping[str, str] | None = None,
+) -> AsyncIterator[tuple[asyncio.subprocess.Process, str, Path]]:
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    log = tmp_path / f"serve-{port}.log"
+    args = ["serve", "--listen", f"127.0.0.1:{port}", *flags]
+    async with process(args, log, env) as proc:
+
+        async def up() -> bool:
+            assert proc.returncode is None, read_log(log)
+            return await ready(session, url)
+
+        await wait_for(up, "the proxy to be ready", log)
+        yield proc, url, log
+
+
+async def status(session: aiohttp.ClientSession, url: str) -> dict[str, Any]:
+    async with session.get(url + "/-/status", headers={"Accept": "application/json"}) as r:
+        data: dict[str, Any] = await r.json()
+        return data
+
+
+async def generate(session: aiohttp.ClientSession, url: str, steps: int) -> tuple[int, Any]:
+    body = {"prompt": "a cat", "steps": steps, "send_images": False}
+    async with session.post(url + TXT2IMG, json=body) as resp:
+        return resp.status, await resp.json()
+
+
+def backend_flags(urls: list[str]) -> list[str]:
+    return [flag for url in urls for flag in ("--backend", url)]
+
+
+async def test_serve_generates_exports_metrics_and_drains_on_sigterm(tmp_path: Path) -> None:
+    metrics_port = free_port()
+    async with (
+        aiohttp.ClientSession() as session,
+        sim(tmp_path) as pods,
+        serve(
+            tmp_path,
+            session,
+            ["--metrics-listen", f"127.0.0.1:{metrics_port}", *backend_flags(pods)],
+        ) as (proc, url, log),
+    ):
+        code, data = await generate(session, url, 5)
+        assert code == 200, data
+        assert data["info"]
+        async with session.get(f"http://127.0.0.1:{metrics_port}/metrics") as resp:
+            assert resp.status == 200
+            text = await resp.text()
+        assert "sdproxy_requests_total" in text
+        assert 'route_class="heavy"' in text
+
+        running = [asyncio.create_task(generate(session, url, 300)) for _ in pods]
+
+        async def busy_and_queued() -> bool:
+            snap = await status(session, url)
+            return bool(snap["inflight"] == len(pods) and snap["queue"]["depth"] == 1)
+
+        queued = asyncio.create_task(generate(session, url, 5))
+        await wait_for(busy_and_queued, "every pod busy and one request queued", log)
+        proc.send_signal(signal.SIGTERM)
+        code, data = await queued
+        assert code == 503 and data["error"] == "shutting_down", data
+        assert not any(task.done() for task in running), "generations were cut short"
+        for code, data in await asyncio.gather(*running):
+            assert code == 200, data
+        assert await asyncio.wait_for(proc.wait(), timeout=20) == 0, read_log(log)
+
+
+async def test_settings_from_environment_and_toml(tmp_path: Path) -> None:
+    async with aiohttp.ClientSession() as session, sim(tmp_path, pods=1) as pods:
+        config = tmp_path / "sdproxy.toml"
+        config.write_text(
+            "[proxy]\nmax_queue = 0\nqueue_timeout_s = 42.0\n"
+            f"[discovery]\nbackends = [{pods[0]!r}]\n".replace("'", '"')
+        )
+        common = ["--metrics-listen", ""]
+        # TOML alone: max_queue 0, and the backend list comes from the file
+        async with serve(tmp_path, session, [*common, "--config", str(config)]) as (_, url, _):
+            snap = await status(session, url)
+            assert snap["queue"]["max"] == 0 and snap["queue"]["timeout_s"] == 42.0
+            assert [p["url"] for p in snap["pods"]] == pods
+            running = asyncio.create_task(generate(session, url, 100))
+
+            async def busy() -> bool:
+                return bool((await status(session, url))["inflight"] == 1)
+
+            await wait_for(busy, "the pod to be busy", tmp_path / "sim.log")
+            code, data = await generate(session, url, 5)
+            assert code == 503 and data["error"] == "queue_full", data
+            assert (await running)[0] == 200
+        # the environment beats the file (SDPROXY_CONFIG names the file), a flag beats both
+        env = {"SDPROXY_CONFIG": str(config), "SDPROXY_MAX_QUEUE": "7"}
+        async with serve(tmp_path, session, common, env) as (_, url, _):
+            snap = await status(session, url)
+            assert snap["queue"]["max"] == 7 and snap["queue"]["timeout_s"] == 42.0
+        flags = [*common, "--max-queue", "9"]
+        async with serve(tmp_path, session, flags, env) as (_, url, _):
+            assert (await status(session, url))["queue"]["max"] == 9
