@@ -44,6 +44,15 @@ class UpstreamError(Exception):
         self.sent = sent
 
 
+class ResponseBrokeOff(UpstreamError):
+    """The pod's response broke off after its head went to the client: the client's
+    connection must be cut so it sees a truncated response, not a complete one."""
+
+    def __init__(self, detail: str, *, response: web.StreamResponse) -> None:
+        super().__init__("reset", detail, sent=True)
+        self.response = response
+
+
 @dataclass(kw_only=True)
 class RequestBody:
     """A client body: the prefix already read, and whether more is still on the socket."""
@@ -172,6 +181,7 @@ async def relay(
             await response.write(chunk)
             sent += len(chunk)
     except aiohttp.ClientError as exc:
-        raise UpstreamError("reset", f"response from pod broke off: {exc!r}", sent=True) from exc
+        detail = f"response from pod broke off after {sent} bytes: {exc!r}"
+        raise ResponseBrokeOff(detail, response=response) from exc
     await response.write_eof()
     return response, sent

@@ -108,9 +108,22 @@ class Proxy:
             response = await self._route(request, ex)
         except errors.ClientFacingError as exc:
             response = error_response(exc, ex)
+        except forward.ResponseBrokeOff as exc:
+            response = self._broke_off(request, ex, exc)
         finally:
             self._finish(request, ex, response)
         return response
+
+    def _broke_off(
+        self, request: web.Request, ex: Exchange, exc: forward.ResponseBrokeOff
+    ) -> web.StreamResponse:
+        """Too late for a JSON error: cut the client's connection so the truncation shows."""
+        log.warning("pod %s: %s", ex.pod, exc.detail)
+        ex.error = errors.BackendError.code
+        self.metrics.backend_error(pod=ex.pod or "unknown", kind=exc.kind)
+        if request.transport is not None:
+            request.transport.close()
+        return exc.response
 
     async def _route(self, request: web.Request, ex: Exchange) -> web.StreamResponse:
         if self.table.needs_body_to_classify(request.method, request.path):
@@ -247,9 +260,8 @@ class Proxy:
                 request, upstream, extra_headers=extra, before_prepare=ex.before_prepare
             )
             return response
-        except forward.UpstreamError as exc:
-            failed = True
-            self.metrics.backend_error(pod=dispatch.pod_id, kind=exc.kind)
+        except forward.ResponseBrokeOff:
+            failed = True  # counted by _broke_off
             raise
         finally:
             upstream.release()

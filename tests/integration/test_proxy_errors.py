@@ -224,3 +224,43 @@ async def test_admin_routes_reach_a_pod_with_allow_admin(
     assert status == 404, data
     assert resp.headers["X-Sdproxy-Pod"] == sims.urls[0].removeprefix("http://")
     await proxy.wait_idle()
+
+
+@contextlib.asynccontextmanager
+async def truncating_backend() -> AsyncIterator[str]:
+    """Answers 200 with Content-Length 100000, sends 10 bytes, hangs up."""
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 100000\r\n\r\n0123456789")
+        await writer.drain()
+        writer.close()
+        with contextlib.suppress(ConnectionError):
+            await writer.wait_closed()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+@pytest.mark.parametrize("path", ["/sdapi/v1/txt2img", "/sdapi/v1/sd-models"])
+async def test_response_breaking_off_mid_body_cuts_the_client_off(
+    proxy_factory: ProxyFactory, path: str
+) -> None:
+    """Too late for a JSON error: the client must see a truncated body, never a short one
+    that looks complete; the slot is freed and the pod's error counted."""
+    async with truncating_backend() as url:
+        proxy = await proxy_factory([url])
+        method = "POST" if path.endswith("txt2img") else "GET"
+        kwargs: dict[str, Any] = {"json": gen_body(3)} if method == "POST" else {}
+        async with proxy.client.request(method, path, **kwargs) as resp:
+            assert resp.status == 200
+            with pytest.raises(aiohttp.ClientPayloadError):
+                await resp.read()
+        await proxy.wait_idle()
+        body, _ = proxy.services.metrics.exposition()
+        assert b'sdproxy_backend_errors_total{kind="reset"' in body
