@@ -95,8 +95,8 @@ class Gate:
             self._waiters.pop(decision.ticket, None)
             if fut.done() and not fut.cancelled() and fut.exception() is None:
                 self.release(decision.ticket)  # bound at the same instant: give it back
-            elif self.admission.cancel(decision.ticket):
-                self._on_reject(RejectReason.CANCELLED)
+            else:  # the caller left (client gone): counted by the caller, not as cancelled
+                self.admission.cancel(decision.ticket)
             raise
 
     def release(self, ticket: TicketId, *, pod_failed: bool = False) -> None:
