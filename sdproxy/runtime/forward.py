@@ -8,6 +8,9 @@ Client errors are translated here, at the boundary, into ``UpstreamError`` with 
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+from collections import deque
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 
@@ -164,9 +167,15 @@ async def relay(
     *,
     extra_headers: Mapping[str, str],
     before_prepare: Callable[[web.StreamResponse], None] | None = None,
+    on_upstream_done: Callable[[bool], None] | None = None,
 ) -> tuple[web.StreamResponse, int]:
     """Copy the pod's response to the client; returns it and the body bytes sent.
-    ``before_prepare`` may still add to the head (cookies) before it is sent."""
+
+    ``before_prepare`` may still add to the head (cookies) before it is sent.
+    ``on_upstream_done(failed)`` is called once the POD has sent its whole response (or
+    broke off): the pod reads ahead up to ``READ_AHEAD`` bytes, so a slow client never
+    keeps a GPU slot once the pod is done, and memory stays bounded per exchange.
+    """
     response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
     response.headers.update(response_headers(upstream))
     response.headers.update(extra_headers)
@@ -175,13 +184,70 @@ async def relay(
     if upstream.content_length is None and "Content-Length" not in response.headers:
         response.enable_chunked_encoding()
     await response.prepare(request)
+    pipe = _Pipe(READ_AHEAD)
+    pump = asyncio.create_task(pipe.fill(upstream, on_upstream_done))
     sent = 0
     try:
-        async for chunk in upstream.content.iter_chunked(CHUNK):
+        async for chunk in pipe.drain():
             await response.write(chunk)
             sent += len(chunk)
-    except aiohttp.ClientError as exc:
-        detail = f"response from pod broke off after {sent} bytes: {exc!r}"
-        raise ResponseBrokeOff(detail, response=response) from exc
+    finally:
+        if not pump.done():  # the client left: stop reading; the pod finished its work
+            pump.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await pump
+    if pipe.error is not None:
+        detail = f"response from pod broke off after {sent} bytes: {pipe.error!r}"
+        raise ResponseBrokeOff(detail, response=response) from pipe.error
     await response.write_eof()
     return response, sent
+
+
+#: bytes of a pod's response read ahead of a slow client (a 512² response is ~0.6 MB)
+READ_AHEAD = 8 * 1024 * 1024
+
+
+class _Pipe:
+    """A byte-bounded buffer between the pod (``fill``) and the client (``drain``)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.chunks: deque[bytes] = deque()
+        self.size = 0
+        self.done = False
+        self.error: BaseException | None = None
+        self._readable = asyncio.Event()
+        self._writable = asyncio.Event()
+        self._writable.set()
+
+    async def fill(
+        self, upstream: aiohttp.ClientResponse, on_done: Callable[[bool], None] | None
+    ) -> None:
+        try:
+            async for chunk in upstream.content.iter_chunked(CHUNK):
+                self.chunks.append(chunk)
+                self.size += len(chunk)
+                self._readable.set()
+                if self.size >= self.limit:
+                    self._writable.clear()
+                    await self._writable.wait()
+        except aiohttp.ClientError as exc:
+            self.error = exc
+        finally:
+            self.done = True
+            self._readable.set()
+            if on_done is not None:
+                on_done(self.error is not None)
+
+    async def drain(self) -> AsyncIterator[bytes]:
+        while True:
+            await self._readable.wait()
+            while self.chunks:
+                chunk = self.chunks.popleft()
+                self.size -= len(chunk)
+                if self.size < self.limit:
+                    self._writable.set()
+                yield chunk
+            if self.done:
+                return
+            self._readable.clear()

@@ -254,18 +254,27 @@ class Proxy:
             "X-Sdproxy-Queue-Ms": f"{dispatch.queued_s * 1000:.0f}",
             "X-Request-Id": ex.request_id,
         }
-        failed = False
+        released = False
+
+        def release(failed: bool) -> None:
+            """Free the slot once, as soon as the pod has sent its whole response."""
+            nonlocal released
+            if not released:
+                released = True
+                self.gate.release(dispatch.ticket, pod_failed=failed)
+
         try:
             response, ex.bytes_out = await forward.relay(
-                request, upstream, extra_headers=extra, before_prepare=ex.before_prepare
+                request,
+                upstream,
+                extra_headers=extra,
+                before_prepare=ex.before_prepare,
+                on_upstream_done=release,
             )
             return response
-        except forward.ResponseBrokeOff:
-            failed = True  # counted by _broke_off
-            raise
         finally:
             upstream.release()
-            self.gate.release(dispatch.ticket, pod_failed=failed)
+            release(False)  # no-op unless relaying never started (client gone at once)
 
     def _abandon(
         self, dispatch: Dispatch, exchange: asyncio.Future[aiohttp.ClientResponse]

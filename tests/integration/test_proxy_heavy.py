@@ -11,6 +11,7 @@ import base64
 import io
 import json
 import random
+import socket
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -179,3 +180,38 @@ async def test_no_pod_ever_exceeds_its_limit_under_a_burst(
 
 async def _zero_inflight(sims: SimCluster) -> bool:
     return all(s["heavy_inflight"] == 0 for s in await sims.all_stats())
+
+
+async def test_a_slow_client_does_not_hold_the_pod_once_it_has_answered(
+    sim_pods: SimFactory, proxy_factory: ProxyFactory
+) -> None:
+    """The proxy reads a finished pod's response ahead of a client that reads slowly
+    (bounded read-ahead), so the slot frees when the POD is done, not the client."""
+    sims = await sim_pods(1)
+    proxy = await proxy_factory(sims.urls)
+    body = json.dumps(gen_body(2, batch_size=8, send_images=True)).encode()  # ~5 MB answer
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 32 * 1024)  # a slow mobile client
+    sock.setblocking(False)
+    host, port = proxy.url.removeprefix("http://").split(":")
+    await asyncio.get_running_loop().sock_connect(sock, (host, int(port)))
+    reader, writer = await asyncio.open_connection(sock=sock)
+    head = f"POST {TXT2IMG} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    writer.write(f"{head}Content-Length: {len(body)}\r\n\r\n".encode() + body)
+    try:
+        status_line = await asyncio.wait_for(reader.readline(), timeout=20)
+        assert b" 200 " in status_line
+        # the slow client reads nothing more; the next job must still run on the pod
+        _, headers, _ = await asyncio.wait_for(generate(proxy, 2), timeout=20)
+        assert headers["X-Sdproxy-Pod"]
+        length = 0
+        while (line := await reader.readline()) != b"\r\n":
+            name, _, value = line.decode().partition(":")
+            if name.lower() == "content-length":
+                length = int(value)
+        answer = json.loads(await reader.readexactly(length))
+    finally:
+        writer.close()
+    assert len(answer["images"]) == 8
+    assert (await sims.stats(0))["heavy_inflight_max"] == 1
+    await proxy.wait_idle()
