@@ -132,12 +132,14 @@ async def test_pod_dying_mid_generation_answers_502_and_frees_the_slot(
 
 
 @contextlib.asynccontextmanager
-async def hang_up_backend() -> AsyncIterator[str]:
-    """A backend that reads the request head and closes the connection without answering."""
+async def raw_backend(reply: bytes) -> AsyncIterator[str]:
+    """A backend that reads the request head, writes ``reply`` verbatim and hangs up."""
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         with contextlib.suppress(ConnectionError):
             await reader.readuntil(b"\r\n\r\n")
+            writer.write(reply)
+            await writer.drain()
         writer.close()
         with contextlib.suppress(ConnectionError):
             await writer.wait_closed()
@@ -149,6 +151,16 @@ async def hang_up_backend() -> AsyncIterator[str]:
     finally:
         server.close()
         await server.wait_closed()
+
+
+def hang_up_backend() -> contextlib.AbstractAsyncContextManager[str]:
+    """Closes the connection without answering."""
+    return raw_backend(b"")
+
+
+def truncating_backend() -> contextlib.AbstractAsyncContextManager[str]:
+    """Answers 200 with Content-Length 100000, sends 10 bytes, hangs up."""
+    return raw_backend(b"HTTP/1.1 200 OK\r\nContent-Length: 100000\r\n\r\n0123456789")
 
 
 async def test_backend_closing_after_the_request_was_sent_answers_502(
@@ -224,27 +236,6 @@ async def test_admin_routes_reach_a_pod_with_allow_admin(
     assert status == 404, data
     assert resp.headers["X-Sdproxy-Pod"] == sims.urls[0].removeprefix("http://")
     await proxy.wait_idle()
-
-
-@contextlib.asynccontextmanager
-async def truncating_backend() -> AsyncIterator[str]:
-    """Answers 200 with Content-Length 100000, sends 10 bytes, hangs up."""
-
-    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await reader.readuntil(b"\r\n\r\n")
-        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 100000\r\n\r\n0123456789")
-        await writer.drain()
-        writer.close()
-        with contextlib.suppress(ConnectionError):
-            await writer.wait_closed()
-
-    server = await asyncio.start_server(handle, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.close()
-        await server.wait_closed()
 
 
 @pytest.mark.parametrize("path", ["/sdapi/v1/txt2img", "/sdapi/v1/sd-models"])
