@@ -1,7 +1,9 @@
 """Runtime: move one HTTP exchange between a client and a pod, streaming both ways.
 
-Bodies are never buffered whole: the request is sent as the already-read prefix followed by
-the rest of the client's stream, and the response is copied chunk by chunk. aiohttp's
+Large bodies are never buffered whole: the request is sent as the already-read prefix
+followed by the rest of the client's stream, and the response is copied chunk by chunk
+(one of at most ``SMALL_BODY`` bytes with a known length is read whole and answered in one
+write, the cheap path for the many small light calls). aiohttp's
 client is built with ``auto_decompress=False`` so encoded bodies pass through untouched.
 Client errors are translated here, at the boundary, into ``UpstreamError`` with a kind.
 """
@@ -34,7 +36,14 @@ HOP_BY_HOP = frozenset(
         "upgrade",
     }
 )
+#: not forwarded to the pod: the hop-by-hop fields, and Host (the pod's own is sent)
+NOT_UPSTREAM = HOP_BY_HOP | {"host"}
 CHUNK = 256 * 1024
+#: a pod response with a Content-Length up to this is read whole and answered with one
+#: ``web.Response``, whose head and body leave in one write; a StreamResponse sends its
+#: head at ``prepare`` and then each chunk, and those sends were the largest item in the
+#: profile of small requests (bench overhead). Larger or unsized responses stream.
+SMALL_BODY = 256 * 1024
 
 
 class UpstreamError(Exception):
@@ -112,12 +121,7 @@ async def read_prefix(request: web.Request, *, peek_bytes: int, limit_bytes: int
 
 
 def upstream_headers(request: web.Request, extra: Mapping[str, str]) -> CIMultiDict[str]:
-    headers: CIMultiDict[str] = CIMultiDict()
-    for name, value in request.headers.items():
-        low = name.lower()
-        if low in HOP_BY_HOP or low == "host":
-            continue
-        headers.add(name, value)
+    headers = _without(request.headers, NOT_UPSTREAM)
     peer = request.remote or ""
     prior = request.headers.get("X-Forwarded-For")
     headers["X-Forwarded-For"] = f"{prior}, {peer}" if prior else peer
@@ -154,10 +158,16 @@ async def send(
 
 
 def response_headers(upstream: aiohttp.ClientResponse) -> CIMultiDict[str]:
-    headers: CIMultiDict[str] = CIMultiDict()
-    for name, value in upstream.headers.items():
-        if name.lower() not in HOP_BY_HOP:
-            headers.add(name, value)
+    return _without(upstream.headers, HOP_BY_HOP)
+
+
+def _without(source: Mapping[str, str], names: frozenset[str]) -> CIMultiDict[str]:
+    """A copy of ``source`` (order and repeated fields kept) minus ``names``: copying in C
+    and deleting the few present is cheaper than testing every field in Python."""
+    headers: CIMultiDict[str] = CIMultiDict(source)
+    for name in names:
+        if name in headers:
+            del headers[name]  # every occurrence
     return headers
 
 
@@ -175,15 +185,19 @@ async def relay(
     ``on_upstream_done(failed)`` is called once the POD has sent its whole response (or
     broke off): the pod reads ahead up to ``READ_AHEAD`` bytes, so a slow client never
     keeps a GPU slot once the pod is done, and memory stays bounded per exchange.
+    A response of at most ``SMALL_BODY`` bytes is read whole first and returned
+    unprepared, for aiohttp to send in one write.
     """
-    response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
-    response.headers.update(response_headers(upstream))
-    response.headers.update(extra_headers)
-    if before_prepare is not None:
-        before_prepare(response)
-    if upstream.content_length is None and "Content-Length" not in response.headers:
-        response.enable_chunked_encoding()
-    await response.prepare(request)
+    length = upstream.content_length
+    if length is not None and length <= SMALL_BODY:
+        return await _relay_small(
+            request,
+            upstream,
+            extra_headers=extra_headers,
+            before_prepare=before_prepare,
+            on_upstream_done=on_upstream_done,
+        )
+    response = await _start(request, upstream, extra_headers, before_prepare)
     pipe = _Pipe(READ_AHEAD)
     pump = asyncio.create_task(pipe.fill(upstream, on_upstream_done))
     sent = 0
@@ -201,6 +215,62 @@ async def relay(
         raise ResponseBrokeOff(detail, response=response) from pipe.error
     await response.write_eof()
     return response, sent
+
+
+async def _start(
+    request: web.Request,
+    upstream: aiohttp.ClientResponse,
+    extra_headers: Mapping[str, str],
+    before_prepare: Callable[[web.StreamResponse], None] | None,
+) -> web.StreamResponse:
+    """Send the pod's head to the client (with ours added) and return the response."""
+    response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
+    response.headers.update(response_headers(upstream))
+    response.headers.update(extra_headers)
+    if before_prepare is not None:
+        before_prepare(response)
+    if upstream.content_length is None and "Content-Length" not in response.headers:
+        response.enable_chunked_encoding()
+    await response.prepare(request)
+    return response
+
+
+async def _relay_small(
+    request: web.Request,
+    upstream: aiohttp.ClientResponse,
+    *,
+    extra_headers: Mapping[str, str],
+    before_prepare: Callable[[web.StreamResponse], None] | None,
+    on_upstream_done: Callable[[bool], None] | None,
+) -> tuple[web.StreamResponse, int]:
+    """``relay`` for a response of known, small length: read it all, answer it whole.
+
+    If the pod breaks off, the client gets what ``relay`` would have sent it — the head,
+    what arrived — and then ``ResponseBrokeOff`` cuts its connection.
+    """
+    parts: list[bytes] = []
+    error: aiohttp.ClientError | None = None
+    try:
+        while chunk := await upstream.content.readany():
+            parts.append(chunk)
+    except aiohttp.ClientError as exc:
+        error = exc
+    if on_upstream_done is not None:
+        on_upstream_done(error is not None)
+    if error is not None:
+        response = await _start(request, upstream, extra_headers, before_prepare)
+        for part in parts:
+            await response.write(part)
+        sent = sum(map(len, parts))
+        detail = f"response from pod broke off after {sent} bytes: {error!r}"
+        raise ResponseBrokeOff(detail, response=response) from error
+    body = parts[0] if len(parts) == 1 else b"".join(parts)
+    small = web.Response(body=body, status=upstream.status, reason=upstream.reason)
+    small.headers.extend(response_headers(upstream))
+    small.headers.update(extra_headers)
+    if before_prepare is not None:
+        before_prepare(small)
+    return small, len(body)
 
 
 #: bytes of a pod's response read ahead of a slow client (a 512² response is ~0.6 MB)

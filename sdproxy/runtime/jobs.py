@@ -11,10 +11,11 @@ would read, or interrupt, someone else's generation.
 
 from __future__ import annotations
 
-import secrets
+import base64
+import os
 from dataclasses import dataclass
 
-from aiohttp import web
+from aiohttp import hdrs, web
 
 from sdproxy.core.queue import TicketId
 
@@ -22,7 +23,34 @@ CLIENT_HEADER = "X-Sdproxy-Client"
 COOKIE = "sdproxy_client"
 
 
-@dataclass(frozen=True, kw_only=True)
+#: random bytes drawn from the OS in batches: one getrandom() per request (a token, a
+#: request id) showed in the proxy's profile; the bytes are the same CSPRNG's
+_POOL_BYTES = 4096
+_pool = b""
+_pool_at = 0
+
+
+def random_bytes(n: int) -> bytes:
+    """``n`` bytes from ``os.urandom`` (as ``secrets`` uses), fetched 4 KiB at a time."""
+    global _pool, _pool_at
+    if _pool_at + n > len(_pool):
+        _pool, _pool_at = os.urandom(max(_POOL_BYTES, n)), 0
+    start = _pool_at
+    _pool_at += n
+    return _pool[start:_pool_at]
+
+
+def new_token() -> str:
+    """What ``secrets.token_urlsafe(12)`` returns: 16 URL-safe characters, 96 bits."""
+    return base64.urlsafe_b64encode(random_bytes(12)).rstrip(b"=").decode("ascii")
+
+
+def new_request_id() -> str:
+    """32 hex digits, 128 random bits (like ``uuid4().hex``, without the UUID object)."""
+    return random_bytes(16).hex()
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
 class Caller:
     """The identities of one request, most specific first."""
 
@@ -64,13 +92,22 @@ def identify(request: web.Request) -> Caller:
         header=header[:128] if header else None,
         cookie=cookie[:128] if cookie else None,
         address=request.remote or "unknown",
-        new_cookie=None if (cookie or header) else secrets.token_urlsafe(12),
+        new_cookie=None if (cookie or header) else new_token(),
     )
 
 
 def set_cookie(response: web.StreamResponse, caller: Caller) -> None:
-    if caller.new_cookie and not response.prepared:
-        response.set_cookie(COOKIE, caller.new_cookie, httponly=True, samesite="Lax", path="/")
+    """Give a new caller its cookie (once, and only while the head can still change).
+
+    The header is written directly: it is the exact text ``response.set_cookie(COOKIE,
+    value, httponly=True, samesite="Lax", path="/")`` produces, without building a
+    ``Morsel`` per response (the token is URL-safe base64, which needs no quoting).
+    """
+    if not caller.new_cookie or response.prepared:
+        return
+    value = f"{COOKIE}={caller.new_cookie}; HttpOnly; Path=/; SameSite=Lax"
+    if value not in response.headers.getall(hdrs.SET_COOKIE, ()):
+        response.headers.add(hdrs.SET_COOKIE, value)
 
 
 class JobIndex:

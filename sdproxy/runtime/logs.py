@@ -141,10 +141,18 @@ def setup_logging(settings: LogSettings, *, stream: TextIO | None = None) -> Non
     logging.getLogger("aiohttp.access").disabled = True  # replaced by log_access
 
 
+_ACCESS = logging.getLogger(ACCESS_LOGGER)
+
+
+def access_log_enabled() -> bool:
+    """Whether ``log_access`` would write: the caller can skip building the record."""
+    return not _ACCESS.disabled and _ACCESS.isEnabledFor(logging.INFO)
+
+
 def log_access(record: AccessRecord) -> None:
     """One line for one answered request on ``sdproxy.access``."""
-    logger = logging.getLogger(ACCESS_LOGGER)
-    if logger.disabled or not logger.isEnabledFor(logging.INFO):
+    logger = _ACCESS
+    if not access_log_enabled():
         return
     msg = f"{record.method} {record.path} {record.status} {record.duration_ms:.0f}ms"
     logger.info(msg, extra={FIELDS_ATTR: asdict(record)})

@@ -13,9 +13,8 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
@@ -28,8 +27,8 @@ from sdproxy.core.routing import RouteClass, RouteTable, classify_options
 from sdproxy.core.sdapi import body_keys, inspect_body
 from sdproxy.runtime import forward
 from sdproxy.runtime.gate import Gate
-from sdproxy.runtime.jobs import Caller, JobIndex, identify, set_cookie
-from sdproxy.runtime.logs import AccessRecord, log_access
+from sdproxy.runtime.jobs import Caller, JobIndex, identify, new_request_id, set_cookie
+from sdproxy.runtime.logs import AccessRecord, access_log_enabled, log_access
 from sdproxy.runtime.metrics import Metrics
 from sdproxy.settings import ProxySettings
 
@@ -40,7 +39,7 @@ INTERRUPT_PATH = "/sdapi/v1/interrupt"
 LIGHT_ATTEMPTS = 3
 
 
-@dataclass(kw_only=True)
+@dataclass(kw_only=True, slots=True)
 class Exchange:
     """Bookkeeping for one request, filled in as it goes (for the access log)."""
 
@@ -54,7 +53,6 @@ class Exchange:
     bytes_out: int = 0
     status: int = 0
     error: str | None = None
-    extra: dict[str, str] = field(default_factory=dict)
 
     def before_prepare(self, response: web.StreamResponse) -> None:
         """A relayed response's head is sent before ``_finish``: give a new caller its
@@ -98,7 +96,7 @@ class Proxy:
     async def handle(self, request: web.Request) -> web.StreamResponse:
         caller = identify(request)
         ex = Exchange(
-            request_id=request.headers.get("X-Request-Id") or uuid.uuid4().hex,
+            request_id=request.headers.get("X-Request-Id") or new_request_id(),
             caller=caller,
             route_class=self.table.classify(request.method, request.path),
             started=self.clock(),
@@ -155,6 +153,11 @@ class Proxy:
         self.metrics.observe_request(
             route_class=ex.route_class.value, code=status, duration_s=duration
         )
+        if access_log_enabled():
+            self._log_access(request, ex, status=status, duration=duration)
+
+    @staticmethod
+    def _log_access(request: web.Request, ex: Exchange, *, status: int, duration: float) -> None:
         log_access(
             AccessRecord(
                 request_id=ex.request_id,
