@@ -162,13 +162,19 @@ def response_headers(upstream: aiohttp.ClientResponse) -> CIMultiDict[str]:
 
 
 def _without(source: Mapping[str, str], names: frozenset[str]) -> CIMultiDict[str]:
-    """A copy of ``source`` (order and repeated fields kept) minus ``names``: copying in C
-    and deleting the few present is cheaper than testing every field in Python."""
-    headers: CIMultiDict[str] = CIMultiDict(source)
-    for name in names:
-        if name in headers:
-            del headers[name]  # every occurrence
+    """A copy of ``source`` (order and repeated fields kept) minus ``names``."""
+    headers: CIMultiDict[str] = CIMultiDict()
+    _drop(headers, source, names)
     return headers
+
+
+def _drop(into: CIMultiDict[str], source: Mapping[str, str], names: frozenset[str]) -> None:
+    """Add ``source`` to the empty ``into`` minus ``names``: copying in C and deleting the
+    few present is cheaper than testing every field in Python."""
+    into.extend(source)
+    for name in names:
+        if name in into:
+            del into[name]  # every occurrence
 
 
 async def relay(
@@ -266,7 +272,7 @@ async def _relay_small(
         raise ResponseBrokeOff(detail, response=response) from error
     body = parts[0] if len(parts) == 1 else b"".join(parts)
     small = web.Response(body=body, status=upstream.status, reason=upstream.reason)
-    small.headers.extend(response_headers(upstream))
+    _drop(small.headers, upstream.headers, HOP_BY_HOP)
     small.headers.update(extra_headers)
     if before_prepare is not None:
         before_prepare(small)
