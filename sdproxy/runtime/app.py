@@ -24,6 +24,7 @@ from aiohttp import web
 from sdproxy import __version__
 from sdproxy.core.admission import Admission, AdmissionConfig, RejectReason
 from sdproxy.core.pods import Endpoint, PodId, PodState
+from sdproxy.errors import ConfigError
 from sdproxy.runtime.autoscaler import Autoscaler
 from sdproxy.runtime.discovery import Discovery, StaticDiscovery
 from sdproxy.runtime.gate import Gate, Transitions
@@ -34,7 +35,7 @@ from sdproxy.runtime.proxy import Proxy
 from sdproxy.runtime.scaling import NoScaler, Scaler
 from sdproxy.runtime.status_page import status_response
 from sdproxy.runtime.warmup import Warmer
-from sdproxy.settings import Settings
+from sdproxy.settings import HostPort, Settings
 
 log = logging.getLogger("sdproxy")
 CLOCK = time.monotonic
@@ -278,26 +279,38 @@ async def serve(settings: Settings, *, ready: asyncio.Event | None = None) -> in
     services = app[SERVICES]
     runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
     await runner.setup()
-    listen = settings.proxy.listen
-    site = web.TCPSite(runner, listen.host, listen.port, backlog=4096)
-    await site.start()
-    metrics_runner = await _start_metrics(settings, services.metrics)
-    log.info("sdproxy %s listening on http://%s", __version__, listen)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    if ready is not None:
-        ready.set()
-    await stop.wait()
-    log.info("shutting down: draining %d in-flight generations", services.admission.inflight)
-    await site.stop()
-    services.gate.shutdown()
-    await _drain(services, settings.proxy.drain_timeout_s)
-    if metrics_runner is not None:
-        await metrics_runner.cleanup()
-    await runner.cleanup()
+    metrics_runner: web.AppRunner | None = None
+    try:
+        listen = settings.proxy.listen
+        site = await _listen(runner, listen, backlog=4096)
+        metrics_runner = await _start_metrics(settings, services.metrics)
+        log.info("sdproxy %s listening on http://%s", __version__, listen)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        if ready is not None:
+            ready.set()
+        await stop.wait()
+        log.info("shutting down: draining %d in-flight generations", services.admission.inflight)
+        await site.stop()
+        services.gate.shutdown()
+        await _drain(services, settings.proxy.drain_timeout_s)
+    finally:
+        if metrics_runner is not None:
+            await metrics_runner.cleanup()
+        await runner.cleanup()
     return 0
+
+
+async def _listen(runner: web.AppRunner, where: HostPort, *, backlog: int = 128) -> web.TCPSite:
+    """Start a listener; an address in use or not ours is a configuration error."""
+    site = web.TCPSite(runner, where.host, where.port, backlog=backlog)
+    try:
+        await site.start()
+    except OSError as exc:
+        raise ConfigError(f"cannot listen on {where}: {exc.strerror or exc}") from exc
+    return site
 
 
 async def _start_metrics(settings: Settings, metrics: Metrics) -> web.AppRunner | None:
@@ -306,7 +319,11 @@ async def _start_metrics(settings: Settings, metrics: Metrics) -> web.AppRunner 
         return None
     runner = web.AppRunner(metrics_app(metrics), access_log=None)
     await runner.setup()
-    await web.TCPSite(runner, where.host, where.port).start()
+    try:
+        await _listen(runner, where)
+    except ConfigError:
+        await runner.cleanup()
+        raise
     log.info("metrics on http://%s/metrics", where)
     return runner
 

@@ -11,6 +11,8 @@ import asyncio
 import contextlib
 import os
 import signal
+import socket
+import subprocess
 import sys
 from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
@@ -201,3 +203,20 @@ async def test_settings_from_environment_and_toml(tmp_path: Path) -> None:
         flags = [*common, "--max-queue", "9"]
         async with serve(tmp_path, session, flags, env) as (_, url, _):
             assert (await status(session, url))["queue"]["max"] == 9
+
+
+@pytest.mark.parametrize("which", ["--listen", "--metrics-listen"])
+def test_an_address_in_use_is_a_clear_error(which: str) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        busy = f"127.0.0.1:{taken.getsockname()[1]}"
+        addresses = {"--listen": f"127.0.0.1:{free_port()}", "--metrics-listen": ""}
+        addresses[which] = busy
+        argv = [sys.executable, "-m", "sdproxy", "serve", "--backend", "http://127.0.0.1:9"]
+        for flag, value in addresses.items():
+            argv += [flag, value]
+        proc = subprocess.run(argv, capture_output=True, text=True, timeout=30, env=child_env())
+    assert proc.returncode == 2, proc.stderr
+    assert f"sdproxy: error: cannot listen on {busy}" in proc.stderr
+    assert "Traceback" not in proc.stderr
