@@ -210,8 +210,13 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
         sock_read=settings.proxy.backend_timeout_s,
     )
     connector = aiohttp.TCPConnector(limit=0, enable_cleanup_closed=True)
+    # No cookie jar: the session is shared by every caller; a cookie one pod set for one
+    # caller must never ride along on another caller's request.
     async with aiohttp.ClientSession(
-        timeout=timeout, connector=connector, auto_decompress=False
+        timeout=timeout,
+        connector=connector,
+        auto_decompress=False,
+        cookie_jar=aiohttp.DummyCookieJar(),
     ) as session:
         services.proxy = Proxy(
             settings=settings.proxy,

@@ -180,3 +180,31 @@ async def test_request_id_is_generated_or_propagated_to_the_pod(
             assert resp.status == 403
             assert resp.headers["X-Request-Id"] == "client-chosen-id"
         await proxy.wait_idle()
+
+
+async def test_a_cookie_a_pod_sets_for_one_caller_never_reaches_another(
+    proxy_factory: ProxyFactory,
+) -> None:
+    """The proxy's client session is shared: it must not keep a cookie jar (a backend
+    named by host name would otherwise receive caller A's cookie on caller B's request)."""
+
+    async def set_cookie(request: web.Request) -> web.Response:
+        response = web.json_response({"cookie": request.headers.get("Cookie")})
+        if request.query.get("set"):
+            response.set_cookie("pod_session", "user-A-secret")
+        return response
+
+    app = web.Application()
+    app.router.add_get("/{tail:.*}", set_cookie)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, "127.0.0.1", 0).start()
+        proxy = await proxy_factory([f"http://localhost:{runner.addresses[0][1]}"])
+        async with proxy.client.get("/sdapi/v1/options?set=1") as resp:
+            assert resp.status == 200
+        proxy.client.cookie_jar.clear()  # caller B has no cookies of its own
+        async with proxy.client.get("/sdapi/v1/options") as resp:
+            assert (await resp.json())["cookie"] is None
+    finally:
+        await runner.cleanup()
