@@ -306,8 +306,8 @@ class Proxy:
             async with upstream:
                 async for _ in upstream.content.iter_chunked(forward.CHUNK):
                     pass  # drain: the pod is done only when its response is
-        except (forward.UpstreamError, aiohttp.ClientError, TimeoutError) as exc:
-            failed = True
+        except Exception as exc:  # a background task: whatever ended it, free the slot
+            failed = not isinstance(exc, errors.BodyTooLarge)
             log.info("abandoned job on %s ended with %r", dispatch.pod_id, exc)
         finally:
             self.gate.release(dispatch.ticket, pod_failed=failed)
