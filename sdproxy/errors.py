@@ -13,7 +13,9 @@
         ├── BackendError            502 backend_error (failure after the request was sent)
         ├── BodyTooLarge            413 body_too_large
         ├── Forbidden               403 forbidden_route
-        └── BadRequest              400 bad_request
+        ├── BadRequest              400 bad_request
+        ├── NotFound                404 not_found (unknown /-/ endpoint)
+        └── InternalError           500 internal_error (a bug; logged with its traceback)
 
 Kubernetes and aiohttp client errors are translated at the runtime boundary with
 ``raise X(...) from exc`` so handlers only ever catch ``ClientFacingError``.
@@ -101,3 +103,13 @@ class Forbidden(ClientFacingError):
 class BadRequest(ClientFacingError):
     status = 400
     code = "bad_request"
+
+
+class NotFound(ClientFacingError):
+    status = 404
+    code = "not_found"
+
+
+class InternalError(ClientFacingError):
+    status = 500
+    code = "internal_error"

@@ -101,6 +101,11 @@ class RouteTable:
         #: (method, path) -> class; a client polls the same few paths over and over, and
         #: the linear scan over ~25 rules showed in the proxy's profile (bench overhead)
         self._cache: dict[tuple[str, str], RouteClass] = {}
+        #: a user rule covering POST options decides it without reading the body
+        self._options_by_body = not any(
+            r.method in ("*", "POST") and OPTIONS_PATH.startswith(r.prefix) and r.prefix != "/"
+            for r in user_rules
+        )
 
     @classmethod
     def from_strings(cls, texts: Iterable[str]) -> RouteTable:
@@ -126,12 +131,15 @@ class RouteTable:
                 return rule.route_class
         return RouteClass.HEAVY  # unreachable: the "*" catch-all matches every path
 
-    @staticmethod
-    def needs_body_to_classify(method: str, path: str) -> bool:
-        """POST /sdapi/v1/options is heavy only if it changes sd_model_checkpoint."""
-        return method.upper() == "POST" and path == OPTIONS_PATH
+    def needs_body_to_classify(self, method: str, path: str) -> bool:
+        """POST /sdapi/v1/options is heavy only if it changes sd_model_checkpoint (unless
+        a user rule classifies it)."""
+        return self._options_by_body and method.upper() == "POST" and path == OPTIONS_PATH
 
 
-def classify_options(body_keys: Iterable[str]) -> RouteClass:
-    """POST options reloads weights (takes sd-webui's queue_lock) when it sets a checkpoint."""
+def classify_options(body_keys: Iterable[str], *, complete: bool = True) -> RouteClass:
+    """POST options reloads weights (takes sd-webui's queue_lock) when it sets a checkpoint;
+    a body too large to read whole is treated as heavy (the safe side)."""
+    if not complete:
+        return RouteClass.HEAVY
     return RouteClass.HEAVY if "sd_model_checkpoint" in set(body_keys) else RouteClass.LIGHT

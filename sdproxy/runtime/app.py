@@ -24,14 +24,14 @@ from aiohttp import web
 from sdproxy import __version__
 from sdproxy.core.admission import Admission, AdmissionConfig, RejectReason
 from sdproxy.core.pods import Endpoint, PodId, PodState
-from sdproxy.errors import ConfigError
+from sdproxy.errors import ConfigError, NotFound
 from sdproxy.runtime.autoscaler import Autoscaler
 from sdproxy.runtime.discovery import Discovery, StaticDiscovery
 from sdproxy.runtime.gate import Gate, Transitions
 from sdproxy.runtime.local import LocalPods
 from sdproxy.runtime.logs import log_event, setup_logging
 from sdproxy.runtime.metrics import Metrics, metrics_app
-from sdproxy.runtime.proxy import Proxy
+from sdproxy.runtime.proxy import Proxy, error_response
 from sdproxy.runtime.scaling import NoScaler, Scaler
 from sdproxy.runtime.status_page import status_response
 from sdproxy.runtime.warmup import Warmer
@@ -196,6 +196,7 @@ def build_app(
     app.router.add_get("/-/readyz", _readyz)
     app.router.add_get("/-/status", _status)
     app.router.add_get("/-/metrics", _metrics)
+    app.router.add_route("*", "/-/{tail:.*}", _unknown_operational)
     app.router.add_route("*", "/{tail:.*}", _proxy)
     app.cleanup_ctx.append(_lifecycle)
     return app
@@ -251,6 +252,11 @@ async def _proxy(request: web.Request) -> web.StreamResponse:
     proxy = request.app[SERVICES].proxy
     assert proxy is not None, "the proxy starts with the app"
     return await proxy.handle(request)
+
+
+async def _unknown_operational(request: web.Request) -> web.Response:
+    """The /-/ prefix is the proxy's own: never forwarded to a pod."""
+    return error_response(NotFound(f"no proxy endpoint {request.path}"))
 
 
 async def _healthz(request: web.Request) -> web.Response:

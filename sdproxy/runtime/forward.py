@@ -120,8 +120,16 @@ async def read_prefix(request: web.Request, *, peek_bytes: int, limit_bytes: int
     )
 
 
+def _connection_tokens(headers: Mapping[str, str]) -> frozenset[str]:
+    """Fields the sender named in ``Connection`` are hop-by-hop too (RFC 9110 §7.6.1)."""
+    value = headers.get("Connection")
+    if not value:
+        return frozenset()
+    return frozenset(t.strip().lower() for t in value.split(",") if t.strip())
+
+
 def upstream_headers(request: web.Request, extra: Mapping[str, str]) -> CIMultiDict[str]:
-    headers = _without(request.headers, NOT_UPSTREAM)
+    headers = _without(request.headers, NOT_UPSTREAM | _connection_tokens(request.headers))
     peer = request.remote or ""
     prior = request.headers.get("X-Forwarded-For")
     headers["X-Forwarded-For"] = f"{prior}, {peer}" if prior else peer
@@ -146,6 +154,9 @@ async def send(
         return await session.request(method, url, headers=headers, data=data, allow_redirects=False)
     except aiohttp.ClientConnectorError as exc:
         raise UpstreamError("connect", f"cannot connect to {url}: {exc}", sent=False) from exc
+    except aiohttp.ConnectionTimeoutError as exc:
+        # a TimeoutError too, but nothing reached the pod: retry elsewhere, eject this one
+        raise UpstreamError("connect", f"connecting to {url} timed out", sent=False) from exc
     except BodyTooLarge:
         raise
     except TimeoutError as exc:
@@ -158,7 +169,7 @@ async def send(
 
 
 def response_headers(upstream: aiohttp.ClientResponse) -> CIMultiDict[str]:
-    return _without(upstream.headers, HOP_BY_HOP)
+    return _without(upstream.headers, HOP_BY_HOP | _connection_tokens(upstream.headers))
 
 
 def _without(source: Mapping[str, str], names: frozenset[str]) -> CIMultiDict[str]:
@@ -236,7 +247,10 @@ async def _start(
     if before_prepare is not None:
         before_prepare(response)
     if upstream.content_length is None and "Content-Length" not in response.headers:
-        response.enable_chunked_encoding()
+        if request.version < aiohttp.HttpVersion11:
+            response.force_close()  # HTTP/1.0 has no chunked encoding: the close ends it
+        else:
+            response.enable_chunked_encoding()
     await response.prepare(request)
     return response
 
@@ -276,9 +290,10 @@ async def _relay_small(
     # 10,000 idle keep-alive clients held 100 MB of answers (bench queue, 64x64 images);
     # aiohttp still sends the head with the body in one write
     small = web.StreamResponse(status=upstream.status, reason=upstream.reason)
-    _drop(small.headers, upstream.headers, HOP_BY_HOP)
+    _drop(small.headers, upstream.headers, HOP_BY_HOP | _connection_tokens(upstream.headers))
     small.headers.update(extra_headers)
-    small.content_length = len(body)
+    if request.method != "HEAD":  # a HEAD answer keeps the pod's Content-Length
+        small.content_length = len(body)
     if before_prepare is not None:
         before_prepare(small)
     await small.prepare(request)

@@ -111,25 +111,34 @@ def set_cookie(response: web.StreamResponse, caller: Caller) -> None:
 
 
 class JobIndex:
-    """caller identity -> ticket of their latest heavy job still in the proxy."""
+    """caller identity -> their heavy jobs still in the proxy, oldest first.
+
+    A caller may have several (UI tabs, batch scripts sharing one X-Sdproxy-Client):
+    job-bound calls go to the newest, and when it ends the next newest is found again.
+    """
 
     def __init__(self) -> None:
-        self._by_key: dict[str, TicketId] = {}
+        self._by_key: dict[str, list[TicketId]] = {}
         self._keys: dict[TicketId, list[str]] = {}
 
     def add(self, caller: Caller, ticket: TicketId) -> None:
         keys = caller.keys
         self._keys[ticket] = keys
         for key in keys:
-            self._by_key[key] = ticket
+            self._by_key.setdefault(key, []).append(ticket)
 
     def remove(self, ticket: TicketId) -> None:
         for key in self._keys.pop(ticket, []):
-            if self._by_key.get(key) == ticket:
+            tickets = self._by_key.get(key)
+            if tickets is None:
+                continue
+            tickets.remove(ticket)
+            if not tickets:
                 del self._by_key[key]
 
     def find(self, caller: Caller) -> TicketId | None:
-        return self._by_key.get(caller.own_key)
+        tickets = self._by_key.get(caller.own_key)
+        return tickets[-1] if tickets else None
 
     def __len__(self) -> int:
         return len(self._keys)

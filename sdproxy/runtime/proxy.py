@@ -53,15 +53,27 @@ class Exchange:
     bytes_out: int = 0
     status: int = 0
     error: str | None = None
+    #: a relayed head went (or is going) to the client: no error response can follow
+    answering: bool = False
 
     def before_prepare(self, response: web.StreamResponse) -> None:
         """A relayed response's head is sent before ``_finish``: give a new caller its
         cookie there (its later progress polls find its job by it)."""
+        self.answering = True
         set_cookie(response, self.caller)
+
+
+def clean_path(path: str) -> bool:
+    """No dot or empty segments: the pod would normalise them (``/x/../server-kill`` is
+    ``/server-kill`` to it) after the proxy classified the raw path — an admin bypass."""
+    segments = path.split("/")[1:]
+    return all(seg not in (".", "..") for seg in segments) and "" not in segments[:-1]
 
 
 def error_response(exc: errors.ClientFacingError, ex: Exchange | None = None) -> web.Response:
     headers = {"X-Request-Id": ex.request_id} if ex else {}
+    if ex is not None and ex.pod is not None:
+        headers["X-Sdproxy-Pod"] = ex.pod
     if exc.retry_after_s is not None:
         headers["Retry-After"] = str(max(1, round(exc.retry_after_s)))
     if ex is not None:
@@ -103,11 +115,25 @@ class Proxy:
         )
         response: web.StreamResponse | None = None
         try:
+            if not clean_path(request.path):
+                raise errors.BadRequest(
+                    "paths with '.', '..' or empty segments are refused: the proxy must "
+                    "classify the path the pod will route"
+                )
             response = await self._route(request, ex)
         except errors.ClientFacingError as exc:
             response = error_response(exc, ex)
         except forward.ResponseBrokeOff as exc:
             response = self._broke_off(request, ex, exc)
+        except web.HTTPRequestEntityTooLarge:
+            response = error_response(errors.BodyTooLarge("request body too large"), ex)
+        except (ConnectionError, asyncio.CancelledError):
+            raise  # the client went away: nothing to answer
+        except Exception as exc:
+            if ex.answering:
+                raise
+            log.exception("unexpected error answering %s %s", request.method, request.path)
+            response = error_response(errors.InternalError(f"internal error: {exc!r}"), ex)
         finally:
             self._finish(request, ex, response)
         return response
@@ -132,9 +158,9 @@ class Proxy:
 
     async def _route_by_body(self, request: web.Request, ex: Exchange) -> web.StreamResponse:
         body = await forward.read_prefix(
-            request, peek_bytes=self.limit_bytes, limit_bytes=self.limit_bytes
+            request, peek_bytes=PEEK_BYTES, limit_bytes=self.limit_bytes
         )
-        ex.route_class = classify_options(body_keys(body.prefix))
+        ex.route_class = classify_options(body_keys(body.prefix), complete=body.complete)
         return await self._dispatch(request, ex, body)
 
     def _dispatch(

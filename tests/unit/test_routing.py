@@ -96,7 +96,7 @@ def test_builtin_classes(method: str, path: str, expected: RouteClass) -> None:
     ],
 )
 def test_only_post_options_needs_its_body(method: str, path: str, expected: bool) -> None:
-    assert RouteTable.needs_body_to_classify(method, path) is expected
+    assert RouteTable().needs_body_to_classify(method, path) is expected
 
 
 @pytest.mark.parametrize(
@@ -180,3 +180,13 @@ def test_bad_rules_raise_config_error(text: str) -> None:
         parse_rule(text)
     with pytest.raises(ConfigError):
         RouteTable.from_strings(["POST /ok=light", text])
+
+
+def test_a_user_rule_for_options_is_not_overridden_by_the_body_check() -> None:
+    table = RouteTable([parse_rule("POST /sdapi/v1/options=light")])
+    assert table.needs_body_to_classify("POST", "/sdapi/v1/options") is False
+    assert table.classify("POST", "/sdapi/v1/options") is RouteClass.LIGHT
+
+
+def test_an_options_body_too_large_to_read_whole_is_heavy() -> None:
+    assert classify_options(["sd_vae"], complete=False) is RouteClass.HEAVY
