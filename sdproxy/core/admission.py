@@ -114,12 +114,18 @@ class Pod:
     last_used: float = 0.0
     #: still listed by discovery (False: draining until its running jobs finish)
     listed: bool = True
+    #: chosen for scale-in: takes no new work until then (its deletion is on the way)
+    cordoned_until: float = 0.0
+
+    def cordoned(self, now: float) -> bool:
+        return now < self.cordoned_until
 
     def free(self, now: float) -> bool:
         return (
             self.state is PodState.READY
             and len(self.running) < self.limit
             and now >= self.ejected_until
+            and now >= self.cordoned_until
         )
 
 
@@ -269,11 +275,23 @@ class Admission:
         pod.ejected_until = now + self.config.eject_s * 2 ** min(pod.ejections, 5)
         pod.ejections += 1
 
+    def cordon(self, pod_ids: Iterable[PodId], now: float, *, for_s: float) -> list[PodId]:
+        """Take idle pods about to be scaled in out of rotation for ``for_s`` seconds, so no
+        request is bound to a pod between the scale decision and its deletion (which would
+        kill a generation). Pods that run something are skipped; returns the cordoned."""
+        out = []
+        for pod_id in pod_ids:
+            pod = self.pods.get(pod_id)
+            if pod is not None and pod.listed and not pod.running:
+                pod.cordoned_until = now + for_s
+                out.append(pod_id)
+        return out
+
     def pick_light(self, now: float, *, exclude: Sequence[PodId] = ()) -> Pod | None:
-        """A ready pod for a light request: least loaded, not ejected."""
+        """A ready pod for a light request: least loaded, not ejected, not cordoned."""
         best: Pod | None = None
         for pod in self.pods.values():
-            if pod.state is not PodState.READY or now < pod.ejected_until:
+            if pod.state is not PodState.READY or now < pod.ejected_until or pod.cordoned(now):
                 continue
             if pod.pod_id in exclude:
                 continue
@@ -313,12 +331,12 @@ class Admission:
     def count(self, *states: PodState) -> int:
         return sum(1 for p in self.pods.values() if p.state in states)
 
-    def idle_pods(self) -> list[PodId]:
-        """Pods that run nothing: not yet ready first, then ready pods idle longest first."""
-        waiting = [
-            p for p in self.pods.values() if p.state in (PodState.STARTING, PodState.WARMING)
-        ]
-        ready = [p for p in self.pods.values() if p.state is PodState.READY and not p.running]
+    def idle_pods(self, now: float) -> list[PodId]:
+        """Pods that run nothing and are not already cordoned: not yet ready first, then
+        ready pods idle longest first (the scale-in candidates)."""
+        pods = [p for p in self.pods.values() if not p.cordoned(now)]
+        waiting = [p for p in pods if p.state in (PodState.STARTING, PodState.WARMING)]
+        ready = [p for p in pods if p.state is PodState.READY and not p.running]
         ready.sort(key=lambda p: p.idle_since)
         return [p.pod_id for p in waiting + ready]
 
@@ -361,6 +379,8 @@ class Admission:
 
     def _capacity_coming(self, now: float) -> bool:
         for pod in self.pods.values():
+            if pod.cordoned(now):
+                continue
             if pod.state in (PodState.STARTING, PodState.WARMING):
                 return True
             # a pod refused once may have blipped: it is back after its first ejection;

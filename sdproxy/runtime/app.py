@@ -138,6 +138,7 @@ class Services:
                     "completed": pod.completed,
                     "errors": pod.errors,
                     "ejected": now < pod.ejected_until,
+                    "cordoned": pod.cordoned(now),
                 }
                 for pod in adm.pods.values()
             ],

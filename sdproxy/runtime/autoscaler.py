@@ -17,14 +17,17 @@ from typing import Any
 
 from sdproxy.core.admission import Admission
 from sdproxy.core.autoscale import AutoscaleConfig, AutoscaleState, Decision, Observation, decide
-from sdproxy.core.pods import PodState
+from sdproxy.core.pods import PodId, PodState
 from sdproxy.runtime.logs import log_event
 from sdproxy.runtime.metrics import Metrics
-from sdproxy.runtime.scaling import Scaler
+from sdproxy.runtime.scaling import NoScaler, Scaler
 from sdproxy.settings import ScalerSettings
 
 log = logging.getLogger("sdproxy.autoscaler")
 REASSERT_S = 30.0
+#: how long pods chosen for scale-in take no work; if one is still listed after that (the
+#: scale patch failed or was undone), it serves again
+CORDON_S = 30.0
 
 
 def config_from(settings: ScalerSettings) -> AutoscaleConfig:
@@ -85,8 +88,22 @@ class Autoscaler:
             self._record(decision)
         if self.scaler.is_leader() and (decision.changed or now - self._asserted_at >= REASSERT_S):
             self._asserted_at = now
-            await self.scaler.scale_to(decision.desired, idle_pods=self.admission.idle_pods())
+            victims = self._cordon_surplus(decision.desired, now)
+            await self.scaler.scale_to(decision.desired, idle_pods=victims)
         return decision
+
+    def _cordon_surplus(self, desired: int, now: float) -> list[PodId]:
+        """Pick the idle pods to remove and stop binding work to them BEFORE asking for
+        fewer pods: a request bound in between would die with its pod mid-generation."""
+        if isinstance(self.scaler, NoScaler):
+            return []  # nothing removes pods: the count is only exported
+        adm = self.admission
+        serving = (PodState.READY, PodState.STARTING, PodState.WARMING)
+        active = sum(1 for p in adm.pods.values() if p.state in serving and not p.cordoned(now))
+        surplus = active - desired
+        if surplus <= 0:
+            return []
+        return adm.cordon(adm.idle_pods(now)[:surplus], now, for_s=CORDON_S)
 
     def _record(self, decision: Decision) -> None:
         direction = "up" if decision.desired > decision.previous else "down"

@@ -531,13 +531,34 @@ def test_idle_pods_lists_not_ready_first_then_longest_idle() -> None:
     d = Driver(ep("a"), ep("b"), ep("c"), ep("d", ready=False), warmup=True)
     d.at(1).mark_warm("a")
     d.at(2).mark_warm("b")
-    assert d.adm.idle_pods() == [P("c"), P("d"), P("a"), P("b")]
+    assert d.adm.idle_pods(d.now) == [P("c"), P("d"), P("a"), P("b")]
     assert d.at(3).submit(1) == dispatch(1, "a")
-    assert d.adm.idle_pods() == [P("c"), P("d"), P("b")]
+    assert d.adm.idle_pods(d.now) == [P("c"), P("d"), P("b")]
     d.at(4).release(1)
-    assert d.adm.idle_pods() == [P("c"), P("d"), P("b"), P("a")]
+    assert d.adm.idle_pods(d.now) == [P("c"), P("d"), P("b"), P("a")]
     assert d.adm.count(PodState.READY) == 2
     assert d.adm.count(PodState.STARTING, PodState.WARMING) == 2
+
+
+def test_cordoned_pods_take_no_new_work_until_the_cordon_ends() -> None:
+    """Scale-in picks idle pods and cordons them before the scale patch: nothing may be
+    bound to a pod that is about to be deleted."""
+    d = Driver(ep("a"), ep("b"))
+    assert d.at(1).submit(1) == dispatch(1, "a")
+    # a runs job 1: only b (idle) can be cordoned
+    assert d.adm.cordon([P("a"), P("b")], d.now, for_s=10) == [P("b")]
+    assert d.adm.idle_pods(d.now) == []
+    assert d.at(2).submit(2) == queued(2, 1), "b is cordoned, a is busy"
+    assert d.adm.pick_light(d.now) is not None and d.adm.pick_light(d.now).pod_id == P("a")
+    assert d.at(3).release(1) == [dispatch(2, "a", queued_s=1.0)]
+    assert d.at(11).tick() == ([], [])
+    assert d.adm.pods[P("b")].free(d.now), "the scale-in did not happen: b serves again"
+
+
+def test_cordoned_pods_are_not_capacity_coming() -> None:
+    d = Driver(ep("a"))
+    d.adm.cordon([P("a")], d.now, for_s=10)
+    assert d.at(1).submit(1) == reject(1, RejectReason.NO_BACKENDS)
 
 
 # ---- queries --------------------------------------------------------------------------
