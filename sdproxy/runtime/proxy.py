@@ -267,6 +267,9 @@ class Proxy:
             except forward.UpstreamError as exc:
                 self.metrics.backend_error(pod=dispatch.pod_id, kind=exc.kind)
                 if exc.sent or not body.retryable:
+                    # the pod broke the exchange: rest it briefly (it may be restarting)
+                    # rather than hand it the next job first as the most recently used
+                    self.gate.admission.eject(dispatch.pod_id, self.clock())
                     self.gate.release(dispatch.ticket, pod_failed=True)
                     raise errors.BackendError(f"pod {dispatch.pod_id}: {exc.detail}") from exc
                 log.warning("pod %s refused: %s; retrying elsewhere", dispatch.pod_id, exc.detail)

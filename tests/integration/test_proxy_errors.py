@@ -255,3 +255,20 @@ async def test_response_breaking_off_mid_body_cuts_the_client_off(
         await proxy.wait_idle()
         body, _ = proxy.services.metrics.exposition()
         assert b'sdproxy_backend_errors_total{kind="reset"' in body
+
+
+async def test_a_pod_that_broke_an_exchange_rests_before_it_gets_work_again(
+    sim_pods: SimFactory, proxy_factory: ProxyFactory
+) -> None:
+    """After a 502 (the pod reset an exchange it had received) the next jobs go to the
+    healthy pod, not back to the broken one as the most recently used."""
+    sims = await sim_pods(1)
+    async with hang_up_backend() as broken:
+        proxy = await proxy_factory([broken, *sims.urls])
+        statuses = []
+        for _ in range(6):
+            status, _body, _ = await post(proxy, TXT2IMG, gen_body(2))
+            statuses.append(status)
+        assert statuses.count(502) == 1, statuses
+        assert statuses[statuses.index(502) + 1 :] == [200] * (5 - statuses.index(502))
+        await proxy.wait_idle()
