@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any
 
@@ -249,16 +249,7 @@ class Proxy:
         """Send to the bound pod; retry elsewhere only if nothing reached it."""
         while True:
             ex.pod = dispatch.pod_id
-            headers = forward.upstream_headers(request, {"X-Request-Id": ex.request_id})
-            exchange = asyncio.ensure_future(
-                forward.send(
-                    self.session,
-                    method=request.method,
-                    url=dispatch.url + request.path_qs,
-                    headers=headers,
-                    body=body,
-                )
-            )
+            exchange = asyncio.ensure_future(self._send(request, ex, dispatch.url, body))
             try:
                 upstream = await asyncio.shield(exchange)
             except asyncio.CancelledError:
@@ -359,6 +350,33 @@ class Proxy:
         if self._background:
             await asyncio.gather(*self._background, return_exceptions=True)
 
+    def _send(
+        self,
+        request: web.Request,
+        ex: Exchange,
+        base_url: str,
+        body: forward.RequestBody | bytes | None,
+    ) -> Coroutine[Any, Any, aiohttp.ClientResponse]:
+        """The client's request, as it goes to the pod at ``base_url``."""
+        headers = forward.upstream_headers(request, {"X-Request-Id": ex.request_id})
+        url = base_url + request.path_qs
+        return forward.send(
+            self.session, method=request.method, url=url, headers=headers, body=body
+        )
+
+    async def _answer_from(
+        self, request: web.Request, ex: Exchange, pod_id: str, upstream: aiohttp.ClientResponse
+    ) -> web.StreamResponse:
+        """Relay a light or job-bound answer (no slot to free)."""
+        async with upstream:
+            response, ex.bytes_out = await forward.relay(
+                request,
+                upstream,
+                extra_headers={"X-Request-Id": ex.request_id, "X-Sdproxy-Pod": pod_id},
+                before_prepare=ex.before_prepare,
+            )
+        return response
+
     # ---- light ------------------------------------------------------------------------
 
     async def _light(
@@ -375,29 +393,15 @@ class Proxy:
                 break
             tried.append(pod.pod_id)
             ex.pod = pod.pod_id
-            headers = forward.upstream_headers(request, {"X-Request-Id": ex.request_id})
             try:
-                upstream = await forward.send(
-                    self.session,
-                    method=request.method,
-                    url=pod.url + request.path_qs,
-                    headers=headers,
-                    body=body,
-                )
+                upstream = await self._send(request, ex, pod.url, body)
             except forward.UpstreamError as exc:
                 self.metrics.backend_error(pod=pod.pod_id, kind=exc.kind)
                 if exc.sent or (body is not None and not body.retryable):
                     raise errors.BackendError(f"pod {pod.pod_id}: {exc.detail}") from exc
                 self.gate.admission.eject(pod.pod_id, self.clock())
                 continue
-            async with upstream:
-                response, ex.bytes_out = await forward.relay(
-                    request,
-                    upstream,
-                    extra_headers={"X-Request-Id": ex.request_id, "X-Sdproxy-Pod": pod.pod_id},
-                    before_prepare=ex.before_prepare,
-                )
-            return response
+            return await self._answer_from(request, ex, pod.pod_id, upstream)
         raise errors.NoBackends("no ready sd-webui pod to answer", retry_after_s=5)
 
     # ---- job-bound --------------------------------------------------------------------
@@ -407,27 +411,13 @@ class Proxy:
         running = self.gate.admission.running(ticket) if ticket is not None else None
         if running is not None:
             ex.pod = running.pod_id
-            headers = forward.upstream_headers(request, {"X-Request-Id": ex.request_id})
             body = await request.read() if request.can_read_body else None
             try:
-                upstream = await forward.send(
-                    self.session,
-                    method=request.method,
-                    url=running.url + request.path_qs,
-                    headers=headers,
-                    body=body,
-                )
+                upstream = await self._send(request, ex, running.url, body)
             except forward.UpstreamError as exc:
                 self.metrics.backend_error(pod=running.pod_id, kind=exc.kind)
                 raise errors.BackendError(f"pod {running.pod_id}: {exc.detail}") from exc
-            async with upstream:
-                response, ex.bytes_out = await forward.relay(
-                    request,
-                    upstream,
-                    extra_headers={"X-Request-Id": ex.request_id, "X-Sdproxy-Pod": running.pod_id},
-                    before_prepare=ex.before_prepare,
-                )
-            return response
+            return await self._answer_from(request, ex, running.pod_id, upstream)
         queued = ticket is not None and ticket in self.gate.admission.queue
         if request.path.endswith("/progress"):
             return web.json_response(self._progress(ticket if queued else None))
