@@ -169,8 +169,14 @@ class Admission:
         self._jobs[job.ticket] = job
         return Queued(ticket=job.ticket, position=len(self.queue))
 
-    def release(self, ticket: TicketId, now: float, *, pod_failed: bool = False) -> list[Dispatch]:
-        """A dispatched job's response has finished (the pod's slot is free again)."""
+    def release(
+        self, ticket: TicketId, now: float, *, pod_failed: bool = False, ran: bool = True
+    ) -> list[Dispatch]:
+        """A dispatched job's response has finished (the pod's slot is free again).
+
+        ``ran=False``: the slot is given back without a full generation behind it (the
+        waiter vanished as it was bound, the client left and the pod was interrupted):
+        neither a completion nor an error, and no sample for the ETA estimate."""
         run = self._running.pop(ticket, None)
         if run is None:  # not running (queued, finished, unknown): a stray release is a no-op
             return []
@@ -180,7 +186,7 @@ class Admission:
             del pod.running[ticket]
             if pod_failed:
                 pod.errors += 1
-            else:
+            elif ran:
                 pod.completed += 1
                 pod.ejections = 0
                 if job is not None and job.cost > 0:

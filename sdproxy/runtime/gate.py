@@ -94,14 +94,15 @@ class Gate:
         except asyncio.CancelledError:
             self._waiters.pop(decision.ticket, None)
             if fut.done() and not fut.cancelled() and fut.exception() is None:
-                self.release(decision.ticket)  # bound at the same instant: give it back
+                self.release(decision.ticket, ran=False)  # bound as it left: give it back
             else:  # the caller left (client gone): counted by the caller, not as cancelled
                 self.admission.cancel(decision.ticket)
             raise
 
-    def release(self, ticket: TicketId, *, pod_failed: bool = False) -> None:
+    def release(self, ticket: TicketId, *, pod_failed: bool = False, ran: bool = True) -> None:
         """The job's response finished: free the slot and admit whoever is next."""
-        self._resolve(self.admission.release(ticket, self.now(), pod_failed=pod_failed), [])
+        released = self.admission.release(ticket, self.now(), pod_failed=pod_failed, ran=ran)
+        self._resolve(released, [])
 
     def cancel_queued(self, ticket: TicketId) -> bool:
         """Interrupt a queued job: its waiting request gets 409 job_cancelled."""
@@ -136,7 +137,7 @@ class Gate:
             d = pending.pop()
             fut = self._waiters.pop(d.ticket, None)
             if fut is None or fut.done():  # waiter vanished: never leak the slot
-                pending.extend(self.admission.release(d.ticket, self.now()))
+                pending.extend(self.admission.release(d.ticket, self.now(), ran=False))
                 continue
             fut.set_result(d)
         for r in rejects:

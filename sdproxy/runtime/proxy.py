@@ -330,7 +330,8 @@ class Proxy:
             failed = not isinstance(exc, errors.BodyTooLarge)
             log.info("abandoned job on %s ended with %r", dispatch.pod_id, exc)
         finally:
-            self.gate.release(dispatch.ticket, pod_failed=failed)
+            # interrupted: not a completion, and no sample for the ETA estimate
+            self.gate.release(dispatch.ticket, pod_failed=failed, ran=False)
 
     async def _post_interrupt(self, base_url: str) -> None:
         timeout = aiohttp.ClientTimeout(total=self.settings.connect_timeout_s + 5)

@@ -105,8 +105,8 @@ class Driver:
         job = Job(ticket=T(n), enqueued_at=self.now, cost=cost, checkpoint=checkpoint)
         return self._checked(self.adm.submit(job, self.now))
 
-    def release(self, n: int, *, pod_failed: bool = False) -> list[Dispatch]:
-        return self._checked(self.adm.release(T(n), self.now, pod_failed=pod_failed))
+    def release(self, n: int, *, pod_failed: bool = False, ran: bool = True) -> list[Dispatch]:
+        return self._checked(self.adm.release(T(n), self.now, pod_failed=pod_failed, ran=ran))
 
     def retry(self, n: int) -> Decision:
         return self._checked(self.adm.retry(T(n), self.now))
@@ -538,6 +538,16 @@ def test_idle_pods_lists_not_ready_first_then_longest_idle() -> None:
     assert d.adm.idle_pods(d.now) == [P("c"), P("d"), P("b"), P("a")]
     assert d.adm.count(PodState.READY) == 2
     assert d.adm.count(PodState.STARTING, PodState.WARMING) == 2
+
+
+def test_a_slot_given_back_without_a_generation_is_no_completion_and_no_eta_sample() -> None:
+    d = Driver(ep("a"))
+    d.submit(1)
+    d.submit(2)
+    assert d.at(10).release(1, ran=False) == [dispatch(2, "a", queued_s=10.0)]
+    assert d.pod("a").completed == 0 and d.pod("a").errors == 0
+    # 10 s for one unit would have pulled the ETA estimate up; it is untouched
+    assert d.adm._spu == d.adm.config.seconds_per_unit
 
 
 def test_cordoned_pods_take_no_new_work_until_the_cordon_ends() -> None:
