@@ -298,7 +298,7 @@ def _read_sim_urls(proc: Proc, *, pods: int, timeout_s: float) -> list[str]:
         time.sleep(0.05)
     if len(urls) < pods:
         raise TargetUnavailable(
-            f"sim printed {len(urls)}/{pods} pod URLs (argv: {shlex.join(proc.popen.args)}):\n"  # type: ignore[arg-type]
+            f"sim printed {len(urls)}/{pods} pod URLs (argv: {_argv(proc.popen.args)}):\n"
             f"{proc.log_tail()}"
         )
     return urls[:pods]
@@ -511,3 +511,12 @@ def versions() -> dict[str, str]:
         except (TargetUnavailable, OSError, subprocess.TimeoutExpired) as exc:
             out[name] = f"missing ({exc})"
     return out
+
+
+def _argv(args: object) -> str:
+    """A Popen's args for an error message (a list here; str or bytes are allowed too)."""
+    if isinstance(args, str | bytes):
+        return str(args)
+    if isinstance(args, list | tuple):
+        return shlex.join(str(a) for a in args)
+    return repr(args)

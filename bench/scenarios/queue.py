@@ -170,7 +170,8 @@ async def run(ctx: Context) -> dict[str, Any]:
     sd = systems.get("sdproxy", {})
     targets = {
         "rss_peak_mb": report.target(
-            sd.get("rss_peak_mib"),
+            # the target is in MB (10^6 bytes); the table shows MiB
+            None if sd.get("rss_peak_mib") is None else round(sd["rss_peak_mib"] * 1.048576, 1),
             text=f"<= 300 MB with {p['clients']} waiting",
             ok=lambda v: v <= 300,
         ),
@@ -204,7 +205,7 @@ def plots(result: dict[str, Any], out_dir: Path) -> list[str]:
     series: dict[str, dict[str, list[report.Point]]] = result["series"]
 
     def pick(key: str) -> dict[str, list[report.Point]]:
-        return {name: [tuple(x) for x in s.get(key, [])] for name, s in series.items()}  # type: ignore[misc]
+        return {name: [(x[0], x[1]) for x in s.get(key, [])] for name, s in series.items()}
 
     path = report.plot_panels(
         out_dir / "queue.png",

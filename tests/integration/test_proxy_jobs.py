@@ -45,6 +45,19 @@ async def generate(
         return resp.status, await resp.json()
 
 
+async def running_and_queued(
+    proxy: ProxyUnderTest,
+    running: tuple[aiohttp.ClientSession, Mapping[str, str]],
+    queued: tuple[aiohttp.ClientSession, Mapping[str, str]],
+) -> tuple[asyncio.Task[tuple[int, Any]], asyncio.Task[tuple[int, Any]]]:
+    """Two 60-step jobs on a one-pod proxy: the first runs, the second waits in the queue."""
+    first = asyncio.create_task(generate(running[0], proxy.url, 60, running[1]))
+    await proxy.wait_inflight(1)
+    second = asyncio.create_task(generate(queued[0], proxy.url, 60, queued[1]))
+    await proxy.wait_queue(1)
+    return first, second
+
+
 async def get_progress(
     session: aiohttp.ClientSession, url: str, headers: Mapping[str, str]
 ) -> tuple[Any, aiohttp.ClientResponse]:
@@ -84,10 +97,7 @@ async def test_progress_is_answered_by_the_proxy_while_queued_and_by_the_pod_whi
     sims = await sim_pods(1)
     proxy = await proxy_factory(sims.urls)
     s, url = proxy.client, proxy.url
-    alice = asyncio.create_task(generate(s, url, 60, client("alice")))
-    await proxy.wait_inflight(1)
-    bob = asyncio.create_task(generate(s, url, 60, client("bob")))
-    await proxy.wait_queue(1)
+    alice, bob = await running_and_queued(proxy, (s, client("alice")), (s, client("bob")))
 
     data, resp = await get_progress(s, url, client("bob"))
     assert_queued_progress(data, position=1)
@@ -113,11 +123,8 @@ async def test_interrupt_while_queued_cancels_the_waiting_request(
 ) -> None:
     sims = await sim_pods(1)
     proxy = await proxy_factory(sims.urls)
-    s, url = proxy.client, proxy.url
-    alice = asyncio.create_task(generate(s, url, 60, client("alice")))
-    await proxy.wait_inflight(1)
-    bob = asyncio.create_task(generate(s, url, 60, client("bob")))
-    await proxy.wait_queue(1)
+    s = proxy.client
+    alice, bob = await running_and_queued(proxy, (s, client("alice")), (s, client("bob")))
     async with s.post(INTERRUPT, headers=client("bob")) as resp:
         assert resp.status == 200 and await resp.json() == {}
         assert "X-Sdproxy-Pod" not in resp.headers
@@ -164,10 +171,7 @@ async def test_callers_are_told_apart_by_cookie(
     sims = await sim_pods(1)
     proxy = await proxy_factory(sims.urls)
     s, url = proxy.client, proxy.url
-    carol = asyncio.create_task(generate(s, url, 60, cookie("carol")))
-    await proxy.wait_inflight(1)
-    dave = asyncio.create_task(generate(s, url, 60, cookie("dave")))
-    await proxy.wait_queue(1)
+    carol, dave = await running_and_queued(proxy, (s, cookie("carol")), (s, cookie("dave")))
     data, _ = await get_progress(s, url, cookie("dave"))
     assert_queued_progress(data, position=1)
     running = await running_progress(proxy, cookie("carol"))
@@ -207,10 +211,9 @@ async def test_callers_are_told_apart_by_address(
         for addr in ("127.0.0.2", "127.0.0.3")
     }
     try:
-        first = asyncio.create_task(generate(proxy.client, proxy.url, 60, client("first")))
-        await proxy.wait_inflight(1)
-        mine = asyncio.create_task(generate(sessions["127.0.0.2"], proxy.url, 60, {}))
-        await proxy.wait_queue(1)
+        first, mine = await running_and_queued(
+            proxy, (proxy.client, client("first")), (sessions["127.0.0.2"], {})
+        )
         data, _ = await get_progress(sessions["127.0.0.2"], proxy.url, {})
         assert_queued_progress(data, position=1)
         data, _ = await get_progress(sessions["127.0.0.3"], proxy.url, {})

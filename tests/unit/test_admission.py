@@ -559,7 +559,8 @@ def test_cordoned_pods_take_no_new_work_until_the_cordon_ends() -> None:
     assert d.adm.cordon([P("a"), P("b")], d.now, for_s=10) == [P("b")]
     assert d.adm.idle_pods(d.now) == []
     assert d.at(2).submit(2) == queued(2, 1), "b is cordoned, a is busy"
-    assert d.adm.pick_light(d.now) is not None and d.adm.pick_light(d.now).pod_id == P("a")
+    light = d.adm.pick_light(d.now)
+    assert light is not None and light.pod_id == P("a")
     assert d.at(3).release(1) == [dispatch(2, "a", queued_s=1.0)]
     assert d.at(11).tick() == ([], [])
     assert d.adm.pods[P("b")].free(d.now), "the scale-in did not happen: b serves again"
@@ -720,11 +721,13 @@ class AdmissionStorm(RuleBasedStateMachine):
     @rule(data=st.data())
     def retry(self, data: st.DataObject) -> None:
         ticket = data.draw(st.sampled_from(self._tickets(RUNNING)))
-        pod_id = self.adm.pods[self.adm.running(ticket).pod_id]  # type: ignore[union-attr]
+        run = self.adm.running(ticket)
+        assert run is not None
+        refused = self.adm.pods[run.pod_id]
         decision = self.adm.retry(ticket, self.now)
-        assert pod_id.ejected_until > self.now
+        assert refused.ejected_until > self.now
         if isinstance(decision, Dispatch):
-            assert decision.pod_id != pod_id.pod_id
+            assert decision.pod_id != refused.pod_id
         self._decided(decision)
 
     @precondition(lambda self: len(self.fate) > 0)

@@ -155,4 +155,5 @@ def test_bad_settings_are_config_errors(level: str, fmt: str) -> None:
 def test_access_record_is_frozen() -> None:
     record = access_record()
     with pytest.raises(FrozenInstanceError):
+        # mypy rightly refuses this assignment; the test proves it fails at run time too
         record.status = 500  # type: ignore[misc]
