@@ -3,7 +3,7 @@
 One job: turn each contender into a ``tick(observation, now) -> desired pods`` function
 for the pod model in ``bench._autoscale_sim``. sdproxy's is the real core function; the
 baselines live here (they are yardsticks, not product code), written from their
-published algorithms and defaults (/work/shared/PRIOR-ART.md):
+published algorithms and defaults (docs/prior-art.md):
 
 - ``KpaPolicy``: Knative Serving's KPA decider (knative/serving
   pkg/autoscaler/scaling/autoscaler.go, config-autoscaler defaults).

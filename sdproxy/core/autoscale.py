@@ -4,7 +4,7 @@
 per scaler tick; the runtime reads the clock, builds the ``Observation`` and executes the
 ``Decision`` (and logs its ``reason``). No I/O, no clock, no randomness here.
 
-The rules, in order (why each differs from Knative's KPA, see /work/shared/PRIOR-ART.md):
+The rules, in order (why each differs from Knative's KPA, see docs/prior-art.md):
 
 1. **Need** = ceil((in flight + queued) / per-pod limit): one pod per generation at
    ``max_inflight = 1``. KPA divides by ``container-concurrency-target-percentage`` 0.7

@@ -280,7 +280,7 @@ def estimate_steps(params: Mapping[str, object], *, route: str = "txt2img") -> f
 
     ``route`` is the last path segment under /sdapi/v1/: ``txt2img``, ``img2img``,
     ``extra-single-image`` or ``interrogate``; anything else is costed like txt2img
-    (an unknown POST is heavy, SD-WEBUI.md).
+    (an unknown POST is heavy, docs/sd-webui.md).
     """
     if route == "img2img":
         return plan_img2img(params).units

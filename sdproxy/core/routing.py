@@ -1,4 +1,4 @@
-"""Core: classify a request into a route class (see shared/SD-WEBUI.md, "Routes").
+"""Core: classify a request into a route class (see docs/sd-webui.md, "Routes").
 
 The table is data: built-in rules plus user rules ("METHOD /path/prefix=class") from the
 settings, checked first-match in order of decreasing prefix length, so a user rule can

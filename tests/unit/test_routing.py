@@ -1,4 +1,4 @@
-"""Unit: route classification over sd-webui's API (shared/SD-WEBUI.md, "Routes")."""
+"""Unit: route classification over sd-webui's API (docs/sd-webui.md, "Routes")."""
 
 from __future__ import annotations
 
