@@ -4,6 +4,14 @@
     ├── ConfigError                 bad settings (CLI, env, TOML); never reaches a client
     ├── KubernetesError             a Kubernetes API call failed (logged; discovery keeps
     │                               the last known pods, the scaler retries next tick)
+    ├── StateError                  an event the core's state does not allow (a bug in the
+    │   │                           caller: releasing a ticket that does not run, …)
+    │   └── IllegalTransition       a pod state change not in the transition table
+    ├── UpstreamError               one exchange with a pod failed; .kind, .sent
+    │   ├── ConnectFailed           refused / connect timed out: nothing reached the pod
+    │   ├── UpstreamTimeout         sent, and the pod did not answer in time
+    │   ├── UpstreamReset           sent, and the pod closed or reset the connection
+    │   └── ResponseBrokeOff        the answer broke off after its head went to the client
     └── ClientFacingError           has .status and a stable .code for the JSON body
         ├── QueueFull               503 queue_full (with Retry-After)
         ├── QueueTimeout            503 queue_timeout
@@ -18,12 +26,17 @@
         └── InternalError           500 internal_error (a bug; logged with its traceback)
 
 Kubernetes and aiohttp client errors are translated at the runtime boundary with
-``raise X(...) from exc`` so handlers only ever catch ``ClientFacingError``.
+``raise X(...) from exc`` so handlers only ever catch ``ClientFacingError`` (and
+``UpstreamError`` where a pod failure needs its own handling). ``for_reject`` is the one
+table from a core rejection reason (whose values are the client error codes) to the error
+the client gets. This module imports nothing of ours: every layer may use it.
 """
 
 from __future__ import annotations
 
-from typing import ClassVar
+from collections.abc import Callable
+from enum import StrEnum
+from typing import Any, ClassVar
 
 
 class SdproxyError(Exception):
@@ -42,6 +55,62 @@ class KubernetesError(SdproxyError):
         self.what = what
         self.status = status
         self.reason = reason
+
+
+class StateError(SdproxyError):
+    """The admission core was told something its state rules out (a caller's bug)."""
+
+
+class IllegalTransition(StateError):
+    """A pod state change that the transition table in ``sdproxy.core.pods`` forbids."""
+
+
+class UpstreamKind(StrEnum):
+    """How an exchange with a pod failed (the ``kind`` label of backend error metrics)."""
+
+    CONNECT = "connect"
+    TIMEOUT = "timeout"
+    RESET = "reset"
+    BROKE_OFF = "broke_off"
+
+
+class UpstreamError(SdproxyError):
+    """An exchange with a pod failed. ``sent`` is False when nothing reached the pod (a
+    retry on another pod is safe: generations are not idempotent)."""
+
+    kind: ClassVar[UpstreamKind] = UpstreamKind.RESET
+
+    def __init__(self, detail: str, *, sent: bool) -> None:
+        super().__init__(detail)
+        self.detail = detail
+        self.sent = sent
+
+
+class ConnectFailed(UpstreamError):
+    kind = UpstreamKind.CONNECT
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(detail, sent=False)
+
+
+class UpstreamTimeout(UpstreamError):
+    kind = UpstreamKind.TIMEOUT
+
+
+class UpstreamReset(UpstreamError):
+    kind = UpstreamKind.RESET
+
+
+class ResponseBrokeOff(UpstreamError):
+    """The pod's answer broke off after its head went to the client: the client's
+    connection must be cut so it sees a truncated answer, not a complete one.
+    ``response`` is the runtime's half-sent response object."""
+
+    kind = UpstreamKind.BROKE_OFF
+
+    def __init__(self, detail: str, *, response: Any) -> None:
+        super().__init__(detail, sent=True)
+        self.response = response
 
 
 class ClientFacingError(SdproxyError):
@@ -113,3 +182,28 @@ class NotFound(ClientFacingError):
 class InternalError(ClientFacingError):
     status = 500
     code = "internal_error"
+
+
+#: core rejection reason (its value) -> the error its client gets
+_REJECTS: dict[str, Callable[[], ClientFacingError]] = {
+    "queue_full": lambda: QueueFull("the proxy's queue is full; retry later", retry_after_s=5),
+    "queue_timeout": lambda: QueueTimeout("waited too long in the proxy's queue for a free pod"),
+    "no_backends": lambda: NoBackends(
+        "no ready sd-webui pod and none is starting", retry_after_s=10
+    ),
+    "job_cancelled": lambda: JobCancelled("the job was interrupted while it waited in the queue"),
+    "shutting_down": lambda: ShuttingDown("the proxy is shutting down", retry_after_s=1),
+}
+
+#: reasons no client hears about (it is gone)
+SILENT_REJECTS = frozenset({"client_gone"})
+
+
+def for_reject(reason: str) -> ClientFacingError:
+    """The client-facing error for a core rejection reason (``RejectReason`` value)."""
+    return _REJECTS[reason]()
+
+
+def answered_rejects() -> frozenset[str]:
+    """Every rejection reason that has a client error (tests check the core's enum)."""
+    return frozenset(_REJECTS)

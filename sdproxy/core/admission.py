@@ -1,81 +1,51 @@
-"""Core: per-pod slots, the shared queue and dispatch decisions (sans-IO state machine).
+"""Core: admission — heavy jobs meet pod slots (a sans-IO state machine).
 
-The runtime calls in with events (a job arrives, a job finishes, pods change, time passes)
-and gets decisions back (``Dispatch``, ``Queued``, ``Reject``); it performs them. Invariants:
+The runtime calls in with events (a job arrives, an exchange ends, pods change, time
+passes) and gets one ``Effects`` back from every mutator (sdproxy.core.effects). This
+module only composes the pieces, each of which answers one question in its own file:
 
-- a pod never runs more than its limit of heavy jobs (``len(pod.running) <= pod.limit``);
-- work-conserving: no job waits while a READY, non-ejected pod has a free slot;
-- a job is bound to a pod only at the moment a slot frees (HAProxy, the Inference
-  Extension), never at arrival (what makes Knative queue behind a busy pod);
-- every submitted job ends in exactly one of: dispatched then released, rejected, cancelled.
+- in which order jobs are served ............ the queue (``sdproxy.core.queue``)
+- which pod a job goes to .................... placement (``sdproxy.core.placement``)
+- which pod answers a light call ............. ``sdproxy.core.light``
+- when a pod is ejected, whether pods come ... health (``sdproxy.core.health``)
+- what a release does, who owns a slot ....... ``release`` below + ``sdproxy.core.slots``
+- how long a queued job will take ............ ``sdproxy.core.eta``
 
-Pod choice among free pods: the pod that has the requested checkpoint loaded, then the
-least loaded, then the most recently used (packs work so idle pods can be scaled in).
+Invariants (``check``): a pod never runs more than its limit; a job is queued or bound,
+never both; work-conserving — no job waits while a pod its placement accepts is free; a
+job is bound to a pod only when a slot frees (never at arrival); after shutdown nothing
+waits. Every mutator ends in ``_settle``: drain the queue onto free slots, answer the
+queue ``no_backends`` if no pod can come, and compute ``wake_at``.
+
+Stray events are errors (``StateError``): releasing a ticket that does not run,
+cancelling one that is not queued. Races the runtime cannot avoid are not: a warm-up that
+finishes after its pod changed state, ejecting a pod that discovery already removed.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
-from enum import StrEnum
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 
+from sdproxy.core.effects import (
+    Dispatch,
+    Effects,
+    EffectsBuilder,
+    Outcome,
+    Queued,
+    Reject,
+    RejectReason,
+)
+from sdproxy.core.eta import EwmaEta
+from sdproxy.core.health import Health
+from sdproxy.core.light import LeastLoadedLight
+from sdproxy.core.placement import AffinityPlacement, Placement
 from sdproxy.core.pods import Endpoint, PodId, PodState
-from sdproxy.core.queue import FifoQueue, Job, TicketId
+from sdproxy.core.queue import FifoQueue, Job, Queue, TicketId
+from sdproxy.core.slots import Pod, Running, SlotBook
+from sdproxy.errors import StateError
 
-__all__ = [
-    "Admission",
-    "AdmissionConfig",
-    "Dispatch",
-    "Job",
-    "Pod",
-    "Queued",
-    "Reconciled",
-    "Reject",
-    "RejectReason",
-    "Running",
-    "TicketId",
-]
-
-
-class RejectReason(StrEnum):
-    QUEUE_FULL = "queue_full"
-    QUEUE_TIMEOUT = "queue_timeout"
-    NO_BACKENDS = "no_backends"
-    CANCELLED = "job_cancelled"
-    SHUTTING_DOWN = "shutting_down"
-
-
-@dataclass(frozen=True, kw_only=True)
-class Dispatch:
-    ticket: TicketId
-    pod_id: PodId
-    url: str
-    #: seconds the job waited in the proxy
-    queued_s: float
-
-
-@dataclass(frozen=True, kw_only=True)
-class Queued:
-    ticket: TicketId
-    #: 1-based place in the shared queue
-    position: int
-
-
-@dataclass(frozen=True, kw_only=True)
-class Reject:
-    ticket: TicketId
-    reason: RejectReason
-
-
-@dataclass(frozen=True, kw_only=True)
-class Running:
-    ticket: TicketId
-    pod_id: PodId
-    url: str
-    dispatched_at: float
-
-
-Decision = Dispatch | Queued | Reject
+__all__ = ["Admission", "AdmissionConfig", "Job", "Pod", "Running", "TicketId"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -96,341 +66,285 @@ class AdmissionConfig:
     seconds_per_unit: float = 0.1
 
 
-@dataclass(kw_only=True)
-class Pod:
-    pod_id: PodId
-    url: str
-    state: PodState
-    limit: int
-    running: dict[TicketId, Running] = field(default_factory=dict)
-    #: checkpoint of the last job sent (sd-webui keeps it loaded until another is needed)
-    checkpoint: str | None = None
-    ejected_until: float = 0.0
-    ejections: int = 0
-    completed: int = 0
-    errors: int = 0
-    #: when the pod last became idle (or appeared); orders scale-in candidates
-    idle_since: float = 0.0
-    last_used: float = 0.0
-    #: still listed by discovery (False: draining until its running jobs finish)
-    listed: bool = True
-    #: chosen for scale-in: takes no new work until then (its deletion is on the way)
-    cordoned_until: float = 0.0
-
-    def cordoned(self, now: float) -> bool:
-        return now < self.cordoned_until
-
-    def free(self, now: float) -> bool:
-        return (
-            self.state is PodState.READY
-            and len(self.running) < self.limit
-            and now >= self.ejected_until
-            and now >= self.cordoned_until
-        )
-
-
-@dataclass(frozen=True, kw_only=True)
-class Reconciled:
-    """Outcome of a discovery snapshot."""
-
-    dispatches: list[Dispatch]
-    rejects: list[Reject]
-    #: (pod, old state or None if new, new state or None if gone)
-    transitions: list[tuple[PodId, PodState | None, PodState | None]]
-
-
 class Admission:
     """The slots and queue of one proxy replica."""
 
-    def __init__(self, config: AdmissionConfig) -> None:
+    def __init__(
+        self,
+        config: AdmissionConfig,
+        *,
+        queue: Queue | None = None,
+        placement: Placement | None = None,
+    ) -> None:
         self.config = config
-        self.queue = FifoQueue()
-        self.pods: dict[PodId, Pod] = {}
-        self._running: dict[TicketId, Running] = {}
-        self._spu = config.seconds_per_unit
-        self._jobs: dict[TicketId, Job] = {}
+        self.queue: Queue = queue if queue is not None else FifoQueue()
+        self.placement: Placement = placement if placement is not None else AffinityPlacement()
+        self.book = SlotBook(limit=config.max_inflight)
+        self.health = Health(eject_s=config.eject_s)
+        self.light = LeastLoadedLight()
+        self.eta = EwmaEta(seconds_per_unit=config.seconds_per_unit)
         self.closed = False
 
     # ---- heavy jobs -------------------------------------------------------------------
 
-    def submit(self, job: Job, now: float) -> Decision:
-        """A heavy job arrives: dispatch it, queue it, or reject it."""
+    def submit(self, job: Job, now: float) -> Effects:
+        """A heavy job arrives: bind it to a free pod, queue it, or reject it."""
+        fx = EffectsBuilder()
         if self.closed:
-            return Reject(ticket=job.ticket, reason=RejectReason.SHUTTING_DOWN)
+            return self._refuse(fx, job.ticket, RejectReason.SHUTTING_DOWN, now)
         if not len(self.queue):
-            pod = self._choose(job, now)
+            free = self._free(now)
+            pod = self.placement.choose(job, free) if free else None
             if pod is not None:
-                return self._bind(job, pod, now)
+                fx.dispatches.append(self._bind(job, pod, now))
+                return self._settle(fx, now)
         if len(self.queue) >= self.config.max_queue:
-            return Reject(ticket=job.ticket, reason=RejectReason.QUEUE_FULL)
+            return self._refuse(fx, job.ticket, RejectReason.QUEUE_FULL, now)
         if self._hopeless(now):
-            return Reject(ticket=job.ticket, reason=RejectReason.NO_BACKENDS)
-        self.queue.push(job)
-        self._jobs[job.ticket] = job
-        return Queued(ticket=job.ticket, position=len(self.queue))
+            return self._refuse(fx, job.ticket, RejectReason.NO_BACKENDS, now)
+        position = self.queue.push(job, deadline=job.enqueued_at + self.config.queue_timeout_s)
+        return self._settle(fx, now, queued=(job.ticket, position))
 
-    def release(
-        self, ticket: TicketId, now: float, *, pod_failed: bool = False, ran: bool = True
-    ) -> list[Dispatch]:
-        """A dispatched job's response has finished (the pod's slot is free again).
-
-        ``ran=False``: the slot is given back without a full generation behind it (the
-        waiter vanished as it was bound, the client left and the pod was interrupted):
-        neither a completion nor an error, and no sample for the ETA estimate."""
-        run = self._running.pop(ticket, None)
-        if run is None:  # not running (queued, finished, unknown): a stray release is a no-op
-            return []
-        job = self._jobs.pop(ticket, None)
-        pod = self.pods.get(run.pod_id)
+    def release(self, ticket: TicketId, outcome: Outcome, now: float) -> Effects:
+        """A dispatched job's exchange with its pod ended as ``outcome``: free its slot
+        (see ``Outcome`` for what each one counts) and admit whoever is next."""
+        freed = self.book.unbind(ticket)
+        fx = EffectsBuilder()
+        pod = freed.pod
         if pod is not None:
-            del pod.running[ticket]
-            if pod_failed:
-                pod.errors += 1
-            elif ran:
+            if outcome is Outcome.COMPLETED:
                 pod.completed += 1
-                pod.ejections = 0
-                if job is not None and job.cost > 0:
-                    sample = (now - run.dispatched_at) / job.cost
-                    self._spu += 0.2 * (sample - self._spu)  # EWMA for ETAs
+                self.health.succeeded(pod)
+                self.eta.observe(cost=freed.job.cost, seconds=now - freed.run.dispatched_at)
+            elif outcome is Outcome.FAILED:
+                pod.errors += 1
+                self.health.eject(pod, now)
+            elif outcome is Outcome.REFUSED:
+                self.health.eject(pod, now)
             if not pod.running:
                 pod.idle_since = now
-            self._forget_if_gone(pod)
-        return self._drain(now)
+            self._forget_if_gone(fx, pod)
+        if outcome is not Outcome.REFUSED:
+            return self._settle(fx, now)
+        if self.closed:
+            fx.rejects.append(Reject(ticket=ticket, reason=RejectReason.SHUTTING_DOWN))
+            return self._settle(fx, now)
+        job = freed.job
+        position = self.queue.requeue(job, deadline=job.enqueued_at + self.config.queue_timeout_s)
+        return self._settle(fx, now, queued=(ticket, position))
 
-    def retry(self, ticket: TicketId, now: float) -> Decision:
-        """The pod refused the connection before the request was sent: eject it and give
-        the job another pod, ahead of everyone else (it already waited its turn)."""
-        run = self._running.pop(ticket, None)
-        job = self._jobs.get(ticket)
-        if run is None or job is None:
-            return Reject(ticket=ticket, reason=RejectReason.CANCELLED)
-        pod = self.pods.get(run.pod_id)
-        if pod is not None:
-            del pod.running[ticket]
-            self.eject(pod.pod_id, now)
-            self._forget_if_gone(pod)
-        other = self._choose(job, now)
-        if other is not None:
-            return self._bind(job, other, now)
-        if self._hopeless(now) or self.closed:
-            del self._jobs[ticket]
-            reason = RejectReason.SHUTTING_DOWN if self.closed else RejectReason.NO_BACKENDS
-            return Reject(ticket=ticket, reason=reason)
-        self.queue.push_front(job)
-        return Queued(ticket=ticket, position=1)
-
-    def cancel(self, ticket: TicketId) -> bool:
-        """Remove a queued job (client gone, interrupted). False if it is not queued."""
+    def cancel(self, ticket: TicketId, reason: RejectReason, now: float) -> Effects:
+        """Take a queued job out (its caller left, or asked to stop it)."""
         if self.queue.remove(ticket) is None:
-            return False
-        del self._jobs[ticket]
-        return True
+            raise StateError(f"ticket {ticket} is not queued")
+        fx = EffectsBuilder(rejects=[Reject(ticket=ticket, reason=reason)])
+        return self._settle(fx, now)
 
-    def tick(self, now: float) -> tuple[list[Dispatch], list[Reject]]:
-        """Time passes: expire jobs past the queue timeout; re-admit ejected pods."""
-        rejects: list[Reject] = []
-        deadline = now - self.config.queue_timeout_s
-        while (head := self.queue.peek()) is not None and head.enqueued_at <= deadline:
-            self.queue.pop()
-            del self._jobs[head.ticket]
-            rejects.append(Reject(ticket=head.ticket, reason=RejectReason.QUEUE_TIMEOUT))
-        rejects.extend(self._reject_all_if_hopeless(now))
-        return self._drain(now), rejects
+    def tick(self, now: float) -> Effects:
+        """Time passes: expire jobs past their deadline; re-admit rested pods."""
+        fx = EffectsBuilder()
+        for job in self.queue.expired(now):
+            fx.rejects.append(Reject(ticket=job.ticket, reason=RejectReason.QUEUE_TIMEOUT))
+        return self._settle(fx, now)
 
-    def shutdown(self) -> list[Reject]:
+    def shutdown(self, now: float) -> Effects:
         """Stop admitting; every queued job is answered shutting_down."""
         self.closed = True
-        return self._reject_all(RejectReason.SHUTTING_DOWN)
+        fx = EffectsBuilder()
+        self._reject_all(fx, RejectReason.SHUTTING_DOWN)
+        return self._settle(fx, now)
 
     # ---- pods -------------------------------------------------------------------------
 
-    def reconcile(self, endpoints: Iterable[Endpoint], now: float) -> Reconciled:
+    def reconcile(self, endpoints: Iterable[Endpoint], now: float) -> Effects:
         """Apply a full discovery snapshot."""
-        transitions: list[tuple[PodId, PodState | None, PodState | None]] = []
+        fx = EffectsBuilder()
         seen: set[PodId] = set()
         for ep in endpoints:
             seen.add(ep.pod_id)
-            transitions.extend(self._apply_endpoint(ep, now))
-        for pod in list(self.pods.values()):
+            self._apply_endpoint(fx, ep, now)
+        for pod in list(self.book.pods.values()):
             if pod.pod_id not in seen and pod.listed:
                 pod.listed = False
-                transitions.extend(self._set_state(pod, PodState.DRAINING))
-                if self._forget_if_gone(pod):
-                    transitions.append((pod.pod_id, PodState.DRAINING, None))
-        dispatches = self._drain(now)
-        return Reconciled(
-            dispatches=dispatches,
-            rejects=self._reject_all_if_hopeless(now),
-            transitions=transitions,
-        )
+                self._set_state(fx, pod, PodState.DRAINING)
+                self._forget_if_gone(fx, pod)
+        return self._settle(fx, now)
 
-    def mark_warm(self, pod_id: PodId, now: float) -> list[Dispatch]:
-        """The pod's warm-up generation succeeded: it takes work from now on."""
-        pod = self.pods.get(pod_id)
-        if pod is None or pod.state is not PodState.WARMING:
-            return []
-        pod.state = PodState.READY
-        pod.idle_since = now
-        return self._drain(now)
+    def mark_warm(self, pod_id: PodId, now: float) -> Effects:
+        """The pod's warm-up generation succeeded: it takes work from now on (a no-op if
+        the pod changed state while it warmed up)."""
+        fx = EffectsBuilder()
+        pod = self.book.pods.get(pod_id)
+        if pod is not None and pod.state is PodState.WARMING:
+            self._set_state(fx, pod, PodState.READY)
+            pod.idle_since = now
+        return self._settle(fx, now)
 
-    def eject(self, pod_id: PodId, now: float) -> None:
-        """Take a pod out of rotation for a while (connection refused or reset)."""
-        pod = self.pods.get(pod_id)
-        if pod is None:
-            return
-        pod.ejected_until = now + self.config.eject_s * 2 ** min(pod.ejections, 5)
-        pod.ejections += 1
+    def eject(self, pod_id: PodId, now: float) -> Effects:
+        """Rest a pod that failed a light call (a no-op for a pod already gone)."""
+        pod = self.book.pods.get(pod_id)
+        if pod is not None:
+            self.health.eject(pod, now)
+        return self._settle(EffectsBuilder(), now)
 
-    def cordon(self, pod_ids: Iterable[PodId], now: float, *, for_s: float) -> list[PodId]:
+    def cordon(self, pod_ids: Iterable[PodId], now: float, *, for_s: float) -> Effects:
         """Take idle pods about to be scaled in out of rotation for ``for_s`` seconds, so no
         request is bound to a pod between the scale decision and its deletion (which would
-        kill a generation). Pods that run something are skipped; returns the cordoned."""
-        out = []
+        kill a generation). Busy pods are skipped; ``Effects.cordoned`` lists the others."""
+        fx = EffectsBuilder()
         for pod_id in pod_ids:
-            pod = self.pods.get(pod_id)
+            pod = self.book.pods.get(pod_id)
             if pod is not None and pod.listed and not pod.running:
                 pod.cordoned_until = now + for_s
-                out.append(pod_id)
-        return out
-
-    def pick_light(self, now: float, *, exclude: Sequence[PodId] = ()) -> Pod | None:
-        """A ready pod for a light request: least loaded, not ejected, not cordoned."""
-        best: Pod | None = None
-        for pod in self.pods.values():
-            if pod.state is not PodState.READY or now < pod.ejected_until or pod.cordoned(now):
-                continue
-            if pod.pod_id in exclude:
-                continue
-            if best is None or len(pod.running) / pod.limit < len(best.running) / best.limit:
-                best = pod
-        return best
+                fx.cordoned.append(pod_id)
+        return self._settle(fx, now)
 
     # ---- queries ----------------------------------------------------------------------
 
+    @property
+    def pods(self) -> Mapping[PodId, Pod]:
+        return self.book.pods
+
+    @property
+    def inflight(self) -> int:
+        return self.book.inflight
+
     def running(self, ticket: TicketId) -> Running | None:
-        return self._running.get(ticket)
+        return self.book.running(ticket)
+
+    def is_queued(self, ticket: TicketId) -> bool:
+        return ticket in self.queue
 
     def position(self, ticket: TicketId) -> int | None:
         return self.queue.position(ticket)
 
     def eta_s(self, ticket: TicketId) -> float:
-        """Seconds until a queued job should finish: work ahead of it spread over capacity."""
-        ahead = 0.0
+        """Seconds until a queued job should finish (``sdproxy.core.eta``)."""
+        ahead: list[float] = []
         own = 1.0
         for job in self.queue:
             if job.ticket == ticket:
                 own = job.cost
                 break
-            ahead += job.cost
-        running = sum(self._jobs[t].cost for t in self._running if t in self._jobs) / 2
-        capacity = max(1, sum(p.limit for p in self.pods.values() if p.state is PodState.READY))
-        return ((ahead + running) / capacity + own) * self._spu
-
-    @property
-    def inflight(self) -> int:
-        return len(self._running)
+            ahead.append(job.cost)
+        running = [job.cost for job in self.book.running_jobs()]
+        slots = sum(p.limit for p in self.book.pods.values() if p.state is PodState.READY)
+        return self.eta.eta_s(ahead=ahead, running=running, slots=slots, own=own)
 
     def oldest_wait_s(self, now: float) -> float:
-        head = self.queue.peek()
+        head = self.queue.oldest()
         return 0.0 if head is None else max(0.0, now - head.enqueued_at)
 
     def count(self, *states: PodState) -> int:
-        return sum(1 for p in self.pods.values() if p.state in states)
+        return sum(1 for p in self.book.pods.values() if p.state in states)
 
     def idle_pods(self, now: float) -> list[PodId]:
         """Pods that run nothing and are not already cordoned: not yet ready first, then
         ready pods idle longest first (the scale-in candidates)."""
-        pods = [p for p in self.pods.values() if not p.cordoned(now)]
+        pods = [p for p in self.book.pods.values() if not p.cordoned(now)]
         waiting = [p for p in pods if p.state in (PodState.STARTING, PodState.WARMING)]
         ready = [p for p in pods if p.state is PodState.READY and not p.running]
         ready.sort(key=lambda p: p.idle_since)
         return [p.pod_id for p in waiting + ready]
 
+    def pick_light(self, now: float, *, exclude: Sequence[PodId] = ()) -> Pod | None:
+        """A pod for a light call (``sdproxy.core.light``)."""
+        usable = self.health.usable
+        return self.light.pick(
+            self.book.pods.values(), usable=lambda p: usable(p, now), exclude=exclude
+        )
+
+    def check(self, now: float) -> None:
+        """Raise ``StateError`` unless every invariant holds (see the module docstring)."""
+        self.book.check()
+        for job in self.queue:
+            if self.book.running(job.ticket) is not None:
+                raise StateError(f"ticket {job.ticket} is both queued and running")
+        free = self._free(now)
+        if free and self.queue.next_for(lambda j: self.placement.choose(j, free) is not None):
+            raise StateError(f"jobs wait while {[p.pod_id for p in free]} have a free slot")
+        if self.closed and len(self.queue):
+            raise StateError("jobs wait after shutdown")
+
     # ---- internals --------------------------------------------------------------------
 
-    def _choose(self, job: Job, now: float) -> Pod | None:
-        best: Pod | None = None
-        best_key: tuple[bool, float, float] | None = None
-        for pod in self.pods.values():
-            if not pod.free(now):
-                continue
-            affinity = job.checkpoint is not None and pod.checkpoint == job.checkpoint
-            key = (not affinity, len(pod.running) / pod.limit, -pod.last_used)
-            if best_key is None or key < best_key:
-                best, best_key = pod, key
-        return best
+    def _free(self, now: float) -> list[Pod]:
+        return [p for p in self.book.pods.values() if p.has_slot and self.health.usable(p, now)]
 
     def _bind(self, job: Job, pod: Pod, now: float) -> Dispatch:
-        run = Running(ticket=job.ticket, pod_id=pod.pod_id, url=pod.url, dispatched_at=now)
-        pod.running[job.ticket] = run
-        pod.last_used = now
-        if job.checkpoint is not None:
-            pod.checkpoint = job.checkpoint
-        self._running[job.ticket] = run
-        self._jobs[job.ticket] = job
+        self.book.bind(job, pod, now)
         return Dispatch(
             ticket=job.ticket, pod_id=pod.pod_id, url=pod.url, queued_s=now - job.enqueued_at
         )
 
-    def _drain(self, now: float) -> list[Dispatch]:
-        """Work conservation: bind queued jobs while any pod has a free slot."""
-        out: list[Dispatch] = []
-        while (job := self.queue.peek()) is not None:
-            pod = self._choose(job, now)
-            if pod is None:
-                break
-            self.queue.pop()
-            out.append(self._bind(job, pod, now))
-        return out
+    def _refuse(
+        self, fx: EffectsBuilder, ticket: TicketId, reason: RejectReason, now: float
+    ) -> Effects:
+        fx.rejects.append(Reject(ticket=ticket, reason=reason))
+        return self._settle(fx, now)
 
-    def _capacity_coming(self, now: float) -> bool:
-        for pod in self.pods.values():
-            if pod.cordoned(now):
-                continue
-            if pod.state in (PodState.STARTING, PodState.WARMING):
-                return True
-            # a pod refused once may have blipped: it is back after its first ejection;
-            # one refused again is treated as down until its ejection ends
-            if pod.state is PodState.READY and (now >= pod.ejected_until or pod.ejections <= 1):
-                return True
-        return False
+    def _settle(
+        self, fx: EffectsBuilder, now: float, *, queued: tuple[TicketId, int] | None = None
+    ) -> Effects:
+        """End of every mutator: work conservation, hopelessness, the next wake-up. A job
+        queued by this event reports its place if it is still waiting."""
+        dispatched = len(fx.dispatches)
+        self._drain(fx, now)
+        if len(self.queue) and self._hopeless(now):
+            self._reject_all(fx, RejectReason.NO_BACKENDS)
+        if queued is not None and queued[0] in self.queue:
+            ticket, position = queued
+            if len(fx.dispatches) != dispatched:  # jobs ahead left: ask the queue
+                position = self.queue.position(ticket) or position
+            fx.queued.append(Queued(ticket=ticket, position=position))
+        return fx.build(self._wake_at(now))
+
+    def _drain(self, fx: EffectsBuilder, now: float) -> None:
+        """Bind queued jobs, in the queue's order, while a pod their placement accepts is
+        free (a job that no free pod suits lets the next one through)."""
+        while len(self.queue) and (free := self._free(now)):
+            job = self.queue.next_for(lambda j: self.placement.choose(j, free) is not None)
+            if job is None:
+                return
+            pod = self.placement.choose(job, free)
+            assert pod is not None, "placement is deterministic"
+            self.queue.remove(job.ticket)
+            fx.dispatches.append(self._bind(job, pod, now))
+
+    def _wake_at(self, now: float) -> float | None:
+        if not len(self.queue):
+            return None
+        times = [self.queue.next_deadline(), self.health.next_change(self.book.pods.values(), now)]
+        return min((t for t in times if t is not None), default=None)
 
     def _hopeless(self, now: float) -> bool:
-        return not self.config.hold_when_empty and not self._capacity_coming(now)
+        if self.config.hold_when_empty:
+            return False
+        return not self.health.capacity_coming(self.book.pods.values(), now)
 
-    def _reject_all_if_hopeless(self, now: float) -> list[Reject]:
-        if not len(self.queue) or not self._hopeless(now):
-            return []
-        return self._reject_all(RejectReason.NO_BACKENDS)
+    def _reject_all(self, fx: EffectsBuilder, reason: RejectReason) -> None:
+        for job in list(self.queue):
+            self.queue.remove(job.ticket)
+            fx.rejects.append(Reject(ticket=job.ticket, reason=reason))
 
-    def _reject_all(self, reason: RejectReason) -> list[Reject]:
-        out = []
-        while (job := self.queue.pop()) is not None:
-            del self._jobs[job.ticket]
-            out.append(Reject(ticket=job.ticket, reason=reason))
-        return out
+    def _set_state(self, fx: EffectsBuilder, pod: Pod, state: PodState) -> None:
+        transition = self.book.set_state(pod, state)
+        if transition is not None:
+            fx.transitions.append(transition)
 
-    def _apply_endpoint(
-        self, ep: Endpoint, now: float
-    ) -> list[tuple[PodId, PodState | None, PodState | None]]:
-        pod = self.pods.get(ep.pod_id)
+    def _forget_if_gone(self, fx: EffectsBuilder, pod: Pod) -> None:
+        transition = self.book.forget_if_gone(pod)
+        if transition is not None:
+            fx.transitions.append(transition)
+
+    def _apply_endpoint(self, fx: EffectsBuilder, ep: Endpoint, now: float) -> None:
+        pod = self.book.pods.get(ep.pod_id)
         if pod is None:
-            pod = Pod(
-                pod_id=ep.pod_id,
-                url=ep.url,
-                state=PodState.STARTING,
-                limit=self.config.max_inflight,
-                idle_since=now,
-            )
-            self.pods[ep.pod_id] = pod
-            first: list[tuple[PodId, PodState | None, PodState | None]] = [
-                (ep.pod_id, None, PodState.STARTING)
-            ]
-        else:
-            first = []
+            pod, appeared = self.book.add_pod(ep.pod_id, ep.url, now)
+            fx.transitions.append(appeared)
         pod.url = ep.url
         pod.listed = True
-        return first + self._set_state(pod, self._target_state(pod, ep))
+        self._set_state(fx, pod, self._target_state(pod, ep))
 
     def _target_state(self, pod: Pod, ep: Endpoint) -> PodState:
         if ep.terminating:
@@ -441,18 +355,3 @@ class Admission:
         if pod.state is PodState.READY:
             return PodState.READY
         return PodState.WARMING if self.config.warmup else PodState.READY
-
-    @staticmethod
-    def _set_state(
-        pod: Pod, state: PodState
-    ) -> list[tuple[PodId, PodState | None, PodState | None]]:
-        if pod.state is state:
-            return []
-        old, pod.state = pod.state, state
-        return [(pod.pod_id, old, state)]
-
-    def _forget_if_gone(self, pod: Pod) -> bool:
-        if pod.listed or pod.running:
-            return False
-        del self.pods[pod.pod_id]
-        return True

@@ -1,9 +1,10 @@
-"""Core: pod identities, endpoint snapshots and pod lifecycle states (pure data).
+"""Core: pod identities, endpoint snapshots, lifecycle states and their transition table.
 
 A pod moves STARTING -> (WARMING) -> READY -> DRAINING -> gone. Discovery sources report
 ``Endpoint`` snapshots; the admission core turns them into states. Only READY pods take
 new work; a DRAINING pod finishes what it runs (Kubernetes: the EndpointSlice
-``terminating`` condition, or the pod vanished from the slice).
+``terminating`` condition, or the pod vanished from the slice). ``TRANSITIONS`` is the
+one table of legal changes; ``check_transition`` raises on anything else.
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import NewType
+
+from sdproxy.errors import IllegalTransition
 
 PodId = NewType("PodId", str)
 
@@ -33,3 +36,23 @@ class Endpoint:
     ready: bool = True
     #: EndpointSlice conditions.terminating
     terminating: bool = False
+
+
+#: legal state changes; None is "not known" (before it appeared, after it is gone)
+TRANSITIONS: dict[PodState | None, frozenset[PodState | None]] = {
+    None: frozenset({PodState.STARTING}),
+    # ready per Kubernetes (warm-up or not), or terminating before it ever served
+    PodState.STARTING: frozenset({PodState.WARMING, PodState.READY, PodState.DRAINING}),
+    # warmed up; lost readiness while warming; terminating
+    PodState.WARMING: frozenset({PodState.READY, PodState.STARTING, PodState.DRAINING}),
+    # not ready, terminating or gone from discovery: it finishes what it runs
+    PodState.READY: frozenset({PodState.DRAINING}),
+    # ready again (with or without a new warm-up), or idle and gone: forgotten
+    PodState.DRAINING: frozenset({PodState.READY, PodState.WARMING, None}),
+}
+
+
+def check_transition(pod_id: PodId, old: PodState | None, new: PodState | None) -> None:
+    """Raise ``IllegalTransition`` unless ``old -> new`` is in ``TRANSITIONS``."""
+    if new not in TRANSITIONS[old]:
+        raise IllegalTransition(f"pod {pod_id}: {old} -> {new} is not a legal transition")

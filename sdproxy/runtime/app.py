@@ -16,23 +16,30 @@ import logging
 import signal
 import time
 from collections.abc import AsyncIterator, Sequence
-from typing import Any
 
 import aiohttp
 from aiohttp import web
 
 from sdproxy import __version__
-from sdproxy.core.admission import Admission, AdmissionConfig, RejectReason
+from sdproxy.core.admission import Admission, AdmissionConfig
+from sdproxy.core.effects import RejectReason, Transition
 from sdproxy.core.pods import Endpoint, PodId, PodState
 from sdproxy.errors import ConfigError, NotFound
 from sdproxy.runtime.autoscaler import Autoscaler
 from sdproxy.runtime.discovery import Discovery, StaticDiscovery
-from sdproxy.runtime.gate import Gate, Transitions
+from sdproxy.runtime.gate import Gate
 from sdproxy.runtime.local import LocalPods
 from sdproxy.runtime.logs import log_event, setup_logging
 from sdproxy.runtime.metrics import Metrics, metrics_app
 from sdproxy.runtime.proxy import Proxy, error_response
 from sdproxy.runtime.scaling import NoScaler, Scaler
+from sdproxy.runtime.status import (
+    AutoscalerStatus,
+    DiscoveryStatus,
+    PodStatus,
+    QueueStatus,
+    Status,
+)
 from sdproxy.runtime.status_page import status_response
 from sdproxy.runtime.warmup import Warmer
 from sdproxy.settings import HostPort, Settings
@@ -76,7 +83,7 @@ class Services:
         self.discovery = discovery or _discovery(settings, self.scaler)
         self.autoscaler = Autoscaler(
             settings=settings.scaler,
-            admission=self.admission,
+            gate=self.gate,
             scaler=self.scaler,
             metrics=self.metrics,
             clock=CLOCK,
@@ -87,9 +94,9 @@ class Services:
         self._appeared: dict[PodId, float] = {}
 
     def _on_reject(self, reason: RejectReason) -> None:
-        self.metrics.rejected(reason.value)
+        self.metrics.rejected(reason)
 
-    def _on_transitions(self, transitions: Transitions) -> None:
+    def _on_transitions(self, transitions: Sequence[Transition]) -> None:
         for pod_id, old, new in transitions:
             log_event(
                 "pod_state",
@@ -112,53 +119,39 @@ class Services:
         self.synced = True
         self.gate.reconcile(endpoints)
 
-    def snapshot(self) -> dict[str, Any]:
+    def snapshot(self) -> Status:
         """The /-/status document; also the source of the state gauges in /metrics."""
         adm = self.admission
         now = self.clock()
         health = self.discovery.health()
-        return {
-            "version": __version__,
-            "uptime_s": round(now - self.started_at, 3),
-            "queue": {
-                "depth": len(adm.queue),
-                "max": adm.config.max_queue,
-                "oldest_wait_s": round(adm.oldest_wait_s(now), 3),
-                "timeout_s": adm.config.queue_timeout_s,
-            },
-            "inflight": adm.inflight,
-            "pods": [
-                {
-                    "id": pod.pod_id,
-                    "url": pod.url,
-                    "state": pod.state.value,
-                    "inflight": len(pod.running),
-                    "limit": pod.limit,
-                    "checkpoint": pod.checkpoint,
-                    "completed": pod.completed,
-                    "errors": pod.errors,
-                    "ejected": now < pod.ejected_until,
-                    "cordoned": pod.cordoned(now),
-                }
-                for pod in adm.pods.values()
-            ],
-            "autoscaler": {
-                "scaler": self.scaler.name,
-                "leader": self.scaler.is_leader(),
-                "desired": self.autoscaler.desired,
-                "ready": adm.count(PodState.READY),
-                "starting": adm.count(PodState.STARTING, PodState.WARMING),
-                "min_pods": self.settings.scaler.min_pods,
-                "max_pods": self.settings.scaler.max_pods,
-                "events": list(self.autoscaler.events),
-            },
-            "discovery": {
-                "source": self.discovery.name,
-                "connected": health.connected,
-                "last_error": health.last_error,
-            },
-            "shutting_down": adm.closed,
-        }
+        return Status(
+            version=__version__,
+            uptime_s=now - self.started_at,
+            queue=QueueStatus(
+                depth=len(adm.queue),
+                max=adm.config.max_queue,
+                oldest_wait_s=adm.oldest_wait_s(now),
+                timeout_s=adm.config.queue_timeout_s,
+            ),
+            inflight=adm.inflight,
+            pods=tuple(PodStatus.of(pod, now) for pod in adm.pods.values()),
+            autoscaler=AutoscalerStatus(
+                scaler=self.scaler.name,
+                leader=self.scaler.is_leader(),
+                desired=self.autoscaler.desired,
+                ready=adm.count(PodState.READY),
+                starting=adm.count(PodState.STARTING, PodState.WARMING),
+                min_pods=self.settings.scaler.min_pods,
+                max_pods=self.settings.scaler.max_pods,
+                events=tuple(self.autoscaler.events),
+            ),
+            discovery=DiscoveryStatus(
+                source=self.discovery.name,
+                connected=health.connected,
+                last_error=health.last_error,
+            ),
+            shutting_down=adm.closed,
+        )
 
 
 def _discovery(settings: Settings, scaler: Scaler) -> Discovery:
@@ -276,7 +269,7 @@ async def _readyz(request: web.Request) -> web.Response:
 
 
 async def _status(request: web.Request) -> web.Response:
-    return status_response(request, request.app[SERVICES].snapshot())
+    return status_response(request, request.app[SERVICES].snapshot().to_json())
 
 
 async def _metrics(request: web.Request) -> web.Response:

@@ -13,14 +13,14 @@ import logging
 from collections import deque
 from collections.abc import Callable
 from datetime import UTC, datetime
-from typing import Any
 
-from sdproxy.core.admission import Admission
 from sdproxy.core.autoscale import AutoscaleConfig, AutoscaleState, Decision, Observation, decide
 from sdproxy.core.pods import PodId, PodState
+from sdproxy.runtime.gate import Gate
 from sdproxy.runtime.logs import log_event
 from sdproxy.runtime.metrics import Metrics
 from sdproxy.runtime.scaling import NoScaler, Scaler
+from sdproxy.runtime.status import ScaleEvent
 from sdproxy.settings import ScalerSettings
 
 log = logging.getLogger("sdproxy.autoscaler")
@@ -47,20 +47,21 @@ class Autoscaler:
         self,
         *,
         settings: ScalerSettings,
-        admission: Admission,
+        gate: Gate,
         scaler: Scaler,
         metrics: Metrics,
         clock: Callable[[], float],
     ) -> None:
         self.settings = settings
         self.config = config_from(settings)
-        self.admission = admission
+        self.gate = gate
+        self.admission = gate.admission
         self.scaler = scaler
         self.metrics = metrics
         self.clock = clock
         self.state = AutoscaleState()
         self.desired: int | None = None
-        self.events: deque[dict[str, Any]] = deque(maxlen=20)
+        self.events: deque[ScaleEvent] = deque(maxlen=20)
         self._asserted_at = -REASSERT_S
         #: slowest recent pod start (appeared -> ready), fed to the policy's scale-in window
         self.cold_start_s = 0.0
@@ -103,18 +104,18 @@ class Autoscaler:
         surplus = active - desired
         if surplus <= 0:
             return []
-        return adm.cordon(adm.idle_pods(now)[:surplus], now, for_s=CORDON_S)
+        return self.gate.cordon(adm.idle_pods(now)[:surplus], for_s=CORDON_S)
 
     def _record(self, decision: Decision) -> None:
         direction = "up" if decision.desired > decision.previous else "down"
         self.metrics.scale_event(direction)
         self.events.append(
-            {
-                "at": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
-                "from": decision.previous,
-                "to": decision.desired,
-                "reason": decision.reason,
-            }
+            ScaleEvent(
+                at=datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+                previous=decision.previous,
+                desired=decision.desired,
+                reason=decision.reason,
+            )
         )
         log_event(
             "scale",

@@ -5,7 +5,8 @@ followed by the rest of the client's stream, and the response is copied chunk by
 (one of at most ``SMALL_BODY`` bytes with a known length is read whole and answered in one
 write, the cheap path for the many small light calls). aiohttp's
 client is built with ``auto_decompress=False`` so encoded bodies pass through untouched.
-Client errors are translated here, at the boundary, into ``UpstreamError`` with a kind.
+aiohttp's client errors are translated here, at the boundary, into the ``UpstreamError``
+classes of sdproxy.errors (connect failed, timeout, reset, broke off mid-answer).
 """
 
 from __future__ import annotations
@@ -20,7 +21,13 @@ import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict
 
-from sdproxy.errors import BodyTooLarge
+from sdproxy.errors import (
+    BodyTooLarge,
+    ConnectFailed,
+    ResponseBrokeOff,
+    UpstreamReset,
+    UpstreamTimeout,
+)
 
 # RFC 9110 §7.6.1: connection-specific fields are not forwarded.
 HOP_BY_HOP = frozenset(
@@ -44,25 +51,6 @@ CHUNK = 256 * 1024
 #: head at ``prepare`` and then each chunk, and those sends were the largest item in the
 #: profile of small requests (bench overhead). Larger or unsized responses stream.
 SMALL_BODY = 256 * 1024
-
-
-class UpstreamError(Exception):
-    """A pod exchange failed. ``sent`` is False when nothing reached the pod (safe retry)."""
-
-    def __init__(self, kind: str, detail: str, *, sent: bool) -> None:
-        super().__init__(detail)
-        self.kind = kind
-        self.detail = detail
-        self.sent = sent
-
-
-class ResponseBrokeOff(UpstreamError):
-    """The pod's response broke off after its head went to the client: the client's
-    connection must be cut so it sees a truncated response, not a complete one."""
-
-    def __init__(self, detail: str, *, response: web.StreamResponse) -> None:
-        super().__init__("reset", detail, sent=True)
-        self.response = response
 
 
 @dataclass(kw_only=True)
@@ -153,19 +141,19 @@ async def send(
     try:
         return await session.request(method, url, headers=headers, data=data, allow_redirects=False)
     except aiohttp.ClientConnectorError as exc:
-        raise UpstreamError("connect", f"cannot connect to {url}: {exc}", sent=False) from exc
+        raise ConnectFailed(f"cannot connect to {url}: {exc}") from exc
     except aiohttp.ConnectionTimeoutError as exc:
         # a TimeoutError too, but nothing reached the pod: retry elsewhere, eject this one
-        raise UpstreamError("connect", f"connecting to {url} timed out", sent=False) from exc
+        raise ConnectFailed(f"connecting to {url} timed out") from exc
     except BodyTooLarge:
         raise
     except TimeoutError as exc:
-        raise UpstreamError("timeout", f"{url} did not answer in time", sent=True) from exc
+        raise UpstreamTimeout(f"{url} did not answer in time", sent=True) from exc
     except aiohttp.ClientError as exc:
         if isinstance(body, RequestBody) and body.overflow is not None:
             raise body.overflow from exc  # the client's fault, not the pod's
         sent = not isinstance(body, RequestBody) or body.started or body.complete
-        raise UpstreamError("reset", f"{url}: {exc!r}", sent=sent) from exc
+        raise UpstreamReset(f"{url}: {exc!r}", sent=sent) from exc
 
 
 def response_headers(upstream: aiohttp.ClientResponse) -> CIMultiDict[str]:

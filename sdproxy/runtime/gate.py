@@ -1,53 +1,70 @@
-"""Runtime: the gate turns the admission core's decisions into awaitables.
+"""Runtime: the gate owns the admission core on the event loop and applies its Effects.
 
-Each queued heavy request waits on a future keyed by its ticket; whenever the core binds
-queued tickets to pods (a release, a new pod, a tick) the gate resolves those futures.
-The single place where the loop's monotonic clock is read for admission is ``self.now``.
+Every event reaches the core through here, at ``self.now()`` (the one place the loop's
+clock is read for admission), and every ``Effects`` the core answers is applied in one
+place, ``_apply``: dispatches resolve the futures of waiting requests (a dispatch whose
+waiter vanished gives its slot straight back), rejects fail them with the client error
+from ``sdproxy.errors.for_reject`` and are counted, transitions go to the composition
+root, and ``wake_at`` arms the ticker, which sleeps until the core next needs time to
+pass instead of polling.
+
+A request that got a pod holds a ``Slot``: the one object that frees it, exactly once,
+with an ``Outcome`` (or, when the pod refused the connection, trades it for another).
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import itertools
 from collections.abc import Callable, Iterable, Sequence
 
 from sdproxy import errors
-from sdproxy.core.admission import (
-    Admission,
-    Dispatch,
-    Job,
-    Queued,
-    Reject,
-    RejectReason,
-    TicketId,
-)
-from sdproxy.core.pods import Endpoint, PodId, PodState
+from sdproxy.core.admission import Admission, Job, Pod, TicketId
+from sdproxy.core.effects import Dispatch, Effects, Outcome, RejectReason, Transition
+from sdproxy.core.pods import Endpoint, PodId
 
-_REJECT_ERRORS: dict[RejectReason, Callable[[], errors.ClientFacingError]] = {
-    RejectReason.QUEUE_FULL: lambda: errors.QueueFull(
-        "the proxy's queue is full; retry later", retry_after_s=5
-    ),
-    RejectReason.QUEUE_TIMEOUT: lambda: errors.QueueTimeout(
-        "waited too long in the proxy's queue for a free pod"
-    ),
-    RejectReason.NO_BACKENDS: lambda: errors.NoBackends(
-        "no ready sd-webui pod and none is starting", retry_after_s=10
-    ),
-    RejectReason.CANCELLED: lambda: errors.JobCancelled(
-        "the job was interrupted while it waited in the queue"
-    ),
-    RejectReason.SHUTTING_DOWN: lambda: errors.ShuttingDown(
-        "the proxy is shutting down", retry_after_s=1
-    ),
-}
+#: never sleep less than this between ticks (the clock may lag the timer a little)
+MIN_SLEEP_S = 0.001
 
 
-def error_for(reason: RejectReason) -> errors.ClientFacingError:
-    """The client-facing error for a core rejection."""
-    return _REJECT_ERRORS[reason]()
+class Slot:
+    """A pod slot bound to one request. ``release`` frees it once; later calls are
+    no-ops, so every exit path of a request may call it."""
 
+    __slots__ = ("_gate", "dispatch", "released")
 
-Transitions = list[tuple[PodId, PodState | None, PodState | None]]
+    def __init__(self, gate: Gate, dispatch: Dispatch) -> None:
+        self._gate = gate
+        self.dispatch = dispatch
+        self.released = False
+
+    @property
+    def ticket(self) -> TicketId:
+        return self.dispatch.ticket
+
+    @property
+    def pod_id(self) -> PodId:
+        return self.dispatch.pod_id
+
+    @property
+    def url(self) -> str:
+        return self.dispatch.url
+
+    def release(self, outcome: Outcome) -> None:
+        if not self.released:
+            self.released = True
+            self._gate.apply(self._gate.admission.release(self.ticket, outcome, self._gate.now()))
+
+    async def refused(self) -> Slot:
+        """The pod refused the connection (nothing was sent): wait for another pod."""
+        if self.released:
+            raise errors.StateError(f"ticket {self.ticket}: slot already released")
+        self.released = True
+        gate = self._gate
+        return await gate.wait_for(
+            self.ticket, lambda: gate.admission.release(self.ticket, Outcome.REFUSED, gate.now())
+        )
 
 
 class Gate:
@@ -59,7 +76,8 @@ class Gate:
         *,
         clock: Callable[[], float],
         on_reject: Callable[[RejectReason], None] = lambda _r: None,
-        on_transitions: Callable[[Transitions], None] = lambda _t: None,
+        on_transitions: Callable[[Sequence[Transition]], None] = lambda _t: None,
+        check_invariants: bool = False,
     ) -> None:
         self.admission = admission
         self.now = clock
@@ -67,90 +85,107 @@ class Gate:
         self._waiters: dict[TicketId, asyncio.Future[Dispatch]] = {}
         self._on_reject = on_reject
         self._on_transitions = on_transitions
+        self._check = check_invariants
+        self._wake_at: float | None = None
+        self._armed: float | None = None
+        self._rearm = asyncio.Event()
 
     def new_ticket(self) -> TicketId:
         return TicketId(next(self._tickets))
 
-    async def acquire(self, job: Job) -> Dispatch:
+    # ---- heavy requests ---------------------------------------------------------------
+
+    async def acquire(self, job: Job) -> Slot:
         """Wait for a slot. Raises the client-facing error if rejected; if the caller is
         cancelled (client gone) the job leaves the queue and never reaches a pod."""
-        decision = self.admission.submit(job, self.now())
-        return await self._await(decision)
+        return await self.wait_for(job.ticket, lambda: self.admission.submit(job, self.now()))
 
-    async def retry(self, ticket: TicketId) -> Dispatch:
-        """The bound pod refused the connection: get another pod (see Admission.retry)."""
-        return await self._await(self.admission.retry(ticket, self.now()))
-
-    async def _await(self, decision: Dispatch | Queued | Reject) -> Dispatch:
-        if isinstance(decision, Dispatch):
-            return decision
-        if isinstance(decision, Reject):
-            self._on_reject(decision.reason)
-            raise error_for(decision.reason)
+    async def wait_for(self, ticket: TicketId, event: Callable[[], Effects]) -> Slot:
+        """Register ``ticket``'s waiter, apply ``event``, and wait for its dispatch."""
         fut: asyncio.Future[Dispatch] = asyncio.get_running_loop().create_future()
-        self._waiters[decision.ticket] = fut
+        self._waiters[ticket] = fut
+        self.apply(event())
         try:
-            return await fut
+            return Slot(self, await fut)
         except asyncio.CancelledError:
-            self._waiters.pop(decision.ticket, None)
+            self._waiters.pop(ticket, None)
             if fut.done() and not fut.cancelled() and fut.exception() is None:
-                self.release(decision.ticket, ran=False)  # bound as it left: give it back
-            else:  # the caller left (client gone): counted by the caller, not as cancelled
-                self.admission.cancel(decision.ticket)
+                # bound as the caller left: give the slot back, unused
+                self._on_reject(RejectReason.CLIENT_GONE)
+                self.apply(self.admission.release(ticket, Outcome.UNUSED, self.now()))
+            elif self.admission.is_queued(ticket):
+                self.apply(self.admission.cancel(ticket, RejectReason.CLIENT_GONE, self.now()))
             raise
-
-    def release(self, ticket: TicketId, *, pod_failed: bool = False, ran: bool = True) -> None:
-        """The job's response finished: free the slot and admit whoever is next."""
-        released = self.admission.release(ticket, self.now(), pod_failed=pod_failed, ran=ran)
-        self._resolve(released, [])
 
     def cancel_queued(self, ticket: TicketId) -> bool:
         """Interrupt a queued job: its waiting request gets 409 job_cancelled."""
-        if not self.admission.cancel(ticket):
+        if not self.admission.is_queued(ticket):
             return False
-        self._fail(ticket, RejectReason.CANCELLED)
+        self.apply(self.admission.cancel(ticket, RejectReason.CANCELLED, self.now()))
         return True
 
+    # ---- pods and time ----------------------------------------------------------------
+
     def reconcile(self, endpoints: Sequence[Endpoint]) -> None:
-        result = self.admission.reconcile(endpoints, self.now())
-        self._on_transitions(result.transitions)
-        self._resolve(result.dispatches, result.rejects)
+        self.apply(self.admission.reconcile(endpoints, self.now()))
 
     def mark_warm(self, pod_id: PodId) -> None:
-        before = self.admission.pods.get(pod_id)
-        old = before.state if before else None
-        self._resolve(self.admission.mark_warm(pod_id, self.now()), [])
-        after = self.admission.pods.get(pod_id)
-        if after is not None and old is not after.state:
-            self._on_transitions([(pod_id, old, after.state)])
+        self.apply(self.admission.mark_warm(pod_id, self.now()))
+
+    def eject(self, pod_id: PodId) -> None:
+        self.apply(self.admission.eject(pod_id, self.now()))
+
+    def cordon(self, pod_ids: Iterable[PodId], *, for_s: float) -> list[PodId]:
+        effects = self.admission.cordon(pod_ids, self.now(), for_s=for_s)
+        self.apply(effects)
+        return list(effects.cordoned)
+
+    def pick_light(self, *, exclude: Sequence[PodId] = ()) -> Pod | None:
+        return self.admission.pick_light(self.now(), exclude=exclude)
 
     def tick(self) -> None:
-        dispatches, rejects = self.admission.tick(self.now())
-        self._resolve(dispatches, rejects)
+        self.apply(self.admission.tick(self.now()))
 
     def shutdown(self) -> None:
-        self._resolve([], self.admission.shutdown())
+        self.apply(self.admission.shutdown(self.now()))
 
-    def _resolve(self, dispatches: Iterable[Dispatch], rejects: Iterable[Reject]) -> None:
-        pending = list(dispatches)
-        while pending:
-            d = pending.pop()
-            fut = self._waiters.pop(d.ticket, None)
-            if fut is None or fut.done():  # waiter vanished: never leak the slot
-                pending.extend(self.admission.release(d.ticket, self.now(), ran=False))
-                continue
-            fut.set_result(d)
-        for r in rejects:
-            self._fail(r.ticket, r.reason)
+    # ---- the one place Effects are applied ---------------------------------------------
 
-    def _fail(self, ticket: TicketId, reason: RejectReason) -> None:
-        self._on_reject(reason)
-        fut = self._waiters.pop(ticket, None)
-        if fut is not None and not fut.done():
-            fut.set_exception(error_for(reason))
+    def apply(self, effects: Effects) -> None:
+        # in creation order, so the newest wake_at is applied last
+        work = collections.deque([effects])
+        while work:
+            fx = work.popleft()
+            for d in fx.dispatches:
+                fut = self._waiters.pop(d.ticket, None)
+                if fut is None or fut.done():  # waiter vanished: never leak the slot
+                    work.append(self.admission.release(d.ticket, Outcome.UNUSED, self.now()))
+                else:
+                    fut.set_result(d)
+            for r in fx.rejects:
+                self._on_reject(r.reason)
+                fut = self._waiters.pop(r.ticket, None)
+                if fut is not None and not fut.done():
+                    fut.set_exception(errors.for_reject(r.reason))
+            if fx.transitions:
+                self._on_transitions(fx.transitions)
+            self._set_wake(fx.wake_at)
+        if self._check:
+            self.admission.check(self.now())
 
-    async def run_ticker(self, interval_s: float = 0.25) -> None:
-        """Expire queue timeouts and re-admit ejected pods, forever."""
+    def _set_wake(self, wake_at: float | None) -> None:
+        self._wake_at = wake_at
+        if wake_at is not None and (self._armed is None or wake_at < self._armed):
+            self._rearm.set()
+
+    async def run_ticker(self) -> None:
+        """Tick when the core asked to (``wake_at``), forever."""
         while True:
-            await asyncio.sleep(interval_s)
-            self.tick()
+            self._rearm.clear()
+            self._armed = self._wake_at
+            delay = None if self._armed is None else max(MIN_SLEEP_S, self._armed - self.now())
+            try:
+                await asyncio.wait_for(self._rearm.wait(), delay)
+            except TimeoutError:
+                self._armed = None
+                self.tick()

@@ -6,14 +6,15 @@ Two kinds of metric live here:
   events) are counters and histograms the proxy bumps as things happen.
 * **State** (queue depth, oldest wait, pods by state, per-pod in-flight/limit, desired
   pods, leader, discovery) is NOT kept in gauges the proxy must remember to update: a
-  custom collector reads the ``/-/status`` snapshot at scrape time, so the status page
-  and /metrics can never disagree and a removed pod's state series vanish by themselves
+  custom collector reads the typed ``Status`` snapshot (sdproxy.runtime.status) at scrape
+  time — the document ``/-/status`` serves — so the status page and /metrics can never
+  disagree and a removed pod's state series vanish by themselves
   (client_python "Custom Collectors": https://prometheus.github.io/client_python/collector/custom/).
 
-Cardinality is bounded: ``route_class`` comes from a closed set, ``code`` is an HTTP
-status, ``pod`` labels of event counters are dropped with ``forget_pod`` when discovery
-removes a pod. ``reason`` and ``kind`` are short codes chosen by our own code, never
-taken from a request.
+Cardinality is bounded, and every label set comes from an enum of the code that emits
+it: ``route_class`` (RouteClass), ``reason`` (RejectReason, InterruptReason), ``kind``
+(errors.UpstreamKind), ``state`` (PodState), ``code`` is an HTTP status, and ``pod``
+labels of event counters are dropped with ``forget_pod`` when discovery removes a pod.
 
 The registry is never the process-global one, so several proxies (tests, in-process
 replicas) can live side by side.
@@ -22,8 +23,7 @@ replicas) can live side by side.
 from __future__ import annotations
 
 import platform
-from collections.abc import Callable, Iterable, Iterator, Mapping
-from typing import Any
+from collections.abc import Callable, Iterable, Iterator
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Histogram, Info
@@ -33,24 +33,23 @@ from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamil
 from prometheus_client.process_collector import ProcessCollector
 
 import sdproxy
+from sdproxy.core.effects import InterruptReason, RejectReason
+from sdproxy.core.pods import PodState
+from sdproxy.core.routing import RouteClass
+from sdproxy.errors import UpstreamKind
+from sdproxy.runtime.status import Status, count_states
 
-Snapshot = Callable[[], Mapping[str, Any]]
+Snapshot = Callable[[], Status]
 
-ROUTE_CLASSES = frozenset({"heavy", "light", "job", "admin", "proxy"})
+ROUTE_CLASSES = frozenset(c.value for c in RouteClass)
 #: every state is always exported (0 when empty) so alerts never see a missing series
-POD_STATES = ("starting", "warming", "ready", "draining")
+POD_STATES = tuple(s.value for s in PodState)
 SCALE_DIRECTIONS = ("up", "down")
 #: pre-created at 0 so rate()/increase() see the first event (Prometheus "Instrumentation"
 #: practices: avoid missing metrics)
-REJECT_REASONS = (
-    "queue_full",
-    "queue_timeout",
-    "no_backends",
-    "client_gone",
-    "job_cancelled",
-    "shutting_down",
-)
-INTERRUPT_REASONS = ("client_gone", "user", "shutdown")
+REJECT_REASONS = tuple(r.value for r in RejectReason)
+INTERRUPT_REASONS = tuple(r.value for r in InterruptReason)
+UPSTREAM_KINDS = tuple(k.value for k in UpstreamKind)
 
 #: light calls take milliseconds, a txt2img seconds, a large hires batch many minutes
 REQUEST_BUCKETS = (
@@ -105,13 +104,13 @@ class Metrics:
     def _declare_pod_event_metrics(self, reg: CollectorRegistry) -> None:
         self._backend_errors = Counter(
             "sdproxy_backend_errors_total",
-            "Failures talking to a pod, by pod and kind (connect, timeout, reset, status_5xx…).",
+            "Failures talking to a pod, by pod and kind (connect, timeout, reset, broke_off).",
             ["pod", "kind"],
             registry=reg,
         )
         self._interrupts = Counter(
             "sdproxy_interrupts_total",
-            "Generations interrupted on a pod, by reason (client_gone, user, shutdown).",
+            "Generations interrupted on a pod, by reason (client_gone, user).",
             ["reason"],
             registry=reg,
         )
@@ -164,14 +163,14 @@ class Metrics:
         """How long a heavy request waited for a slot (also for those that timed out)."""
         self._queue_wait.observe(max(0.0, wait_s))
 
-    def rejected(self, reason: str) -> None:
-        self._rejected.labels(reason=reason).inc()
+    def rejected(self, reason: RejectReason) -> None:
+        self._rejected.labels(reason=reason.value).inc()
 
-    def backend_error(self, *, pod: str, kind: str) -> None:
-        self._backend_errors.labels(pod=pod, kind=kind).inc()
+    def backend_error(self, *, pod: str, kind: UpstreamKind) -> None:
+        self._backend_errors.labels(pod=pod, kind=kind.value).inc()
 
-    def interrupt(self, reason: str) -> None:
-        self._interrupts.labels(reason=reason).inc()
+    def interrupt(self, reason: InterruptReason) -> None:
+        self._interrupts.labels(reason=reason.value).inc()
 
     def scale_event(self, direction: str) -> None:
         if direction not in SCALE_DIRECTIONS:
@@ -191,71 +190,73 @@ class Metrics:
 
 
 class StateCollector:
-    """Gauges computed at scrape time from the ``/-/status`` snapshot."""
+    """Gauges computed at scrape time from the typed ``Status`` snapshot."""
 
     def __init__(self, snapshot: Snapshot) -> None:
         self._snapshot = snapshot
 
     def describe(self) -> Iterable[Metric]:
         """Names only, so the registry can detect clashes without taking a snapshot."""
-        return list(_state_metrics({}))
+        return list(_state_metrics(None))
 
     def collect(self) -> Iterable[Metric]:
         return list(_state_metrics(self._snapshot()))
 
 
-def _num(value: Any) -> float:
-    """A JSON number, with null/missing as 0 and booleans as 0/1."""
-    return float(value) if isinstance(value, int | float) else 0.0
+def _gauge(name: str, documentation: str, value: float | None) -> GaugeMetricFamily:
+    if value is None:
+        return GaugeMetricFamily(name, documentation)
+    return GaugeMetricFamily(name, documentation, value=value)
 
 
-def _state_metrics(snap: Mapping[str, Any]) -> Iterator[Metric]:
-    yield from _queue_metrics(snap.get("queue") or {})
-    yield from _pod_metrics(snap.get("pods") or [])
-    auto = snap.get("autoscaler") or {}
-    yield GaugeMetricFamily(
+def _state_metrics(snap: Status | None) -> Iterator[Metric]:
+    yield from _queue_metrics(snap)
+    yield from _pod_metrics(snap)
+    auto = snap.autoscaler if snap is not None else None
+    desired = None if auto is None else float(auto.desired or 0)
+    yield _gauge(
         "sdproxy_desired_pods",
         "Pods the autoscaler asks for (the KEDA/HPA signal with --scaler none).",
-        value=_num(auto.get("desired")),
+        desired,
     )
-    yield GaugeMetricFamily(
+    yield _gauge(
         "sdproxy_leader",
         "1 if this replica holds the autoscaler leader Lease (always 1 without election).",
-        value=_num(bool(auto.get("leader"))),
+        None if auto is None else float(auto.leader),
     )
-    discovery = snap.get("discovery") or {}
-    yield GaugeMetricFamily(
+    yield _gauge(
         "sdproxy_discovery_connected",
         "1 if the discovery source (static list, EndpointSlice watch) is in touch.",
-        value=_num(bool(discovery.get("connected"))),
+        None if snap is None else float(snap.discovery.connected),
     )
 
 
-def _queue_metrics(queue: Mapping[str, Any]) -> Iterator[Metric]:
-    yield GaugeMetricFamily(
+def _queue_metrics(snap: Status | None) -> Iterator[Metric]:
+    queue = snap.queue if snap is not None else None
+    yield _gauge(
         "sdproxy_queue_depth",
         "Heavy requests waiting in the shared queue.",
-        value=_num(queue.get("depth")),
+        None if queue is None else queue.depth,
     )
-    yield GaugeMetricFamily(
+    yield _gauge(
         "sdproxy_queue_capacity",
         "Bound of the shared queue (--max-queue); beyond it requests get 503 queue_full.",
-        value=_num(queue.get("max")),
+        None if queue is None else queue.max,
     )
-    yield GaugeMetricFamily(
+    yield _gauge(
         "sdproxy_queue_oldest_wait_seconds",
         "How long the oldest queued request has waited so far (0 when the queue is empty).",
-        value=_num(queue.get("oldest_wait_s")),
+        None if queue is None else queue.oldest_wait_s,
     )
-    yield GaugeMetricFamily(
+    yield _gauge(
         "sdproxy_queue_timeout_seconds",
         "Longest a request may wait in the queue before 503 queue_timeout.",
-        value=_num(queue.get("timeout_s")),
+        None if queue is None else queue.timeout_s,
     )
 
 
-def _pod_metrics(pods: Iterable[Mapping[str, Any]]) -> Iterator[Metric]:
-    by_state = dict.fromkeys(POD_STATES, 0)
+def _pod_metrics(snap: Status | None) -> Iterator[Metric]:
+    pods = snap.pods if snap is not None else ()
     inflight = GaugeMetricFamily(
         "sdproxy_pod_inflight", "Heavy requests running on a pod.", labels=["pod"]
     )
@@ -271,18 +272,15 @@ def _pod_metrics(pods: Iterable[Mapping[str, Any]]) -> Iterator[Metric]:
         labels=["pod", "checkpoint"],
     )
     for pod in pods:
-        pod_id = str(pod.get("id", ""))
-        state = pod.get("state")
-        if state in by_state:
-            by_state[state] += 1
-        inflight.add_metric([pod_id], _num(pod.get("inflight")))
-        limit.add_metric([pod_id], _num(pod.get("limit")))
-        completed.add_metric([pod_id], _num(pod.get("completed")))
-        if pod.get("checkpoint"):
-            checkpoint.add_metric([pod_id, str(pod["checkpoint"])], 1.0)
+        inflight.add_metric([pod.id], pod.inflight)
+        limit.add_metric([pod.id], pod.limit)
+        completed.add_metric([pod.id], pod.completed)
+        if pod.checkpoint:
+            checkpoint.add_metric([pod.id, pod.checkpoint], 1.0)
     states = GaugeMetricFamily("sdproxy_pods", "Known pods by lifecycle state.", labels=["state"])
-    for state, count in by_state.items():
-        states.add_metric([state], count)
+    if snap is not None:
+        for state, count in count_states(pods).items():
+            states.add_metric([state.value], count)
     yield from (states, inflight, limit, completed, checkpoint)
 
 

@@ -21,12 +21,13 @@ import aiohttp
 from aiohttp import web
 
 from sdproxy import errors
-from sdproxy.core.admission import Dispatch, Job, TicketId
+from sdproxy.core.admission import Job, TicketId
 from sdproxy.core.cost import estimate_steps
+from sdproxy.core.effects import InterruptReason, Outcome
 from sdproxy.core.routing import RouteClass, RouteTable, classify_options
 from sdproxy.core.sdapi import body_keys, inspect_body
 from sdproxy.runtime import forward
-from sdproxy.runtime.gate import Gate
+from sdproxy.runtime.gate import Gate, Slot
 from sdproxy.runtime.jobs import Caller, JobIndex, identify, new_request_id, set_cookie
 from sdproxy.runtime.logs import AccessRecord, access_log_enabled, log_access
 from sdproxy.runtime.metrics import Metrics
@@ -123,7 +124,7 @@ class Proxy:
             response = await self._route(request, ex)
         except errors.ClientFacingError as exc:
             response = error_response(exc, ex)
-        except forward.ResponseBrokeOff as exc:
+        except errors.ResponseBrokeOff as exc:
             response = self._broke_off(request, ex, exc)
         except web.HTTPRequestEntityTooLarge:
             response = error_response(errors.BodyTooLarge("request body too large"), ex)
@@ -139,7 +140,7 @@ class Proxy:
         return response
 
     def _broke_off(
-        self, request: web.Request, ex: Exchange, exc: forward.ResponseBrokeOff
+        self, request: web.Request, ex: Exchange, exc: errors.ResponseBrokeOff
     ) -> web.StreamResponse:
         """Too late for a JSON error: cut the client's connection so the truncation shows."""
         log.warning("pod %s: %s", ex.pod, exc.detail)
@@ -147,7 +148,8 @@ class Proxy:
         self.metrics.backend_error(pod=ex.pod or "unknown", kind=exc.kind)
         if request.transport is not None:
             request.transport.close()
-        return exc.response
+        response: web.StreamResponse = exc.response
+        return response
 
     def _route(self, request: web.Request, ex: Exchange) -> Awaitable[web.StreamResponse]:
         """The coroutine that answers, returned rather than awaited here: one frame less
@@ -228,72 +230,56 @@ class Proxy:
         )
         self.jobs.add(ex.caller, job.ticket)
         try:
-            try:
-                dispatch = await self.gate.acquire(job)
-            except asyncio.CancelledError:
-                self.metrics.rejected("client_gone")
-                raise
-            self.metrics.observe_queue_wait(dispatch.queued_s)
-            ex.queue_ms = dispatch.queued_s * 1000
-            return await self._run_heavy(request, ex, body, dispatch)
+            slot = await self.gate.acquire(job)
+            self.metrics.observe_queue_wait(slot.dispatch.queued_s)
+            ex.queue_ms = slot.dispatch.queued_s * 1000
+            return await self._run_heavy(request, ex, body, slot)
         finally:
             self.jobs.remove(job.ticket)
 
     async def _run_heavy(
-        self,
-        request: web.Request,
-        ex: Exchange,
-        body: forward.RequestBody,
-        dispatch: Dispatch,
+        self, request: web.Request, ex: Exchange, body: forward.RequestBody, slot: Slot
     ) -> web.StreamResponse:
-        """Send to the bound pod; retry elsewhere only if nothing reached it."""
+        """Send to the bound pod; retry elsewhere only if nothing reached it. Every way
+        out frees the slot through ``slot.release`` with what happened."""
         while True:
-            ex.pod = dispatch.pod_id
-            exchange = asyncio.ensure_future(self._send(request, ex, dispatch.url, body))
+            ex.pod = slot.pod_id
+            exchange = asyncio.ensure_future(self._send(request, ex, slot.url, body))
             try:
                 upstream = await asyncio.shield(exchange)
             except asyncio.CancelledError:
-                self._abandon(dispatch, exchange)
+                self._abandon(slot, exchange)
                 raise
-            except forward.UpstreamError as exc:
-                self.metrics.backend_error(pod=dispatch.pod_id, kind=exc.kind)
+            except errors.UpstreamError as exc:
+                self.metrics.backend_error(pod=slot.pod_id, kind=exc.kind)
                 if exc.sent or not body.retryable:
-                    # the pod broke the exchange: rest it briefly (it may be restarting)
-                    # rather than hand it the next job first as the most recently used
-                    self.gate.admission.eject(dispatch.pod_id, self.clock())
-                    self.gate.release(dispatch.ticket, pod_failed=True)
-                    raise errors.BackendError(f"pod {dispatch.pod_id}: {exc.detail}") from exc
-                log.warning("pod %s refused: %s; retrying elsewhere", dispatch.pod_id, exc.detail)
-                dispatch = await self.gate.retry(dispatch.ticket)
+                    # the pod broke the exchange: FAILED rests it briefly (it may be
+                    # restarting) rather than hand it the next job as the most recently used
+                    slot.release(Outcome.FAILED)
+                    raise errors.BackendError(f"pod {slot.pod_id}: {exc.detail}") from exc
+                log.warning("pod %s refused: %s; retrying elsewhere", slot.pod_id, exc.detail)
+                slot = await slot.refused()
                 continue
             except errors.BodyTooLarge:
-                self.gate.release(dispatch.ticket)  # the client's fault: the pod is fine
+                slot.release(Outcome.UNUSED)  # the client's fault: the pod is fine
                 raise
             except BaseException:
-                self.gate.release(dispatch.ticket, pod_failed=True)
+                slot.release(Outcome.FAILED)
                 raise
-            return await self._relay_heavy(request, ex, upstream, dispatch)
+            return await self._relay_heavy(request, ex, upstream, slot)
 
     async def _relay_heavy(
-        self,
-        request: web.Request,
-        ex: Exchange,
-        upstream: aiohttp.ClientResponse,
-        dispatch: Dispatch,
+        self, request: web.Request, ex: Exchange, upstream: aiohttp.ClientResponse, slot: Slot
     ) -> web.StreamResponse:
         extra = {
-            "X-Sdproxy-Pod": dispatch.pod_id,
-            "X-Sdproxy-Queue-Ms": f"{dispatch.queued_s * 1000:.0f}",
+            "X-Sdproxy-Pod": slot.pod_id,
+            "X-Sdproxy-Queue-Ms": f"{slot.dispatch.queued_s * 1000:.0f}",
             "X-Request-Id": ex.request_id,
         }
-        released = False
 
-        def release(failed: bool) -> None:
-            """Free the slot once, as soon as the pod has sent its whole response."""
-            nonlocal released
-            if not released:
-                released = True
-                self.gate.release(dispatch.ticket, pod_failed=failed)
+        def pod_done(failed: bool) -> None:
+            """The pod has sent its whole answer (or broke off): the slot is free now."""
+            slot.release(Outcome.FAILED if failed else Outcome.COMPLETED)
 
         try:
             response, ex.bytes_out = await forward.relay(
@@ -301,37 +287,36 @@ class Proxy:
                 upstream,
                 extra_headers=extra,
                 before_prepare=ex.before_prepare,
-                on_upstream_done=release,
+                on_upstream_done=pod_done,
             )
             return response
         finally:
             upstream.release()
-            release(False)  # no-op unless relaying never started (client gone at once)
+            # relaying never started (client gone at once): the pod answered, it is done
+            slot.release(Outcome.COMPLETED)
 
-    def _abandon(
-        self, dispatch: Dispatch, exchange: asyncio.Future[aiohttp.ClientResponse]
-    ) -> None:
+    def _abandon(self, slot: Slot, exchange: asyncio.Future[aiohttp.ClientResponse]) -> None:
         """The client left mid-generation: interrupt the pod, keep the slot until the
         pod's response has ended (releasing earlier would put two jobs on one pod)."""
-        self.metrics.interrupt("client_gone")
-        self.spawn(self._finish_abandoned(dispatch, exchange), name=f"abandon-{dispatch.ticket}")
+        self.metrics.interrupt(InterruptReason.CLIENT_GONE)
+        self.spawn(self._finish_abandoned(slot, exchange), name=f"abandon-{slot.ticket}")
 
     async def _finish_abandoned(
-        self, dispatch: Dispatch, exchange: asyncio.Future[aiohttp.ClientResponse]
+        self, slot: Slot, exchange: asyncio.Future[aiohttp.ClientResponse]
     ) -> None:
-        failed = False
+        outcome = Outcome.INTERRUPTED  # not a completion, and no sample for the ETA
         try:
-            await self._post_interrupt(dispatch.url)
+            await self._post_interrupt(slot.url)
             upstream = await exchange
             async with upstream:
                 async for _ in upstream.content.iter_chunked(forward.CHUNK):
                     pass  # drain: the pod is done only when its response is
         except Exception as exc:  # a background task: whatever ended it, free the slot
-            failed = not isinstance(exc, errors.BodyTooLarge)
-            log.info("abandoned job on %s ended with %r", dispatch.pod_id, exc)
+            if not isinstance(exc, errors.BodyTooLarge):
+                outcome = Outcome.FAILED
+            log.info("abandoned job on %s ended with %r", slot.pod_id, exc)
         finally:
-            # interrupted: not a completion, and no sample for the ETA estimate
-            self.gate.release(dispatch.ticket, pod_failed=failed, ran=False)
+            slot.release(outcome)
 
     async def _post_interrupt(self, base_url: str) -> None:
         timeout = aiohttp.ClientTimeout(total=self.settings.connect_timeout_s + 5)
@@ -389,18 +374,18 @@ class Proxy:
             )
         tried: list[Any] = []
         for _ in range(LIGHT_ATTEMPTS):
-            pod = self.gate.admission.pick_light(self.clock(), exclude=tried)
+            pod = self.gate.pick_light(exclude=tried)
             if pod is None:
                 break
             tried.append(pod.pod_id)
             ex.pod = pod.pod_id
             try:
                 upstream = await self._send(request, ex, pod.url, body)
-            except forward.UpstreamError as exc:
+            except errors.UpstreamError as exc:
                 self.metrics.backend_error(pod=pod.pod_id, kind=exc.kind)
                 if exc.sent or (body is not None and not body.retryable):
                     raise errors.BackendError(f"pod {pod.pod_id}: {exc.detail}") from exc
-                self.gate.admission.eject(pod.pod_id, self.clock())
+                self.gate.eject(pod.pod_id)
                 continue
             return await self._answer_from(request, ex, pod.pod_id, upstream)
         raise errors.NoBackends("no ready sd-webui pod to answer", retry_after_s=5)
@@ -415,16 +400,17 @@ class Proxy:
             body = await request.read() if request.can_read_body else None
             try:
                 upstream = await self._send(request, ex, running.url, body)
-            except forward.UpstreamError as exc:
+            except errors.UpstreamError as exc:
                 self.metrics.backend_error(pod=running.pod_id, kind=exc.kind)
                 raise errors.BackendError(f"pod {running.pod_id}: {exc.detail}") from exc
+            if request.path.endswith("/interrupt"):
+                self.metrics.interrupt(InterruptReason.USER)
             return await self._answer_from(request, ex, running.pod_id, upstream)
-        queued = ticket is not None and ticket in self.gate.admission.queue
+        queued = ticket is not None and self.gate.admission.is_queued(ticket)
         if request.path.endswith("/progress"):
             return web.json_response(self._progress(ticket if queued else None))
         if request.path.endswith("/interrupt") and queued and ticket is not None:
-            self.gate.cancel_queued(ticket)
-            self.metrics.interrupt("user")
+            self.gate.cancel_queued(ticket)  # counted as rejected{job_cancelled}
         return web.json_response({})  # sd-webui answers {} (modules/api/api.py interruptapi)
 
     def _progress(self, ticket: TicketId | None) -> dict[str, Any]:

@@ -61,12 +61,15 @@ def _exported_metric_names() -> set[str]:
     """Every sample name the real exposition carries (with one pod), plus Prometheus' `up`."""
     from prometheus_client.parser import text_string_to_metric_families
 
+    from sdproxy.errors import UpstreamKind
     from sdproxy.runtime.metrics import Metrics
+    from sdproxy.runtime.status import Status
+    from tests.integration.test_metrics import sample_snapshot
 
-    snapshot = {"pods": [{"id": "p", "state": "ready", "inflight": 1, "limit": 1}]}
+    snapshot = Status.from_json(sample_snapshot())
     metrics = Metrics(snapshot=lambda: snapshot)
     metrics.observe_queue_wait(1.0)
-    metrics.backend_error(pod="p", kind="connect")
+    metrics.backend_error(pod="p", kind=UpstreamKind.CONNECT)
     body, _ = metrics.exposition()
     families = text_string_to_metric_families(body.decode())
     return {"up"} | {sample.name for family in families for sample in family.samples}

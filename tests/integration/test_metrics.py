@@ -13,7 +13,10 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
+from sdproxy.core.effects import InterruptReason, RejectReason
+from sdproxy.errors import UpstreamKind
 from sdproxy.runtime.metrics import POD_STATES, Metrics, metrics_app
+from sdproxy.runtime.status import Status
 from tests.conftest import require_binary
 
 POD_A = "10.0.0.7:7860"
@@ -26,6 +29,7 @@ def sample_snapshot(*, depth: int = 3) -> dict[str, Any]:
         "version": "0.1.0",
         "uptime_s": 12.3,
         "queue": {"depth": depth, "max": 1000, "oldest_wait_s": 12.3, "timeout_s": 600},
+        "inflight": 1,
         "pods": [
             _pod(POD_A, state="ready", inflight=1, completed=10),
             _pod(POD_B, state="starting", inflight=0, completed=0),
@@ -36,9 +40,12 @@ def sample_snapshot(*, depth: int = 3) -> dict[str, Any]:
             "desired": 2,
             "ready": 1,
             "starting": 1,
+            "min_pods": 0,
+            "max_pods": 4,
             "events": [{"at": "2026-11-25T18:00:00Z", "from": 1, "to": 2, "reason": "queue 3 > 1"}],
         },
         "discovery": {"source": "static", "connected": True, "last_error": None},
+        "shutting_down": False,
     }
 
 
@@ -52,6 +59,8 @@ def _pod(pod_id: str, *, state: str, inflight: int, completed: int) -> dict[str,
         "checkpoint": "a.safetensors",
         "completed": completed,
         "errors": 0,
+        "ejected": False,
+        "cordoned": False,
     }
 
 
@@ -62,14 +71,19 @@ def exercise_all(metrics: Metrics) -> None:
     metrics.observe_request(route_class="admin", code=403, duration_s=0.002)
     metrics.observe_queue_wait(42.0)
     metrics.observe_queue_wait(0.001)
-    metrics.rejected("queue_full")
-    metrics.rejected("queue_timeout")
+    metrics.rejected(RejectReason.QUEUE_FULL)
+    metrics.rejected(RejectReason.QUEUE_TIMEOUT)
     for pod in (POD_A, POD_B):
-        metrics.backend_error(pod=pod, kind="connect")
-        metrics.backend_error(pod=pod, kind="status_5xx")
-    metrics.interrupt("client_gone")
+        metrics.backend_error(pod=pod, kind=UpstreamKind.CONNECT)
+        metrics.backend_error(pod=pod, kind=UpstreamKind.TIMEOUT)
+    metrics.interrupt(InterruptReason.CLIENT_GONE)
     metrics.scale_event("up")
     metrics.scale_event("down")
+
+
+def typed(make: Any) -> Any:
+    """A snapshot callable answering the typed Status of a document factory."""
+    return lambda: Status.from_json(make())
 
 
 def samples(metrics: Metrics) -> Iterator[Sample]:
@@ -86,7 +100,7 @@ def value(metrics: Metrics, name: str, **labels: str) -> float:
 
 def test_promtool_finds_no_problems_in_the_exposition() -> None:
     promtool = require_binary("promtool", install="apt-get install prometheus")
-    metrics = Metrics(snapshot=sample_snapshot)
+    metrics = Metrics(snapshot=typed(sample_snapshot))
     exercise_all(metrics)
     body, _ = metrics.exposition()
     assert b'sdproxy_pod_inflight{pod="10.0.0.7:7860"}' in body  # lint ran with pods
@@ -100,7 +114,7 @@ def test_promtool_finds_no_problems_in_the_exposition() -> None:
 
 def test_state_gauges_are_read_from_the_snapshot_at_scrape_time() -> None:
     snap = sample_snapshot(depth=3)
-    metrics = Metrics(snapshot=lambda: snap)
+    metrics = Metrics(snapshot=lambda: Status.from_json(snap))
     assert value(metrics, "sdproxy_queue_depth") == 3
     snap["queue"]["depth"] = 7
     snap["autoscaler"]["leader"] = False
@@ -117,19 +131,37 @@ def test_state_gauges_are_read_from_the_snapshot_at_scrape_time() -> None:
     assert value(metrics, "sdproxy_pods", state="starting") == 1
 
 
-def test_every_pod_state_is_exported_even_with_no_pods_and_nulls() -> None:
+def test_every_pod_state_is_exported_even_with_no_pods() -> None:
     snap = sample_snapshot()
     snap["pods"] = []
-    snap["queue"]["oldest_wait_s"] = None
-    metrics = Metrics(snapshot=lambda: snap)
+    snap["queue"]["oldest_wait_s"] = 0.0
+    metrics = Metrics(snapshot=lambda: Status.from_json(snap))
     for state in POD_STATES:
         assert value(metrics, "sdproxy_pods", state=state) == 0
     assert value(metrics, "sdproxy_queue_oldest_wait_seconds") == 0
 
 
+def test_status_document_round_trips_through_the_typed_snapshot() -> None:
+    snap = sample_snapshot()
+    assert Status.from_json(snap).to_json() == snap
+    with pytest.raises(KeyError):
+        Status.from_json({k: v for k, v in snap.items() if k != "queue"})
+
+
+def test_label_sets_come_from_the_enums_of_the_code_that_emits_them() -> None:
+    """Every reason the core can emit is pre-created at 0, and none it cannot emit."""
+    metrics = Metrics()
+    rejected = {s.labels["reason"] for s in samples(metrics) if s.name == "sdproxy_rejected_total"}
+    interrupted = {
+        s.labels["reason"] for s in samples(metrics) if s.name == "sdproxy_interrupts_total"
+    }
+    assert rejected == {r.value for r in RejectReason}
+    assert interrupted == {r.value for r in InterruptReason} == {"client_gone", "user"}
+
+
 def test_forgetting_a_pod_drops_its_series() -> None:
     snap = sample_snapshot()
-    metrics = Metrics(snapshot=lambda: snap)
+    metrics = Metrics(snapshot=lambda: Status.from_json(snap))
     exercise_all(metrics)
     snap["pods"] = [p for p in snap["pods"] if p["id"] != POD_A]
     metrics.forget_pod(POD_A)
@@ -167,15 +199,18 @@ def test_unbounded_labels_are_refused(route_class: str, code: int) -> None:
 
 
 def test_instances_have_private_registries() -> None:
-    first, second = Metrics(snapshot=sample_snapshot), Metrics(snapshot=sample_snapshot)
-    first.rejected("queue_full")
+    first, second = (
+        Metrics(snapshot=typed(sample_snapshot)),
+        Metrics(snapshot=typed(sample_snapshot)),
+    )
+    first.rejected(RejectReason.QUEUE_FULL)
     assert value(second, "sdproxy_rejected_total", reason="queue_full") == 0
     assert prometheus_client.REGISTRY.get_sample_value("sdproxy_queue_depth") is None
 
 
 async def test_metrics_app_serves_the_exposition(aiohttp_client: Any) -> None:
     snap = copy.deepcopy(sample_snapshot(depth=5))
-    client = await aiohttp_client(metrics_app(Metrics(snapshot=lambda: snap)))
+    client = await aiohttp_client(metrics_app(Metrics(snapshot=lambda: Status.from_json(snap))))
     response = await client.get("/metrics")
     assert response.status == 200
     assert response.headers["Content-Type"].startswith("text/plain; version=0.0.4")

@@ -14,7 +14,7 @@ import yaml
 
 from sdproxy.runtime.metrics import Metrics
 from tests.conftest import require_binary
-from tests.integration.test_metrics import exercise_all, sample_snapshot, samples
+from tests.integration.test_metrics import exercise_all, sample_snapshot, samples, typed
 
 ROOT = Path(__file__).resolve().parents[2]
 ALERTS = ROOT / "deploy" / "monitoring" / "alerts.yaml"
@@ -137,7 +137,7 @@ def test_dashboard_covers_the_key_signals() -> None:
 
 def exported_series() -> dict[str, set[str]]:
     """Sample name -> label names, from an exposition where every metric has samples."""
-    metrics = Metrics(snapshot=sample_snapshot)
+    metrics = Metrics(snapshot=typed(sample_snapshot))
     exercise_all(metrics)
     series: dict[str, set[str]] = {}
     for sample in samples(metrics):

@@ -12,6 +12,7 @@ import aiohttp
 import pytest
 
 from sdproxy.runtime.metrics import Metrics, metrics_app
+from sdproxy.runtime.status import Status
 from tests.conftest import free_port, require_binary
 from tests.integration.test_metrics import exercise_all, sample_snapshot
 
@@ -78,7 +79,7 @@ async def test_prometheus_scrapes_state_from_the_snapshot(
     tmp_path: Path, aiohttp_server: Any
 ) -> None:
     snap = sample_snapshot(depth=3)
-    metrics = Metrics(snapshot=lambda: snap)
+    metrics = Metrics(snapshot=lambda: Status.from_json(snap))
     exercise_all(metrics)
     target = await aiohttp_server(metrics_app(metrics), host="127.0.0.1")
     async with (

@@ -254,7 +254,7 @@ async def test_response_breaking_off_mid_body_cuts_the_client_off(
                 await resp.read()
         await proxy.wait_idle()
         body, _ = proxy.services.metrics.exposition()
-        assert b'sdproxy_backend_errors_total{kind="reset"' in body
+        assert b'sdproxy_backend_errors_total{kind="broke_off"' in body
 
 
 async def test_a_pod_that_broke_an_exchange_rests_before_it_gets_work_again(

@@ -1,12 +1,16 @@
 """Unit: the admission core (slots, shared queue, dispatch), tick by tick on a virtual clock.
 
 No event loop: every event is a plain call with ``now`` as an argument. The ``Driver``
-wrapper checks the core's invariants after EVERY event (no pod over its limit, work
-conservation, the books of running tickets agree), so each scenario also proves them.
+wrapper calls the core's own ``check()`` after EVERY event (no pod over its limit, work
+conservation, the slot book's indexes agree) and re-checks them independently here, so
+each scenario also proves them. Mutators answer ``Effects``; the driver reads out the part
+each scenario is about (the decision for the submitted ticket, the dispatches a release
+caused, …).
 """
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import pytest
@@ -20,19 +24,21 @@ from hypothesis.stateful import (
     rule,
 )
 
-from sdproxy.core.admission import (
-    Admission,
-    AdmissionConfig,
-    Decision,
+from sdproxy.core.admission import Admission, AdmissionConfig, Running
+from sdproxy.core.effects import (
     Dispatch,
+    Effects,
+    Outcome,
     Queued,
-    Reconciled,
     Reject,
     RejectReason,
-    Running,
+    Transition,
 )
 from sdproxy.core.pods import Endpoint, PodId, PodState
 from sdproxy.core.queue import Job, TicketId
+from sdproxy.errors import StateError
+
+Decision = Dispatch | Queued | Reject
 
 BASE: dict[str, Any] = {"max_inflight": 1, "max_queue": 10, "queue_timeout_s": 30.0}
 
@@ -65,14 +71,43 @@ def reject(n: int, reason: RejectReason) -> Reject:
     return Reject(ticket=T(n), reason=reason)
 
 
+def decision_for(fx: Effects, ticket: TicketId) -> Decision:
+    """What an event decided for one ticket (exactly one answer per ticket)."""
+    found = [e for e in (*fx.dispatches, *fx.queued, *fx.rejects) if e.ticket == ticket]
+    assert len(found) == 1, f"ticket {ticket}: {found}"
+    return found[0]
+
+
+def reconciled(
+    dispatches: list[Dispatch], rejects: list[Reject], transitions: list[Transition]
+) -> tuple[tuple[Dispatch, ...], tuple[Reject, ...], tuple[Transition, ...]]:
+    return tuple(dispatches), tuple(rejects), tuple(transitions)
+
+
+def tr(pod: str, old: PodState | None, new: PodState | None) -> Transition:
+    return Transition(P(pod), old, new)
+
+
+def takes_work(pod: Any, now: float) -> bool:
+    """Independently of the core: ready, a slot free, not ejected, not cordoned."""
+    return (
+        pod.state is PodState.READY
+        and len(pod.running) < pod.limit
+        and now >= pod.ejected_until
+        and now >= pod.cordoned_until
+    )
+
+
 def assert_invariants(adm: Admission, now: float) -> None:
-    """What must hold after every event, whatever happened."""
+    """What must hold after every event, whatever happened (checked here independently
+    of ``Admission.check``, which runs too)."""
+    adm.check(now)
     on_pods = {t: pod.pod_id for pod in adm.pods.values() for t in pod.running}
     for pod in adm.pods.values():
         assert len(pod.running) <= pod.limit, f"{pod.pod_id} over its limit"
         assert pod.listed or pod.running, f"{pod.pod_id} gone and idle but not forgotten"
     if len(adm.queue):
-        free = [p.pod_id for p in adm.pods.values() if p.free(now)]
+        free = [p.pod_id for p in adm.pods.values() if takes_work(p, now)]
         assert free == [], f"jobs wait while {free} have a free slot"
     assert adm.inflight == len(on_pods)
     for ticket, pod_id in on_pods.items():
@@ -97,34 +132,57 @@ class Driver:
         self.now = now
         return self
 
-    def _checked(self, result: Any) -> Any:
+    def _checked(self, fx: Effects) -> Effects:
         assert_invariants(self.adm, self.now)
-        return result
+        self.last = fx
+        return fx
 
     def submit(self, n: int, *, cost: float = 1.0, checkpoint: str | None = None) -> Decision:
         job = Job(ticket=T(n), enqueued_at=self.now, cost=cost, checkpoint=checkpoint)
-        return self._checked(self.adm.submit(job, self.now))
+        return decision_for(self._checked(self.adm.submit(job, self.now)), T(n))
 
-    def release(self, n: int, *, pod_failed: bool = False, ran: bool = True) -> list[Dispatch]:
-        return self._checked(self.adm.release(T(n), self.now, pod_failed=pod_failed, ran=ran))
+    def release(self, n: int, outcome: Outcome = Outcome.COMPLETED) -> list[Dispatch]:
+        return list(self._checked(self.adm.release(T(n), outcome, self.now)).dispatches)
 
     def retry(self, n: int) -> Decision:
-        return self._checked(self.adm.retry(T(n), self.now))
+        """The pod refused the connection: ``release`` with ``Outcome.REFUSED``."""
+        return decision_for(self._checked(self.adm.release(T(n), Outcome.REFUSED, self.now)), T(n))
 
     def cancel(self, n: int) -> bool:
-        return self._checked(self.adm.cancel(T(n)))
+        """Cancel a queued job; a ticket that is not queued is a caller's bug (raises)."""
+        if T(n) not in self.adm.queue:
+            with pytest.raises(StateError):
+                self.adm.cancel(T(n), RejectReason.CANCELLED, self.now)
+            return False
+        fx = self._checked(self.adm.cancel(T(n), RejectReason.CANCELLED, self.now))
+        assert fx.rejects == (reject(n, RejectReason.CANCELLED),)
+        return True
 
     def tick(self) -> tuple[list[Dispatch], list[Reject]]:
-        return self._checked(self.adm.tick(self.now))
+        fx = self._checked(self.adm.tick(self.now))
+        return list(fx.dispatches), list(fx.rejects)
 
-    def reconcile(self, *endpoints: Endpoint) -> Reconciled:
-        return self._checked(self.adm.reconcile(endpoints, self.now))
+    def reconcile(
+        self, *endpoints: Endpoint
+    ) -> tuple[tuple[Dispatch, ...], tuple[Reject, ...], tuple[Transition, ...]]:
+        fx = self._checked(self.adm.reconcile(endpoints, self.now))
+        return fx.dispatches, fx.rejects, fx.transitions
+
+    def transitions(self, *endpoints: Endpoint) -> list[Transition]:
+        return list(self.reconcile(*endpoints)[2])
 
     def mark_warm(self, name: str) -> list[Dispatch]:
-        return self._checked(self.adm.mark_warm(P(name), self.now))
+        return list(self._checked(self.adm.mark_warm(P(name), self.now)).dispatches)
 
     def shutdown(self) -> list[Reject]:
-        return self._checked(self.adm.shutdown())
+        return list(self._checked(self.adm.shutdown(self.now)).rejects)
+
+    def eject(self, name: str, now: float) -> None:
+        self._checked(self.adm.eject(P(name), now))
+
+    def cordon(self, *names: str, for_s: float) -> list[PodId]:
+        fx = self._checked(self.adm.cordon([P(n) for n in names], self.now, for_s=for_s))
+        return list(fx.cordoned)
 
     def pod(self, name: str) -> Any:
         return self.adm.pods[P(name)]
@@ -229,7 +287,7 @@ def test_starting_pod_counts_as_capacity_coming() -> None:
     d = Driver(ep("a", ready=False), hold_when_empty=False)
     assert d.pod("a").state is PodState.STARTING
     assert d.submit(1) == queued(1, 1)
-    assert d.at(3).reconcile(ep("a")) == Reconciled(
+    assert d.at(3).reconcile(ep("a")) == reconciled(
         dispatches=[dispatch(1, "a", queued_s=3.0)],
         rejects=[],
         transitions=[(P("a"), PodState.STARTING, PodState.READY)],
@@ -241,10 +299,10 @@ def test_scale_from_zero_holds_the_queue_until_a_pod_is_ready() -> None:
     assert d.at(0).submit(1) == queued(1, 1)
     assert d.at(1).submit(2) == queued(2, 2)
     assert d.at(5).tick() == ([], [])
-    assert d.at(6).reconcile(ep("a", ready=False)) == Reconciled(
+    assert d.at(6).reconcile(ep("a", ready=False)) == reconciled(
         dispatches=[], rejects=[], transitions=[(P("a"), None, PodState.STARTING)]
     )
-    assert d.at(7).reconcile(ep("a")) == Reconciled(
+    assert d.at(7).reconcile(ep("a")) == reconciled(
         dispatches=[dispatch(1, "a", queued_s=7.0)],
         rejects=[],
         transitions=[(P("a"), PodState.STARTING, PodState.READY)],
@@ -257,7 +315,7 @@ def test_queue_is_rejected_when_the_last_pod_vanishes_without_hold() -> None:
     d.submit(1)
     d.submit(2)
     d.submit(3)
-    assert d.at(1).reconcile() == Reconciled(
+    assert d.at(1).reconcile() == reconciled(
         dispatches=[],
         rejects=[reject(2, RejectReason.NO_BACKENDS), reject(3, RejectReason.NO_BACKENDS)],
         transitions=[(P("a"), PodState.READY, PodState.DRAINING)],
@@ -269,14 +327,14 @@ def test_queue_is_rejected_when_the_last_pod_vanishes_without_hold() -> None:
 
 def test_warmup_gates_a_new_pod_until_mark_warm() -> None:
     d = Driver(warmup=True)
-    assert d.reconcile(ep("a")).transitions == [
+    assert d.transitions(ep("a")) == [
         (P("a"), None, PodState.STARTING),
         (P("a"), PodState.STARTING, PodState.WARMING),
     ]
     assert d.at(1).submit(1) == queued(1, 1)  # warming counts as capacity coming
     assert d.at(2).tick() == ([], [])
     assert d.adm.pick_light(2) is None
-    assert d.at(2).reconcile(ep("a")).transitions == []  # still warming
+    assert d.at(2).transitions(ep("a")) == []  # still warming
     assert d.at(4).mark_warm("a") == [dispatch(1, "a", queued_s=3.0)]
     assert d.pod("a").state is PodState.READY
     assert d.mark_warm("a") == []  # already warm
@@ -285,9 +343,7 @@ def test_warmup_gates_a_new_pod_until_mark_warm() -> None:
 
 def test_warming_pod_that_loses_readiness_goes_back_to_starting() -> None:
     d = Driver(ep("a"), warmup=True)
-    assert d.reconcile(ep("a", ready=False)).transitions == [
-        (P("a"), PodState.WARMING, PodState.STARTING)
-    ]
+    assert d.transitions(ep("a", ready=False)) == [(P("a"), PodState.WARMING, PodState.STARTING)]
     assert d.mark_warm("a") == []
     assert d.pod("a").state is PodState.STARTING
 
@@ -299,7 +355,7 @@ def test_terminating_pod_takes_no_new_work_but_finishes_its_job() -> None:
     d = Driver(ep("a"), ep("b"))
     d.submit(1)
     d.submit(2)
-    assert d.at(1).reconcile(ep("a", terminating=True), ep("b")).transitions == [
+    assert d.at(1).transitions(ep("a", terminating=True), ep("b")) == [
         (P("a"), PodState.READY, PodState.DRAINING)
     ]
     assert d.at(2).submit(3) == queued(3, 1)
@@ -307,7 +363,7 @@ def test_terminating_pod_takes_no_new_work_but_finishes_its_job() -> None:
     assert d.pod("a").state is PodState.DRAINING
     assert d.pod("a").completed == 1
     assert d.at(4).release(2) == [dispatch(3, "b", queued_s=2.0)]
-    assert d.at(5).reconcile(ep("b")).transitions == [(P("a"), PodState.DRAINING, None)]
+    assert d.at(5).transitions(ep("b")) == [(P("a"), PodState.DRAINING, None)]
     assert list(d.adm.pods) == [P("b")]
 
 
@@ -316,7 +372,7 @@ def test_vanished_pod_is_forgotten_once_its_running_job_releases() -> None:
     d.submit(1)
     d.submit(2)
     d.submit(3)
-    assert d.at(1).reconcile(ep("b")).transitions == [(P("a"), PodState.READY, PodState.DRAINING)]
+    assert d.at(1).transitions(ep("b")) == [(P("a"), PodState.READY, PodState.DRAINING)]
     assert P("a") in d.adm.pods
     assert d.adm.pick_light(1) == d.pod("b")
     assert d.at(2).release(1) == []
@@ -327,12 +383,12 @@ def test_vanished_pod_is_forgotten_once_its_running_job_releases() -> None:
 def test_not_ready_serving_pod_drains_and_comes_back() -> None:
     d = Driver(ep("a"), hold_when_empty=True)  # without hold: no_backends while draining
     d.submit(1)
-    assert d.at(1).reconcile(ep("a", ready=False)).transitions == [
+    assert d.at(1).transitions(ep("a", ready=False)) == [
         (P("a"), PodState.READY, PodState.DRAINING)
     ]
     assert d.submit(2) == queued(2, 1)
     assert d.at(2).release(1) == []
-    assert d.at(3).reconcile(ep("a")) == Reconciled(
+    assert d.at(3).reconcile(ep("a")) == reconciled(
         dispatches=[dispatch(2, "a", queued_s=2.0)],
         rejects=[],
         transitions=[(P("a"), PodState.DRAINING, PodState.READY)],
@@ -390,9 +446,10 @@ def test_retry_during_shutdown_with_no_pod_left_is_shutting_down() -> None:
     assert d.adm.inflight == 0
 
 
-def test_retry_of_a_ticket_not_running_is_cancelled() -> None:
+def test_retry_of_a_ticket_not_running_is_a_state_error() -> None:
     d = Driver(ep("a"))
-    assert d.retry(99) == reject(99, RejectReason.CANCELLED)
+    with pytest.raises(StateError):
+        d.adm.release(T(99), Outcome.REFUSED, d.now)
 
 
 def test_ejection_expires_and_tick_readmits_the_pod() -> None:
@@ -409,30 +466,35 @@ def test_ejection_doubles_per_repeat_up_to_32x_and_resets_on_success() -> None:
     d = Driver(ep("a"), eject_s=1.0)
     spans = []
     for _ in range(8):
-        d.adm.eject(P("a"), 100.0)
+        d.eject("a", 100.0)
         spans.append(d.pod("a").ejected_until - 100.0)
     assert spans == [1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 32.0, 32.0]
     assert d.at(200).submit(1) == dispatch(1, "a")
     d.release(1)
     assert d.pod("a").ejections == 0
-    d.adm.eject(P("nope"), 0.0)  # unknown pod: nothing happens
+    d.eject("nope", 0.0)  # unknown pod (discovery removed it): nothing happens
 
 
 def test_failed_release_counts_an_error_not_a_completion() -> None:
     d = Driver(ep("a"))
     d.submit(1)
-    assert d.at(1).release(1, pod_failed=True) == []
+    assert d.at(1).release(1, Outcome.FAILED) == []
     assert (d.pod("a").errors, d.pod("a").completed) == (1, 0)
-    assert d.release(1) == []  # a second release of the same ticket is a no-op
+    with pytest.raises(StateError, match="not running"):  # a second release is a bug
+        d.adm.release(T(1), Outcome.COMPLETED, d.now)
     assert (d.pod("a").errors, d.pod("a").completed) == (1, 0)
+    assert d.pod("a").ejected_until == 3.0, "a pod that broke an exchange rests"
 
 
-def test_release_of_a_queued_ticket_changes_nothing() -> None:
-    """A stray release (the runtime's `finally`) must not corrupt the queue's books."""
+def test_stray_release_of_a_queued_ticket_raises_and_changes_nothing() -> None:
+    """A release of a ticket that does not run is the caller's bug: it is refused and
+    the queue's books are untouched."""
     d = Driver(ep("a"))
     d.submit(1)
     assert d.at(1).submit(2) == queued(2, 1)
-    assert d.release(2) == []
+    with pytest.raises(StateError):
+        d.adm.release(T(2), Outcome.COMPLETED, d.now)
+    assert_invariants(d.adm, d.now)
     assert d.queue() == [2]
     assert d.at(40).tick() == ([], [reject(2, RejectReason.QUEUE_TIMEOUT)])
 
@@ -502,7 +564,7 @@ def pick_light_driver() -> Driver:
     d = Driver(
         ep("a"), ep("b"), ep("c"), ep("d", ready=False), ep("e"), max_inflight=2, eject_s=10.0
     )
-    d.adm.eject(P("b"), 0.0)
+    d.eject("b", 0.0)
     assert d.at(1).submit(1) == dispatch(1, "a")
     assert d.at(2).submit(2) == dispatch(2, "c")
     assert d.at(3).submit(3) == dispatch(3, "e")
@@ -544,10 +606,10 @@ def test_a_slot_given_back_without_a_generation_is_no_completion_and_no_eta_samp
     d = Driver(ep("a"))
     d.submit(1)
     d.submit(2)
-    assert d.at(10).release(1, ran=False) == [dispatch(2, "a", queued_s=10.0)]
+    assert d.at(10).release(1, Outcome.UNUSED) == [dispatch(2, "a", queued_s=10.0)]
     assert d.pod("a").completed == 0 and d.pod("a").errors == 0
     # 10 s for one unit would have pulled the ETA estimate up; it is untouched
-    assert d.adm._spu == d.adm.config.seconds_per_unit
+    assert d.adm.eta.seconds_per_unit == d.adm.config.seconds_per_unit
 
 
 def test_cordoned_pods_take_no_new_work_until_the_cordon_ends() -> None:
@@ -556,19 +618,19 @@ def test_cordoned_pods_take_no_new_work_until_the_cordon_ends() -> None:
     d = Driver(ep("a"), ep("b"))
     assert d.at(1).submit(1) == dispatch(1, "a")
     # a runs job 1: only b (idle) can be cordoned
-    assert d.adm.cordon([P("a"), P("b")], d.now, for_s=10) == [P("b")]
+    assert d.cordon("a", "b", for_s=10) == [P("b")]
     assert d.adm.idle_pods(d.now) == []
     assert d.at(2).submit(2) == queued(2, 1), "b is cordoned, a is busy"
     light = d.adm.pick_light(d.now)
     assert light is not None and light.pod_id == P("a")
     assert d.at(3).release(1) == [dispatch(2, "a", queued_s=1.0)]
     assert d.at(11).tick() == ([], [])
-    assert d.adm.pods[P("b")].free(d.now), "the scale-in did not happen: b serves again"
+    assert takes_work(d.adm.pods[P("b")], d.now), "the scale-in did not happen: b serves again"
 
 
 def test_cordoned_pods_are_not_capacity_coming() -> None:
     d = Driver(ep("a"))
-    d.adm.cordon([P("a")], d.now, for_s=10)
+    d.cordon("a", for_s=10)
     assert d.at(1).submit(1) == reject(1, RejectReason.NO_BACKENDS)
 
 
@@ -609,11 +671,13 @@ CHECKPOINTS = (None, "sd15", "sdxl")
 
 
 class AdmissionStorm(RuleBasedStateMachine):
-    """Bursts, disconnects, refused connections, pod churn and time, in random order.
+    """Bursts, disconnects, refused connections, pod churn, ejections, cordons and time,
+    in random order.
 
-    A model records every ticket's fate from the decisions the core returns; invariants
-    compare the model with the core after every step. Time only moves forward, in ticks
-    (the runtime ticks every 0.25 s), and every other event happens at the current time.
+    A model records every ticket's fate from the Effects the core returns; invariants
+    compare the model with the core (and run ``Admission.check``) after every step, and
+    check that ``wake_at`` is honest: ticking any earlier changes nothing. Time only moves
+    forward; every other event happens at the current time.
     """
 
     def __init__(self) -> None:
@@ -623,6 +687,7 @@ class AdmissionStorm(RuleBasedStateMachine):
         self.fate: dict[TicketId, str] = {}
         self.discovery: dict[str, str] = {}
         self.next_ticket = 1
+        self.wake_at: float | None = None
 
     @initialize(
         limit=st.integers(1, 3),
@@ -651,26 +716,26 @@ class AdmissionStorm(RuleBasedStateMachine):
     def _tickets(self, fate: str) -> list[TicketId]:
         return sorted(t for t, f in self.fate.items() if f == fate)
 
-    def _dispatched(self, dispatches: list[Dispatch], *, allowed: tuple[str, ...]) -> None:
-        for d in dispatches:
-            assert self.fate.get(d.ticket) in allowed, f"{d.ticket} dispatched from nowhere"
+    def _apply(self, fx: Effects) -> None:
+        """Move every ticket the Effects name to its new fate, checking it came from a
+        fate that allows it."""
+        for d in fx.dispatches:
+            assert self.fate.get(d.ticket) in ("new", QUEUED, "refused"), d
             run = self.adm.running(d.ticket)
             assert run is not None and run.pod_id == d.pod_id and run.url == d.url
             self.fate[d.ticket] = RUNNING
-
-    def _rejected(self, rejects: list[Reject]) -> None:
-        for r in rejects:
-            assert self.fate.get(r.ticket) == QUEUED, f"{r.ticket} rejected but not queued"
+        for q in fx.queued:
+            assert self.fate.get(q.ticket) in ("new", "refused"), q
+            assert q.position == self.adm.position(q.ticket)
+            self.fate[q.ticket] = QUEUED
+        for r in fx.rejects:
+            assert self.fate.get(r.ticket) in ("new", QUEUED, "refused"), r
             self.fate[r.ticket] = f"rejected:{r.reason}"
-
-    def _decided(self, decision: Decision) -> None:
-        if isinstance(decision, Dispatch):
-            self._dispatched([decision], allowed=(RUNNING,))
-        elif isinstance(decision, Queued):
-            assert decision.position == self.adm.position(decision.ticket)
-            self.fate[decision.ticket] = QUEUED
-        else:
-            self.fate[decision.ticket] = f"rejected:{decision.reason}"
+        last = {pod_id: new for pod_id, _old, new in fx.transitions}
+        for pod_id, state in last.items():  # the last transition is where the pod is now
+            pod = self.adm.pods.get(pod_id)
+            assert (pod.state if pod is not None else None) is state
+        self.wake_at = fx.wake_at
 
     def _reconcile(self) -> None:
         endpoints = [
@@ -678,13 +743,7 @@ class AdmissionStorm(RuleBasedStateMachine):
             for name, state in sorted(self.discovery.items())
             if state != "gone"
         ]
-        out = self.adm.reconcile(endpoints, self.now)
-        last = {pod_id: new for pod_id, _old, new in out.transitions}
-        for pod_id, state in last.items():  # the last transition is where the pod is now
-            pod = self.adm.pods.get(pod_id)
-            assert (pod.state if pod is not None else None) is state
-        self._dispatched(out.dispatches, allowed=(QUEUED,))
-        self._rejected(out.rejects)
+        self._apply(self.adm.reconcile(endpoints, self.now))
 
     # -- rules ---------------------------------------------------------------------------
 
@@ -694,57 +753,68 @@ class AdmissionStorm(RuleBasedStateMachine):
             ticket, self.next_ticket = T(self.next_ticket), self.next_ticket + 1
             job = Job(ticket=ticket, enqueued_at=self.now, checkpoint=checkpoint)
             self.fate[ticket] = "new"
-            decision = self.adm.submit(job, self.now)
-            if isinstance(decision, Dispatch):
-                self.fate[ticket] = RUNNING
-                self._dispatched([decision], allowed=(RUNNING,))
-            else:
-                self._decided(decision)
+            self._apply(self.adm.submit(job, self.now))
 
     @precondition(lambda self: self.adm.inflight > 0)
-    @rule(data=st.data(), failed=st.booleans())
-    def release(self, data: st.DataObject, failed: bool) -> None:
+    @rule(
+        data=st.data(),
+        outcome=st.sampled_from(
+            [Outcome.COMPLETED, Outcome.FAILED, Outcome.INTERRUPTED, Outcome.UNUSED]
+        ),
+    )
+    def release(self, data: st.DataObject, outcome: Outcome) -> None:
         ticket = data.draw(st.sampled_from(self._tickets(RUNNING)))
-        dispatches = self.adm.release(ticket, self.now, pod_failed=failed)
         self.fate[ticket] = DONE
-        self._dispatched(dispatches, allowed=(QUEUED,))
+        self._apply(self.adm.release(ticket, outcome, self.now))
 
     @precondition(lambda self: len(self.fate) > self.adm.inflight)
     @rule(data=st.data())
     def stray_release(self, data: st.DataObject) -> None:
-        """Releasing a ticket that is not running (queued, finished) changes nothing."""
+        """Releasing a ticket that is not running (queued, finished) is refused."""
         idle = sorted(t for t, f in self.fate.items() if f != RUNNING)
         ticket = data.draw(st.sampled_from(idle))
-        assert self.adm.release(ticket, self.now) == []
+        with pytest.raises(StateError):
+            self.adm.release(ticket, Outcome.COMPLETED, self.now)
 
     @precondition(lambda self: self.adm.inflight > 0)
     @rule(data=st.data())
-    def retry(self, data: st.DataObject) -> None:
+    def refused(self, data: st.DataObject) -> None:
         ticket = data.draw(st.sampled_from(self._tickets(RUNNING)))
         run = self.adm.running(ticket)
         assert run is not None
-        refused = self.adm.pods[run.pod_id]
-        decision = self.adm.retry(ticket, self.now)
-        assert refused.ejected_until > self.now
-        if isinstance(decision, Dispatch):
-            assert decision.pod_id != refused.pod_id
-        self._decided(decision)
+        refused_pod = self.adm.pods[run.pod_id]
+        self.fate[ticket] = "refused"
+        fx = self.adm.release(ticket, Outcome.REFUSED, self.now)
+        assert refused_pod.ejected_until > self.now
+        assert all(d.pod_id != refused_pod.pod_id for d in fx.dispatches)
+        self._apply(fx)
+        assert self.fate[ticket] != "refused", "a refused job got no new decision"
 
     @precondition(lambda self: len(self.fate) > 0)
-    @rule(data=st.data())
-    def cancel(self, data: st.DataObject) -> None:
+    @rule(
+        data=st.data(), reason=st.sampled_from([RejectReason.CANCELLED, RejectReason.CLIENT_GONE])
+    )
+    def cancel(self, data: st.DataObject, reason: RejectReason) -> None:
         ticket = data.draw(st.sampled_from(sorted(self.fate)))
-        was_queued = self.fate[ticket] == QUEUED
-        assert self.adm.cancel(ticket) is was_queued
-        if was_queued:
-            self.fate[ticket] = CANCELLED
+        if self.fate[ticket] != QUEUED:
+            with pytest.raises(StateError):
+                self.adm.cancel(ticket, reason, self.now)
+            return
+        fx = self.adm.cancel(ticket, reason, self.now)
+        assert reject(ticket, reason) in fx.rejects
+        self._apply(fx)
+        self.fate[ticket] = CANCELLED
 
     @rule(dt=st.sampled_from([0.0, 0.25, 0.5, 1.0, 3.0, 11.0]))
     def tick(self, dt: float) -> None:
         self.now += dt
-        dispatches, rejects = self.adm.tick(self.now)
-        self._rejected(rejects)
-        self._dispatched(dispatches, allowed=(QUEUED,))
+        self._apply(self.adm.tick(self.now))
+
+    @rule()
+    def tick_at_wake_at(self) -> None:
+        if self.wake_at is not None:
+            self.now = max(self.now, self.wake_at)
+        self._apply(self.adm.tick(self.now))
 
     @rule(pod=st.sampled_from(PODS), state=st.sampled_from(ENDPOINT_STATES))
     def discovery_changes(self, pod: str, state: str) -> None:
@@ -753,15 +823,25 @@ class AdmissionStorm(RuleBasedStateMachine):
 
     @rule(pod=st.sampled_from(PODS))
     def warmed_up(self, pod: str) -> None:
-        self._dispatched(self.adm.mark_warm(P(pod), self.now), allowed=(QUEUED,))
+        self._apply(self.adm.mark_warm(P(pod), self.now))
+
+    @rule(pod=st.sampled_from(PODS))
+    def light_call_failed(self, pod: str) -> None:
+        self._apply(self.adm.eject(P(pod), self.now))
+
+    @rule(pods=st.lists(st.sampled_from(PODS), unique=True, max_size=2))
+    def scale_in_cordon(self, pods: list[str]) -> None:
+        fx = self.adm.cordon([P(p) for p in pods], self.now, for_s=5.0)
+        assert all(not self.adm.pods[p].running for p in fx.cordoned)
+        self._apply(fx)
 
     @rule()
     def shutdown(self) -> None:
         in_line = [job.ticket for job in self.adm.queue]
         assert sorted(in_line) == self._tickets(QUEUED)
-        rejects = self.adm.shutdown()
-        assert rejects == [reject(t, RejectReason.SHUTTING_DOWN) for t in in_line]
-        self._rejected(rejects)
+        fx = self.adm.shutdown(self.now)
+        assert list(fx.rejects) == [reject(t, RejectReason.SHUTTING_DOWN) for t in in_line]
+        self._apply(fx)
 
     # -- invariants ----------------------------------------------------------------------
 
@@ -772,28 +852,40 @@ class AdmissionStorm(RuleBasedStateMachine):
     @invariant()
     def model_matches_core(self) -> None:
         for ticket, fate in self.fate.items():
-            assert fate != "new", f"{ticket} got no decision"
+            assert fate not in ("new", "refused"), f"{ticket} got no decision"
             assert (ticket in self.adm.queue) == (fate == QUEUED), (ticket, fate)
             assert (self.adm.running(ticket) is not None) == (fate == RUNNING), (ticket, fate)
         assert self.adm.inflight == len(self._tickets(RUNNING))
         assert len(self.adm.queue) == len(self._tickets(QUEUED))
+
+    @invariant()
+    def wake_at_is_honest(self) -> None:
+        """Nothing changes before ``wake_at``: the runtime may sleep until then."""
+        if len(self.adm.queue):
+            assert self.wake_at is not None, "jobs wait but the core needs no wake-up"
+        until = self.now + 100.0 if self.wake_at is None else self.wake_at
+        if until <= self.now:
+            return
+        probe = copy.deepcopy(self.adm)
+        fx = probe.tick(self.now + (until - self.now) / 2)
+        assert fx.dispatches == () and fx.rejects == (), fx
 
     # -- the end: everything drains, nothing leaks ---------------------------------------
 
     def teardown(self) -> None:
         for _ in range(1000):
             for ticket in self._tickets(RUNNING):
-                self._dispatched(self.adm.release(ticket, self.now), allowed=(QUEUED,))
-                self.fate[ticket] = DONE if self.fate[ticket] == RUNNING else self.fate[ticket]
+                self.fate[ticket] = DONE
+                self._apply(self.adm.release(ticket, Outcome.COMPLETED, self.now))
             if not self._tickets(QUEUED) and not self._tickets(RUNNING):
                 break
-            self.now += 100.0  # past every ejection and the queue timeout
-            self.tick(0.0)
+            self.now += 100.0  # past every ejection, cordon and the queue timeout
+            self._apply(self.adm.tick(self.now))
         assert self.adm.inflight == 0
         assert len(self.adm.queue) == 0
         assert all(not pod.running for pod in self.adm.pods.values())
         assert all(pod.listed for pod in self.adm.pods.values())
-        assert all(f not in (QUEUED, RUNNING, "new") for f in self.fate.values())
+        assert all(f not in (QUEUED, RUNNING, "new", "refused") for f in self.fate.values())
 
 
 AdmissionStorm.TestCase.settings = settings(

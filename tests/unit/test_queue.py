@@ -1,4 +1,4 @@
-"""Unit: the shared FIFO queue (push, push_front, pop, O(1) remove, compaction)."""
+"""Unit: the queue policy (FifoQueue): order, requeue, O(1) remove, next_for, deadlines."""
 
 from __future__ import annotations
 
@@ -9,14 +9,14 @@ from hypothesis import strategies as st
 from sdproxy.core.queue import FifoQueue, Job, TicketId
 
 
-def job(n: int) -> Job:
-    return Job(ticket=TicketId(n), enqueued_at=float(n))
+def job(n: int, *, checkpoint: str | None = None) -> Job:
+    return Job(ticket=TicketId(n), enqueued_at=float(n), checkpoint=checkpoint)
 
 
-def filled(*tickets: int) -> FifoQueue:
+def filled(*tickets: int, timeout: float = 100.0) -> FifoQueue:
     q = FifoQueue()
     for n in tickets:
-        q.push(job(n))
+        q.push(job(n), deadline=n + timeout)
     return q
 
 
@@ -26,25 +26,79 @@ def order(q: FifoQueue) -> list[int]:
 
 def test_empty_queue() -> None:
     q = FifoQueue()
-    assert (len(q), q.peek(), q.pop(), order(q)) == (0, None, None, [])
+    assert (len(q), q.oldest(), q.next_deadline(), order(q)) == (0, None, None, [])
+    assert q.next_for(lambda _j: True) is None
+    assert q.expired(1e9) == []
     assert q.remove(TicketId(1)) is None
     assert q.position(TicketId(1)) is None
     assert TicketId(1) not in q
 
 
-def test_first_in_first_out() -> None:
-    q = filled(1, 2, 3)
-    assert q.peek() == job(1)
-    assert [q.pop(), q.pop(), q.pop(), q.pop()] == [job(1), job(2), job(3), None]
-    assert len(q) == 0
+def test_first_in_first_out_and_push_answers_the_position() -> None:
+    q = FifoQueue()
+    assert [q.push(job(n), deadline=99.0) for n in (1, 2, 3)] == [1, 2, 3]
+    assert order(q) == [1, 2, 3]
+    assert q.oldest() == job(1)
+    assert q.next_for(lambda _j: True) == job(1)
+    assert len(q) == 3, "next_for leaves the job in line"
 
 
-def test_push_front_goes_ahead_of_everyone() -> None:
+def test_requeue_goes_ahead_of_everyone() -> None:
     q = filled(2, 3)
-    q.push_front(job(1))
+    assert q.requeue(job(1), deadline=50.0) == 1
     assert order(q) == [1, 2, 3]
     assert q.position(TicketId(1)) == 1
-    assert q.pop() == job(1)
+
+
+def test_pushing_a_queued_ticket_again_is_refused() -> None:
+    q = filled(1)
+    with pytest.raises(ValueError, match="queued already"):
+        q.push(job(1), deadline=5.0)
+
+
+def test_the_same_job_requeued_twice_is_live_once() -> None:
+    """A refused job is requeued, bound, refused again and requeued as the same object:
+    the stale entry left in line must not make it appear twice."""
+    q = filled(2)
+    first = job(1)
+    q.requeue(first, deadline=10.0)
+    assert q.remove(TicketId(1)) is first  # bound to a pod
+    q.requeue(first, deadline=10.0)  # refused again
+    assert order(q) == [1, 2]
+    assert len(q) == 2
+    assert [j.ticket for j in q.expired(10.0)] == [1]
+    assert order(q) == [2]
+
+
+def test_next_for_skips_jobs_the_placement_declines() -> None:
+    q = FifoQueue()
+    for n, ckpt in ((1, "sdxl"), (2, "sd15"), (3, "sd15")):
+        q.push(job(n, checkpoint=ckpt), deadline=99.0)
+    chosen = q.next_for(lambda j: j.checkpoint == "sd15")
+    assert chosen is not None and chosen.ticket == 2
+    assert q.next_for(lambda j: j.checkpoint == "other") is None
+    assert order(q) == [1, 2, 3]
+
+
+def test_jobs_expire_by_their_own_deadline_wherever_they_stand() -> None:
+    q = FifoQueue()
+    q.push(job(1), deadline=30.0)
+    q.push(job(2), deadline=5.0)  # a short deadline behind a long one
+    q.push(job(3), deadline=20.0)
+    assert q.next_deadline() == 5.0
+    assert q.expired(4.9) == []
+    assert q.expired(5.0) == [job(2)]
+    assert order(q) == [1, 3]
+    assert q.next_deadline() == 20.0
+    assert [j.ticket for j in q.expired(100.0)] == [3, 1]  # earliest deadline first
+    assert q.next_deadline() is None
+
+
+def test_a_removed_job_never_expires() -> None:
+    q = filled(1, 2, timeout=1.0)
+    q.remove(TicketId(1))
+    assert q.next_deadline() == 3.0
+    assert q.expired(10.0) == [job(2)]
 
 
 @pytest.mark.parametrize(
@@ -67,38 +121,18 @@ def test_remove_anywhere(
     assert order(q) == expected_order
     assert len(q) == len(expected_order)
     assert {n: q.position(TicketId(n)) for n in expected_order} == positions
-    assert [q.pop() for _ in expected_order] == [job(n) for n in expected_order]
-    assert q.pop() is None
+    assert q.oldest() == (job(expected_order[0]) if expected_order else None)
 
 
-def test_removed_head_is_skipped_by_peek_and_pop() -> None:
-    q = filled(1, 2)
-    q.remove(TicketId(1))
-    assert q.peek() == job(2)
-    assert q.pop() == job(2)
-    assert q.peek() is None
-
-
-def test_a_ticket_pushed_again_after_removal_is_live_once_at_the_back() -> None:
-    q = filled(1, 2)
-    q.remove(TicketId(1))
-    again = Job(ticket=TicketId(1), enqueued_at=9.0)
-    q.push(again)
-    assert order(q) == [2, 1]
-    assert len(q) == 2
-    assert q.pop() == job(2)
-    assert q.pop() is again
-
-
-def test_many_removals_compact_the_backing_deque() -> None:
+def test_many_removals_compact_the_backing_deque_and_heap() -> None:
     """Memory stays proportional to live jobs: dead entries are dropped in bulk."""
     q = filled(*range(1, 1001))
-    for n in range(2, 1001):  # keep only 1 at the head, so pop never skips the dead
+    for n in range(2, 1001):
         q.remove(TicketId(n))
     assert len(q) == 1
     assert len(q._order) <= 2 * len(q) + 64
+    assert len(q._heap) <= 2 * len(q) + 64
     assert order(q) == [1]
-    assert q.pop() == job(1)
 
 
 def test_compaction_keeps_order_and_positions() -> None:
@@ -107,17 +141,18 @@ def test_compaction_keeps_order_and_positions() -> None:
         if n % 10:  # keep every tenth
             q.remove(TicketId(n))
     assert order(q) == list(range(10, 301, 10))
-    assert len(q._order) <= 2 * len(q) + 64
     assert q.position(TicketId(300)) == 30
-    assert q.peek() == job(10)
+    assert q.oldest() == job(10)
+    assert q.next_deadline() == 110.0
 
 
 ops = st.lists(
     st.one_of(
-        st.tuples(st.just("push"), st.integers(0, 30)),
-        st.tuples(st.just("push_front"), st.integers(0, 30)),
-        st.tuples(st.just("pop"), st.just(0)),
-        st.tuples(st.just("remove"), st.integers(0, 30)),
+        st.tuples(st.just("push"), st.integers(0, 30), st.integers(0, 50)),
+        st.tuples(st.just("requeue"), st.integers(0, 30), st.integers(0, 50)),
+        st.tuples(st.just("take_head"), st.just(0), st.just(0)),
+        st.tuples(st.just("remove"), st.integers(0, 30), st.just(0)),
+        st.tuples(st.just("expire"), st.just(0), st.integers(0, 50)),
     ),
     max_size=200,
 )
@@ -125,30 +160,37 @@ ops = st.lists(
 
 @settings(max_examples=300, deadline=None)
 @given(ops)
-def test_behaves_like_a_list(script: list[tuple[str, int]]) -> None:
-    """Against a plain list model. Tickets are unique while live and each push is a new
-    Job object, as admission uses it (a popped job may be pushed back, a removed one never).
-    """
+def test_behaves_like_a_list(script: list[tuple[str, int, int]]) -> None:
+    """Against a plain list model of (ticket, deadline). A job taken from the head may
+    come back (requeued as the same object, like a refused job)."""
     q, model = FifoQueue(), []
-    for op, n in script:
-        ticket = TicketId(n)
-        if op in ("push", "push_front") and ticket not in model:
+    jobs: dict[int, Job] = {}
+    for op, n, t in script:
+        if op in ("push", "requeue") and all(m[0] != n for m in model):
+            jobs.setdefault(n, job(n))
             if op == "push":
-                q.push(job(n))
-                model.append(ticket)
+                assert q.push(jobs[n], deadline=float(t)) == len(model) + 1
+                model.append((n, t))
             else:
-                q.push_front(job(n))
-                model.insert(0, ticket)
-        elif op == "pop":
-            popped = q.pop()
-            assert (popped.ticket if popped else None) == (model.pop(0) if model else None)
+                assert q.requeue(jobs[n], deadline=float(t)) == 1
+                model.insert(0, (n, t))
+        elif op == "take_head":
+            head = q.next_for(lambda _j: True)
+            assert (head.ticket if head else None) == (model[0][0] if model else None)
+            if head is not None:
+                q.remove(head.ticket)
+                model.pop(0)
         elif op == "remove":
-            removed = q.remove(ticket)
-            assert (removed is not None) == (ticket in model)
-            if ticket in model:
-                model.remove(ticket)
-        assert order(q) == model
-        assert len(q) == len(model)
-        if op == "remove":  # compaction bounds the dead entries left behind
+            removed = q.remove(TicketId(n))
+            assert (removed is not None) == any(m[0] == n for m in model)
+            model = [m for m in model if m[0] != n]
+        elif op == "expire":
+            gone = sorted(j.ticket for j in q.expired(float(t)))
+            assert gone == sorted(m[0] for m in model if m[1] <= t)
+            model = [m for m in model if m[1] > t]
+        assert order(q) == [m[0] for m in model]
+        assert q.next_deadline() == (min(float(m[1]) for m in model) if model else None)
+        if op in ("remove", "take_head", "expire"):  # compaction bounds the dead entries
             assert len(q._order) <= 2 * len(model) + 64
-    assert [q.position(t) for t in model] == list(range(1, len(model) + 1))
+            assert len(q._heap) <= 2 * len(model) + 64
+    assert [q.position(TicketId(m[0])) for m in model] == list(range(1, len(model) + 1))

@@ -1,0 +1,182 @@
+"""Runtime: the typed status snapshot — one document for /-/status, the page and metrics.
+
+``Status`` is built once per request or scrape by the composition root
+(``Services.snapshot``) from the admission core, the autoscaler and discovery. The JSON
+of ``/-/status`` is ``Status.to_json()``; the state gauges in /metrics read the same
+object's fields (``sdproxy.runtime.metrics.StateCollector``), so the two can never
+disagree; ``Status.from_json`` reads the document back (tests, other replicas).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from sdproxy.core.pods import PodState
+from sdproxy.core.slots import Pod
+
+
+@dataclass(frozen=True, kw_only=True)
+class QueueStatus:
+    depth: int
+    max: int
+    oldest_wait_s: float
+    timeout_s: float
+
+
+@dataclass(frozen=True, kw_only=True)
+class PodStatus:
+    id: str
+    url: str
+    state: PodState
+    inflight: int
+    limit: int
+    checkpoint: str | None
+    completed: int
+    errors: int
+    ejected: bool
+    cordoned: bool
+
+    @classmethod
+    def of(cls, pod: Pod, now: float) -> PodStatus:
+        return cls(
+            id=pod.pod_id,
+            url=pod.url,
+            state=pod.state,
+            inflight=len(pod.running),
+            limit=pod.limit,
+            checkpoint=pod.checkpoint,
+            completed=pod.completed,
+            errors=pod.errors,
+            ejected=pod.ejected(now),
+            cordoned=pod.cordoned(now),
+        )
+
+
+@dataclass(frozen=True, kw_only=True)
+class ScaleEvent:
+    at: str
+    previous: int
+    desired: int
+    reason: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {"at": self.at, "from": self.previous, "to": self.desired, "reason": self.reason}
+
+
+@dataclass(frozen=True, kw_only=True)
+class AutoscalerStatus:
+    scaler: str
+    leader: bool
+    #: None until the policy first ran
+    desired: int | None
+    ready: int
+    starting: int
+    min_pods: int
+    max_pods: int
+    events: tuple[ScaleEvent, ...] = ()
+
+
+@dataclass(frozen=True, kw_only=True)
+class DiscoveryStatus:
+    source: str
+    connected: bool
+    last_error: str | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class Status:
+    version: str
+    uptime_s: float
+    queue: QueueStatus
+    inflight: int
+    pods: tuple[PodStatus, ...]
+    autoscaler: AutoscalerStatus
+    discovery: DiscoveryStatus
+    shutting_down: bool
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "version": self.version,
+            "uptime_s": round(self.uptime_s, 3),
+            "queue": {
+                "depth": self.queue.depth,
+                "max": self.queue.max,
+                "oldest_wait_s": round(self.queue.oldest_wait_s, 3),
+                "timeout_s": self.queue.timeout_s,
+            },
+            "inflight": self.inflight,
+            "pods": [_pod_json(p) for p in self.pods],
+            "autoscaler": _autoscaler_json(self.autoscaler),
+            "discovery": {
+                "source": self.discovery.source,
+                "connected": self.discovery.connected,
+                "last_error": self.discovery.last_error,
+            },
+            "shutting_down": self.shutting_down,
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> Status:
+        """Read a /-/status document (KeyError/ValueError if it is not one)."""
+        auto = data["autoscaler"]
+        return cls(
+            version=str(data["version"]),
+            uptime_s=float(data["uptime_s"]),
+            queue=QueueStatus(**data["queue"]),
+            inflight=int(data["inflight"]),
+            pods=tuple(_pod_from(p) for p in data["pods"]),
+            autoscaler=AutoscalerStatus(
+                **{k: v for k, v in auto.items() if k != "events"},
+                events=tuple(_event_from(e) for e in auto["events"]),
+            ),
+            discovery=DiscoveryStatus(**data["discovery"]),
+            shutting_down=bool(data["shutting_down"]),
+        )
+
+
+def _pod_json(pod: PodStatus) -> dict[str, Any]:
+    return {
+        "id": pod.id,
+        "url": pod.url,
+        "state": pod.state.value,
+        "inflight": pod.inflight,
+        "limit": pod.limit,
+        "checkpoint": pod.checkpoint,
+        "completed": pod.completed,
+        "errors": pod.errors,
+        "ejected": pod.ejected,
+        "cordoned": pod.cordoned,
+    }
+
+
+def _pod_from(data: Mapping[str, Any]) -> PodStatus:
+    return PodStatus(**{**data, "state": PodState(data["state"])})
+
+
+def _autoscaler_json(auto: AutoscalerStatus) -> dict[str, Any]:
+    return {
+        "scaler": auto.scaler,
+        "leader": auto.leader,
+        "desired": auto.desired,
+        "ready": auto.ready,
+        "starting": auto.starting,
+        "min_pods": auto.min_pods,
+        "max_pods": auto.max_pods,
+        "events": [e.to_json() for e in auto.events],
+    }
+
+
+def _event_from(data: Mapping[str, Any]) -> ScaleEvent:
+    return ScaleEvent(
+        at=data["at"], previous=data["from"], desired=data["to"], reason=data["reason"]
+    )
+
+
+def count_states(pods: Sequence[PodStatus]) -> dict[PodState, int]:
+    """Pods per lifecycle state, every state present (0 when none)."""
+    counts = dict.fromkeys(PodState, 0)
+    for pod in pods:
+        counts[pod.state] += 1
+    return counts
