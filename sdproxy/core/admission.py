@@ -10,6 +10,8 @@ module only composes the pieces, each of which answers one question in its own f
 - when a pod is ejected, whether pods come ... health (``sdproxy.core.health``)
 - what a release does, who owns a slot ....... ``release`` below + ``sdproxy.core.slots``
 - how long a queued job will take ............ ``sdproxy.core.eta``
+- a pod's state from discovery ............... ``sdproxy.core.pods`` (``target_state``)
+- which idle pods go first on scale-in ....... ``sdproxy.core.scalein``
 
 Invariants (``check``): a pod never runs more than its limit; a job is queued or bound,
 never both; work-conserving — no job waits while a pod its placement accepts is free; a
@@ -40,8 +42,9 @@ from sdproxy.core.eta import EwmaEta
 from sdproxy.core.health import Health
 from sdproxy.core.light import LeastLoadedLight
 from sdproxy.core.placement import AffinityPlacement, Placement
-from sdproxy.core.pods import Endpoint, PodId, PodState
+from sdproxy.core.pods import Endpoint, PodId, PodState, target_state
 from sdproxy.core.queue import FifoQueue, Job, Queue, TicketId
+from sdproxy.core.scalein import scale_in_order
 from sdproxy.core.slots import Pod, Running, SlotBook
 from sdproxy.errors import StateError
 
@@ -239,13 +242,8 @@ class Admission:
         return sum(1 for p in self.book.pods.values() if p.state in states)
 
     def idle_pods(self, now: float) -> list[PodId]:
-        """Pods that run nothing and are not already cordoned: not yet ready first, then
-        ready pods idle longest first (the scale-in candidates)."""
-        pods = [p for p in self.book.pods.values() if not p.cordoned(now)]
-        waiting = [p for p in pods if p.state in (PodState.STARTING, PodState.WARMING)]
-        ready = [p for p in pods if p.state is PodState.READY and not p.running]
-        ready.sort(key=lambda p: p.idle_since)
-        return [p.pod_id for p in waiting + ready]
+        """The scale-in candidates, first to remove first (``sdproxy.core.scalein``)."""
+        return scale_in_order(self.book.pods.values(), now)
 
     def pick_light(self, now: float, *, exclude: Sequence[PodId] = ()) -> Pod | None:
         """A pod for a light call (``sdproxy.core.light``)."""
@@ -344,14 +342,4 @@ class Admission:
             fx.transitions.append(appeared)
         pod.url = ep.url
         pod.listed = True
-        self._set_state(fx, pod, self._target_state(pod, ep))
-
-    def _target_state(self, pod: Pod, ep: Endpoint) -> PodState:
-        if ep.terminating:
-            return PodState.DRAINING
-        if not ep.ready:  # a pod that was serving finishes its work; others wait to start
-            was_serving = pod.state in (PodState.READY, PodState.DRAINING)
-            return PodState.DRAINING if was_serving else PodState.STARTING
-        if pod.state is PodState.READY:
-            return PodState.READY
-        return PodState.WARMING if self.config.warmup else PodState.READY
+        self._set_state(fx, pod, target_state(pod.state, ep, warmup=self.config.warmup))

@@ -56,3 +56,15 @@ def check_transition(pod_id: PodId, old: PodState | None, new: PodState | None) 
     """Raise ``IllegalTransition`` unless ``old -> new`` is in ``TRANSITIONS``."""
     if new not in TRANSITIONS[old]:
         raise IllegalTransition(f"pod {pod_id}: {old} -> {new} is not a legal transition")
+
+
+def target_state(current: PodState, ep: Endpoint, *, warmup: bool) -> PodState:
+    """Where a known pod goes on a discovery snapshot ``ep``."""
+    if ep.terminating:
+        return PodState.DRAINING
+    if not ep.ready:  # a pod that was serving finishes its work; others wait to start
+        was_serving = current in (PodState.READY, PodState.DRAINING)
+        return PodState.DRAINING if was_serving else PodState.STARTING
+    if current is PodState.READY:
+        return PodState.READY
+    return PodState.WARMING if warmup else PodState.READY
