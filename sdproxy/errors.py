@@ -18,6 +18,7 @@
         ├── NoBackends              503 no_backends
         ├── JobCancelled            409 job_cancelled (interrupted while queued)
         ├── ShuttingDown            503 shutting_down
+        ├── PodBusy                 503 pod_busy (sdproxy gate: the pod runs its limit)
         ├── BackendError            502 backend_error (failure after the request was sent)
         ├── BodyTooLarge            413 body_too_large
         ├── Forbidden               403 forbidden_route
@@ -152,6 +153,11 @@ class JobCancelled(ClientFacingError):
 class ShuttingDown(ClientFacingError):
     status = 503
     code = "shutting_down"
+
+
+class PodBusy(ClientFacingError):
+    status = 503
+    code = "pod_busy"
 
 
 class BackendError(ClientFacingError):

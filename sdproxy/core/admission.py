@@ -124,10 +124,12 @@ class Admission:
                 self.health.eject(pod, now)
             elif outcome is Outcome.REFUSED:
                 self.health.eject(pod, now)
+            elif outcome is Outcome.BUSY:
+                pod.foreign = max(pod.foreign, pod.limit - len(pod.running))
             if not pod.running:
                 pod.idle_since = now
             self._forget_if_gone(fx, pod)
-        if outcome is not Outcome.REFUSED:
+        if outcome not in (Outcome.REFUSED, Outcome.BUSY):
             return self._settle(fx, now)
         if self.closed:
             fx.rejects.append(Reject(ticket=ticket, reason=RejectReason.SHUTTING_DOWN))
@@ -201,6 +203,36 @@ class Admission:
                 pod.cordoned_until = now + for_s
                 fx.cordoned.append(pod_id)
         return self._settle(fx, now)
+
+    def observe_gate(
+        self, pod_id: PodId, *, foreign: int, limit: int, checkpoint: str | None, now: float
+    ) -> Effects:
+        """The pod's gate published its occupancy: ``foreign`` heavy requests of other
+        senders, its ``limit`` (the gate is the authority), its loaded checkpoint."""
+        pod = self.book.pods.get(pod_id)
+        if pod is not None:
+            pod.gated = pod.gate_live = True
+            pod.foreign = max(0, foreign)
+            pod.limit = max(limit, len(pod.running))
+            if checkpoint is not None:
+                pod.checkpoint = checkpoint
+        return self._settle(EffectsBuilder(), now)
+
+    def gate_lost(self, pod_id: PodId, now: float) -> Effects:
+        """This replica lost sight of the pod's gate: it sends the pod nothing until the
+        gate's stream is back (other replicas may still see it and use it)."""
+        pod = self.book.pods.get(pod_id)
+        if pod is not None and pod.gated:
+            pod.gate_live = False
+        return self._settle(EffectsBuilder(), now)
+
+    def gate_absent(self, pod_id: PodId, now: float) -> Effects:
+        """The backend has no gate (a plain sd-webui): this replica's own books rule."""
+        pod = self.book.pods.get(pod_id)
+        if pod is not None:
+            pod.gated = pod.gate_live = False
+            pod.foreign = 0
+        return self._settle(EffectsBuilder(), now)
 
     # ---- queries ----------------------------------------------------------------------
 

@@ -49,6 +49,10 @@ class Outcome(StrEnum):
     #: nothing reached the pod (connection refused): the pod is ejected and the job goes
     #: ahead of the queue for another pod (it already waited its turn)
     REFUSED = "refused"
+    #: the pod's gate answered pod_busy (another replica won the slot): the job goes
+    #: back ahead of the queue and the pod counts as full until its gate says otherwise;
+    #: no ejection, the pod is healthy
+    BUSY = "busy"
 
 
 class InterruptReason(StrEnum):

@@ -3,8 +3,9 @@
 The HEALTH policy, in one file:
 
 - ``usable``: the one predicate for "may take new work": READY, not ejected, not
-  cordoned. A pod with a free slot that is usable takes heavy work; any usable pod
-  answers light calls.
+  cordoned, and — behind a pod-side gate — its gate in sight (a replica cut off from a
+  gate stops sending to it). A pod with a free slot that is usable takes heavy work; any
+  usable pod answers light calls.
 - ``eject``: a pod that refused a connection or broke an exchange rests for
   ``eject_s``, doubled per repeat up to 32x; a completed generation resets the count.
 - ``capacity_coming``: whether a waiting job can still expect a pod (a starting or
@@ -32,7 +33,12 @@ class Health:
 
     @staticmethod
     def usable(pod: Pod, now: float) -> bool:
-        return pod.state is PodState.READY and not pod.ejected(now) and not pod.cordoned(now)
+        return (
+            pod.state is PodState.READY
+            and not pod.ejected(now)
+            and not pod.cordoned(now)
+            and (pod.gate_live or not pod.gated)
+        )
 
     def eject(self, pod: Pod, now: float) -> None:
         pod.ejected_until = now + self.eject_s * 2 ** min(pod.ejections, MAX_DOUBLINGS)

@@ -54,6 +54,12 @@ class Pod:
     listed: bool = True
     #: chosen for scale-in: takes no new work until then (its deletion is on the way)
     cordoned_until: float = 0.0
+    #: behind a pod-side gate (sdproxy gate) whose occupancy this replica follows
+    gated: bool = False
+    #: the gate's change stream is live (a gated pod we cannot see takes no work)
+    gate_live: bool = False
+    #: heavy requests the gate runs for other senders (other replicas, direct callers)
+    foreign: int = 0
 
     def cordoned(self, now: float) -> bool:
         return now < self.cordoned_until
@@ -63,7 +69,9 @@ class Pod:
 
     @property
     def has_slot(self) -> bool:
-        return len(self.running) < self.limit
+        """A slot is free counting what this replica runs AND what its gate reports for
+        everyone else."""
+        return len(self.running) + self.foreign < self.limit
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -135,11 +135,17 @@ async def send(
     url: str,
     headers: CIMultiDict[str],
     body: RequestBody | bytes | None,
+    expect100: bool = False,
 ) -> aiohttp.ClientResponse:
-    """Send the request and return once the pod's response headers arrived."""
+    """Send the request and return once the pod's response headers arrived.
+
+    ``expect100``: send the head with ``Expect: 100-continue`` and the body only after the
+    pod's ``100 Continue`` (a pod-side gate refuses a busy pod before any body byte)."""
     data = body.payload() if isinstance(body, RequestBody) else body
     try:
-        return await session.request(method, url, headers=headers, data=data, allow_redirects=False)
+        return await session.request(
+            method, url, headers=headers, data=data, allow_redirects=False, expect100=expect100
+        )
     except aiohttp.ClientConnectorError as exc:
         raise ConnectFailed(f"cannot connect to {url}: {exc}") from exc
     except aiohttp.ConnectionTimeoutError as exc:

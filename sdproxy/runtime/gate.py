@@ -58,12 +58,20 @@ class Slot:
 
     async def refused(self) -> Slot:
         """The pod refused the connection (nothing was sent): wait for another pod."""
+        return await self._rebind(Outcome.REFUSED)
+
+    async def busy(self) -> Slot:
+        """The pod's gate answered pod_busy (nothing was sent): wait for a slot again,
+        ahead of the queue."""
+        return await self._rebind(Outcome.BUSY)
+
+    async def _rebind(self, outcome: Outcome) -> Slot:
         if self.released:
             raise errors.StateError(f"ticket {self.ticket}: slot already released")
         self.released = True
         gate = self._gate
         return await gate.wait_for(
-            self.ticket, lambda: gate.admission.release(self.ticket, Outcome.REFUSED, gate.now())
+            self.ticket, lambda: gate.admission.release(self.ticket, outcome, gate.now())
         )
 
 
@@ -139,6 +147,21 @@ class Gate:
         effects = self.admission.cordon(pod_ids, self.now(), for_s=for_s)
         self.apply(effects)
         return list(effects.cordoned)
+
+    def observe_gate(
+        self, pod_id: PodId, *, foreign: int, limit: int, checkpoint: str | None
+    ) -> None:
+        self.apply(
+            self.admission.observe_gate(
+                pod_id, foreign=foreign, limit=limit, checkpoint=checkpoint, now=self.now()
+            )
+        )
+
+    def gate_lost(self, pod_id: PodId) -> None:
+        self.apply(self.admission.gate_lost(pod_id, self.now()))
+
+    def gate_absent(self, pod_id: PodId) -> None:
+        self.apply(self.admission.gate_absent(pod_id, self.now()))
 
     def pick_light(self, *, exclude: Sequence[PodId] = ()) -> Pod | None:
         return self.admission.pick_light(self.now(), exclude=exclude)

@@ -89,12 +89,14 @@ def tr(pod: str, old: PodState | None, new: PodState | None) -> Transition:
 
 
 def takes_work(pod: Any, now: float) -> bool:
-    """Independently of the core: ready, a slot free, not ejected, not cordoned."""
+    """Independently of the core: ready, a slot free (counting the gate's other senders),
+    not ejected, not cordoned, its gate (if any) in sight."""
     return (
         pod.state is PodState.READY
-        and len(pod.running) < pod.limit
+        and len(pod.running) + pod.foreign < pod.limit
         and now >= pod.ejected_until
         and now >= pod.cordoned_until
+        and (pod.gate_live or not pod.gated)
     )
 
 
@@ -835,6 +837,36 @@ class AdmissionStorm(RuleBasedStateMachine):
         assert all(not self.adm.pods[p].running for p in fx.cordoned)
         self._apply(fx)
 
+    @precondition(lambda self: self.adm.inflight > 0)
+    @rule(data=st.data())
+    def gate_said_busy(self, data: st.DataObject) -> None:
+        ticket = data.draw(st.sampled_from(self._tickets(RUNNING)))
+        run = self.adm.running(ticket)
+        assert run is not None
+        busy_pod = self.adm.pods[run.pod_id]
+        self.fate[ticket] = "refused"
+        rest = (busy_pod.ejected_until, busy_pod.ejections)
+        fx = self.adm.release(ticket, Outcome.BUSY, self.now)
+        assert (busy_pod.ejected_until, busy_pod.ejections) == rest, "a busy pod is healthy"
+        assert all(d.pod_id != busy_pod.pod_id for d in fx.dispatches), "full until it says"
+        self._apply(fx)
+        assert self.fate[ticket] != "refused", "a refused job got no new decision"
+
+    @rule(pod=st.sampled_from(PODS), foreign=st.integers(0, 3), limit=st.integers(1, 3))
+    def gate_published(self, pod: str, foreign: int, limit: int) -> None:
+        self._apply(
+            self.adm.observe_gate(
+                P(pod), foreign=foreign, limit=limit, checkpoint=None, now=self.now
+            )
+        )
+
+    @rule(pod=st.sampled_from(PODS), lost=st.booleans())
+    def gate_out_of_sight(self, pod: str, lost: bool) -> None:
+        fx = (
+            self.adm.gate_lost(P(pod), self.now) if lost else self.adm.gate_absent(P(pod), self.now)
+        )
+        self._apply(fx)
+
     @rule()
     def shutdown(self) -> None:
         in_line = [job.ticket for job in self.adm.queue]
@@ -880,6 +912,13 @@ class AdmissionStorm(RuleBasedStateMachine):
             if not self._tickets(QUEUED) and not self._tickets(RUNNING):
                 break
             self.now += 100.0  # past every ejection, cordon and the queue timeout
+            for name in PODS:  # every gate empties and is in sight again
+                pod = self.adm.pods.get(P(name))
+                if pod is not None and pod.gated:
+                    fx = self.adm.observe_gate(
+                        P(name), foreign=0, limit=pod.limit, checkpoint=None, now=self.now
+                    )
+                    self._apply(fx)
             self._apply(self.adm.tick(self.now))
         assert self.adm.inflight == 0
         assert len(self.adm.queue) == 0

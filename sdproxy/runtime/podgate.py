@@ -1,0 +1,377 @@
+"""Runtime: ``sdproxy gate`` — the sidecar in front of ONE sd-webui pod that makes its
+limit exact whoever sends the work (any number of front replicas, direct callers).
+
+- Heavy requests (the route table of ``serve``) take a slot of the core's ``PodGate``;
+  one over the limit is answered ``503 {"error": "pod_busy"}`` with ``X-Sdproxy-Gate:
+  busy`` before any byte of its body reaches sd-webui: a sender using ``Expect:
+  100-continue`` (the front replicas do) is refused in the expect step and never uploads
+  the body; one that sends the body anyway has it discarded, never forwarded.
+- The slot is freed only when sd-webui's response has ended. When the sender's
+  connection drops mid-generation (the client left, or a front replica died) the gate
+  POSTs ``/sdapi/v1/interrupt`` to its sd-webui itself and frees the slot when
+  sd-webui's response for that job has ended.
+- ``GET /-/gate`` is the occupancy as JSON (in flight, limit, the request/replica/caller
+  ids it runs, the loaded checkpoint, a version); ``GET /-/gate/events`` streams it as
+  server-sent events on every change, with a comment line every ``HEARTBEAT_S`` so a
+  watcher notices a silent link (a partition) within a few heartbeats.
+- Light and job-bound calls pass straight through. ``/-/healthz`` answers while the
+  gate runs; ``/-/readyz`` while its sd-webui answers HTTP.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+
+from sdproxy import errors
+from sdproxy.core.podgate import Claim, Occupancy, PodGate
+from sdproxy.core.queue import TicketId
+from sdproxy.core.routing import RouteClass, RouteTable, classify_options
+from sdproxy.core.sdapi import body_keys, inspect_body
+from sdproxy.runtime import forward
+from sdproxy.runtime.jobs import CLIENT_HEADER, new_request_id
+
+log = logging.getLogger("sdproxy.gate")
+
+GATE_HEADER = "X-Sdproxy-Gate"
+REPLICA_HEADER = "X-Sdproxy-Replica"
+EVENTS_PATH = "/-/gate/events"
+HEARTBEAT_S = 1.0
+PEEK_BYTES = 256 * 1024
+INTERRUPT_PATH = "/sdapi/v1/interrupt"
+
+
+@dataclass(frozen=True, kw_only=True)
+class GateConfig:
+    #: base URL of the pod's own sd-webui (e.g. http://127.0.0.1:7860)
+    upstream: str
+    #: heavy requests the pod runs at once
+    max_inflight: int
+    connect_timeout_s: float = 5.0
+    backend_timeout_s: float = 1800.0
+    max_body_mb: float = 64.0
+    routes: tuple[str, ...] = ()
+
+
+def occupancy_json(occ: Occupancy, *, now: float, upstream: str) -> dict[str, Any]:
+    return {
+        "gate": "sdproxy",
+        "version": occ.version,
+        "inflight": occ.inflight,
+        "limit": occ.limit,
+        "checkpoint": occ.checkpoint,
+        "upstream": upstream,
+        "running": [
+            {
+                "request_id": c.request_id,
+                "replica": c.replica,
+                "caller": c.caller,
+                "route": c.route,
+                "running_s": round(max(0.0, now - c.started_at), 3),
+            }
+            for c in occ.claims
+        ],
+    }
+
+
+class _Hold:
+    """One claimed slot: freed once, at the latest when its request's task ends, unless
+    a background drain of an abandoned generation took it over."""
+
+    __slots__ = ("adopted", "gate", "released", "ticket")
+
+    def __init__(self, gate: GateServer, ticket: TicketId) -> None:
+        self.gate = gate
+        self.ticket = ticket
+        self.released = False
+        self.adopted = False
+
+    def release(self) -> None:
+        if not self.released:
+            self.released = True
+            self.gate.core.release(self.ticket)
+            self.gate.changed()
+
+    def on_task_done(self, _task: object) -> None:
+        if not self.adopted:
+            self.release()
+
+
+HOLD_KEY = "sdproxy_gate_hold"
+
+
+class GateServer:
+    """The gate's state and handlers (one per process)."""
+
+    def __init__(self, config: GateConfig, *, clock: Any) -> None:
+        self.config = config
+        self.clock = clock
+        self.core = PodGate(limit=config.max_inflight)
+        self.table = RouteTable.from_strings(config.routes)
+        self.limit_bytes = int(config.max_body_mb * 1024 * 1024)
+        self.session: aiohttp.ClientSession | None = None
+        self._changed: asyncio.Future[None] | None = None
+        self._background: set[asyncio.Task[None]] = set()
+
+    # ---- change notification ------------------------------------------------------------
+
+    def changed(self) -> None:
+        fut, self._changed = self._changed, None
+        if fut is not None and not fut.done():
+            fut.set_result(None)
+
+    def _next_change(self) -> asyncio.Future[None]:
+        if self._changed is None:
+            self._changed = asyncio.get_running_loop().create_future()
+        return self._changed
+
+    def occupancy(self) -> dict[str, Any]:
+        return occupancy_json(
+            self.core.occupancy(), now=self.clock(), upstream=self.config.upstream
+        )
+
+    # ---- admission ----------------------------------------------------------------------
+
+    def _claim(self, request: web.Request, checkpoint: str | None = None) -> _Hold | None:
+        claim = Claim(
+            request_id=request.headers.get("X-Request-Id") or new_request_id(),
+            replica=request.headers.get(REPLICA_HEADER),
+            caller=request.headers.get(CLIENT_HEADER),
+            route=request.path,
+            started_at=self.clock(),
+        )
+        ticket = self.core.claim(claim, checkpoint=checkpoint)
+        if ticket is None:
+            return None
+        hold = _Hold(self, ticket)
+        task = asyncio.current_task()
+        if task is not None:
+            task.add_done_callback(hold.on_task_done)
+        self.changed()
+        return hold
+
+    def _is_heavy(self, request: web.Request) -> bool:
+        route_class = self.table.classify(request.method, request.path)
+        return route_class in (RouteClass.HEAVY, RouteClass.ADMIN)
+
+    @staticmethod
+    def busy_response(limit: int) -> web.Response:
+        body = errors.PodBusy(f"this pod runs its limit of {limit} generations").body()
+        return web.json_response(
+            body, status=errors.PodBusy.status, headers={GATE_HEADER: "busy", "Retry-After": "1"}
+        )
+
+    async def expect(self, request: web.Request) -> web.StreamResponse | None:
+        """``Expect: 100-continue``: claim the slot BEFORE the sender uploads the body."""
+        if request.headers.get("Expect", "").lower() != "100-continue":
+            raise web.HTTPExpectationFailed(text="only Expect: 100-continue is supported")
+        if self._is_heavy(request) and not self.table.needs_body_to_classify(
+            request.method, request.path
+        ):
+            hold = self._claim(request)
+            if hold is None:
+                return self.busy_response(self.core.limit)
+            request[HOLD_KEY] = hold
+        await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        request.writer.output_size = 0
+        return None
+
+    # ---- handlers -----------------------------------------------------------------------
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        try:
+            hold: _Hold | None = request.get(HOLD_KEY)
+            if hold is not None or self._is_heavy(request):
+                return await self._heavy(request, hold)
+            return await self._pass(request)
+        except errors.ClientFacingError as exc:
+            return web.json_response(exc.body(), status=exc.status)
+        except errors.ResponseBrokeOff as exc:
+            if request.transport is not None:
+                request.transport.close()
+            response: web.StreamResponse = exc.response
+            return response
+
+    async def _heavy(self, request: web.Request, hold: _Hold | None) -> web.StreamResponse:
+        body = await forward.read_prefix(
+            request, peek_bytes=PEEK_BYTES, limit_bytes=self.limit_bytes
+        )
+        options = self.table.needs_body_to_classify(request.method, request.path)
+        if options and classify_options(body_keys(body.prefix), complete=body.complete) is not (
+            RouteClass.HEAVY
+        ):
+            return await self._pass(request, body)
+        if hold is None:
+            checkpoint = inspect_body(body.prefix, complete=body.complete).checkpoint
+            hold = self._claim(request, checkpoint)
+            if hold is None:
+                return self.busy_response(self.core.limit)
+        return await self._exchange(request, body, hold)
+
+    async def _exchange(
+        self, request: web.Request, body: forward.RequestBody, hold: _Hold
+    ) -> web.StreamResponse:
+        assert self.session is not None
+        headers = forward.upstream_headers(request, {})
+        exchange = asyncio.ensure_future(
+            forward.send(
+                self.session,
+                method=request.method,
+                url=self.config.upstream + request.path_qs,
+                headers=headers,
+                body=body,
+            )
+        )
+        try:
+            upstream = await asyncio.shield(exchange)
+        except asyncio.CancelledError:
+            hold.adopted = True
+            self._spawn(self._abandon(hold, exchange), name=f"gate-abandon-{hold.ticket}")
+            raise
+        except errors.UpstreamError as exc:
+            hold.release()
+            raise errors.BackendError(f"sd-webui: {exc.detail}") from exc
+        try:
+            response, _sent = await forward.relay(
+                request,
+                upstream,
+                extra_headers={GATE_HEADER: "admitted"},
+                on_upstream_done=lambda _failed: hold.release(),
+            )
+            return response
+        finally:
+            upstream.release()
+            hold.release()
+
+    async def _abandon(self, hold: _Hold, exchange: asyncio.Future[aiohttp.ClientResponse]) -> None:
+        """The sender left mid-generation: interrupt sd-webui, free the slot when its
+        response has ended (earlier, a second job would run beside the dying one)."""
+        try:
+            await self._interrupt()
+            upstream = await exchange
+            async with upstream:
+                async for _ in upstream.content.iter_chunked(forward.CHUNK):
+                    pass
+        except Exception as exc:  # a background task: whatever ended it, free the slot
+            log.info("abandoned generation ended with %r", exc)
+        finally:
+            hold.release()
+
+    async def _interrupt(self) -> None:
+        assert self.session is not None
+        timeout = aiohttp.ClientTimeout(total=self.config.connect_timeout_s + 5)
+        url = self.config.upstream + INTERRUPT_PATH
+        try:
+            async with self.session.post(url, timeout=timeout) as resp:
+                await resp.read()
+            log.info("sender gone: interrupted the generation")
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            log.warning("could not interrupt %s: %r", url, exc)
+
+    async def _pass(
+        self, request: web.Request, body: forward.RequestBody | None = None
+    ) -> web.StreamResponse:
+        """Light and job-bound calls: straight through."""
+        assert self.session is not None
+        if body is None and request.can_read_body:
+            body = await forward.read_prefix(
+                request, peek_bytes=PEEK_BYTES, limit_bytes=self.limit_bytes
+            )
+        try:
+            upstream = await forward.send(
+                self.session,
+                method=request.method,
+                url=self.config.upstream + request.path_qs,
+                headers=forward.upstream_headers(request, {}),
+                body=body,
+            )
+        except errors.UpstreamError as exc:
+            raise errors.BackendError(f"sd-webui: {exc.detail}") from exc
+        async with upstream:
+            response, _sent = await forward.relay(request, upstream, extra_headers={})
+        return response
+
+    async def gate_json(self, request: web.Request) -> web.Response:
+        return web.json_response(self.occupancy(), headers={"Cache-Control": "no-store"})
+
+    async def events(self, request: web.Request) -> web.StreamResponse:
+        """The occupancy as server-sent events: at once, on every change, and a comment
+        line every HEARTBEAT_S while nothing changes."""
+        response = web.StreamResponse(
+            headers={"Content-Type": "text/event-stream", "Cache-Control": "no-store"}
+        )
+        await response.prepare(request)
+        last = -1
+        while True:
+            change = self._next_change()
+            if self.core.version != last:
+                last = self.core.version
+                data = json.dumps(self.occupancy(), separators=(",", ":"))
+                await response.write(f"event: occupancy\ndata: {data}\n\n".encode())
+            else:
+                await response.write(b": ping\n\n")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(change), HEARTBEAT_S)
+
+    async def healthz(self, request: web.Request) -> web.Response:
+        return web.json_response({"status": "ok"})
+
+    async def readyz(self, request: web.Request) -> web.Response:
+        assert self.session is not None
+        timeout = aiohttp.ClientTimeout(total=self.config.connect_timeout_s)
+        try:
+            async with self.session.get(
+                self.config.upstream + "/sdapi/v1/progress", timeout=timeout
+            ) as resp:
+                await resp.read()
+        except (aiohttp.ClientError, TimeoutError):
+            return web.json_response({"status": "upstream_unreachable"}, status=503)
+        return web.json_response({"status": "ready"})
+
+    def _spawn(self, coro: Any, *, name: str) -> None:
+        task: asyncio.Task[None] = asyncio.get_running_loop().create_task(coro, name=name)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def wait_background(self) -> None:
+        if self._background:
+            await asyncio.gather(*self._background, return_exceptions=True)
+
+
+GATE_KEY: web.AppKey[GateServer] = web.AppKey("gate", GateServer)
+
+
+def build_gate_app(config: GateConfig, *, clock: Any) -> web.Application:
+    gate = GateServer(config, clock=clock)
+    app = web.Application(client_max_size=gate.limit_bytes)
+    app[GATE_KEY] = gate
+    app.router.add_get("/-/gate", gate.gate_json)
+    app.router.add_get(EVENTS_PATH, gate.events)
+    app.router.add_get("/-/healthz", gate.healthz)
+    app.router.add_get("/-/readyz", gate.readyz)
+    app.router.add_route("*", "/{tail:.*}", gate.handle, expect_handler=gate.expect)
+    app.cleanup_ctx.append(_session)
+    return app
+
+
+async def _session(app: web.Application) -> Any:
+    gate = app[GATE_KEY]
+    timeout = aiohttp.ClientTimeout(
+        total=None, connect=gate.config.connect_timeout_s, sock_read=gate.config.backend_timeout_s
+    )
+    async with aiohttp.ClientSession(
+        timeout=timeout,
+        connector=aiohttp.TCPConnector(limit=0),
+        auto_decompress=False,
+        cookie_jar=aiohttp.DummyCookieJar(),
+    ) as session:
+        gate.session = session
+        yield
+        await gate.wait_background()
