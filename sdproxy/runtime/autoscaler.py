@@ -1,6 +1,7 @@
 """Runtime: run the autoscaling policy every tick and hand its decision to a Scaler.
 
-Reads the admission core's counters, calls the pure ``sdproxy.core.autoscale.decide``,
+Reads the admission core's counters, calls the pure ``sdproxy.core.autoscale.decide``
+with the policy config the settings hold (``ScalerSettings.autoscale``, no mapping),
 and on a change (or every ``REASSERT_S``, so a scale someone else changed is put back)
 asks the Scaler for the count, passing the idle pods that may be removed. Only the
 leader acts; every replica computes and exports the desired count.
@@ -16,7 +17,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from sdproxy.core.admission import Admission
-from sdproxy.core.autoscale import AutoscaleConfig, AutoscaleState, Decision, Observation, decide
+from sdproxy.core.autoscale import AutoscaleState, Decision, Observation, decide
 from sdproxy.core.pods import PodId, PodState
 from sdproxy.runtime.logs import log_event
 from sdproxy.runtime.metrics import Metrics
@@ -28,16 +29,6 @@ REASSERT_S = 30.0
 #: how long pods chosen for scale-in take no work; if one is still listed after that (the
 #: scale patch failed or was undone), it serves again
 CORDON_S = 30.0
-
-
-def config_from(settings: ScalerSettings) -> AutoscaleConfig:
-    return AutoscaleConfig(
-        min_pods=settings.min_pods,
-        max_pods=settings.max_pods,
-        idle_to_zero_s=settings.idle_to_zero_s,
-        scale_down_delay_s=settings.scale_down_delay_s,
-        max_step=settings.max_step,
-    )
 
 
 class Autoscaler:
@@ -53,7 +44,6 @@ class Autoscaler:
         clock: Callable[[], float],
     ) -> None:
         self.settings = settings
-        self.config = config_from(settings)
         self.admission = admission
         self.scaler = scaler
         self.metrics = metrics
@@ -82,7 +72,9 @@ class Autoscaler:
 
     async def step(self) -> Decision:
         now = self.clock()
-        decision, self.state = decide(self.observe(), self.state, config=self.config, now=now)
+        decision, self.state = decide(
+            self.observe(), self.state, config=self.settings.autoscale, now=now
+        )
         self.desired = decision.desired
         if decision.changed:
             self._record(decision)
@@ -131,4 +123,4 @@ class Autoscaler:
                 await self.step()
             except Exception:  # the loop must outlive any one scaler failure
                 log.exception("autoscaler tick failed")
-            await asyncio.sleep(self.settings.interval_s)
+            await asyncio.sleep(self.settings.scale_interval_s)
