@@ -104,7 +104,11 @@ def make_trace(*, quick: bool, seed: int) -> tuple[list[Request], float]:
 def sdproxy_config() -> AutoscaleConfig:
     """The CLI defaults (--idle-to-zero-s 300, --scale-down-delay-s 60, --max-scale-step 4)."""
     return AutoscaleConfig(
-        min_pods=0, max_pods=MAX_PODS, idle_to_zero_s=300.0, scale_down_delay_s=60.0, max_step=4
+        min_pods=0,
+        max_pods=MAX_PODS,
+        idle_to_zero_s=300.0,
+        scale_down_delay_s=60.0,
+        max_scale_step=4,
     )
 
 

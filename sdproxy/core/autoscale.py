@@ -23,14 +23,14 @@ The rules, in order (why each differs from Knative's KPA, see docs/prior-art.md)
 4. **Keep one warm pod** while heavy work was seen within ``idle_to_zero_s``; after that
    the count may fall to ``min_pods`` (zero). A request that arrives at zero pods is
    need 1 > 0, rule 2: scale from zero on the same tick.
-5. **Bounds**: at most ``max_step`` pods added or removed per decision, then clamp to
+5. **Bounds**: at most ``max_scale_step`` pods added or removed per decision, then clamp to
    ``[min_pods, max_pods]``.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -58,22 +58,31 @@ class Observation:
 
 @dataclass(frozen=True, kw_only=True)
 class AutoscaleConfig:
-    """The policy's knobs; the runtime maps ``ScalerSettings`` onto it."""
+    """The policy's knobs. Each field is also the ``sdproxy serve`` option of the same name
+    (``max_scale_step`` is ``--max-scale-step``): the settings module reads the ``help`` and
+    ``min`` metadata, so a knob, its bound and its help text are declared here, once."""
 
-    min_pods: int = 0
-    max_pods: int = 4
-    #: no heavy work for this long lets the count fall below one (to min_pods)
-    idle_to_zero_s: float = 300.0
-    #: a lower need must last this long before pods are removed
-    scale_down_delay_s: float = 60.0
-    #: most pods added or removed in one decision
-    max_step: int = 4
+    min_pods: int = field(default=0, metadata={"help": "never fewer pods", "min": 0})
+    max_pods: int = field(default=4, metadata={"help": "never more pods", "min": 1})
+    idle_to_zero_s: float = field(
+        default=300.0,
+        metadata={"help": "no heavy work for this long lets the count fall to min_pods", "min": 0},
+    )
+    scale_down_delay_s: float = field(
+        default=60.0,
+        metadata={"help": "a lower need must last this long before pods are removed", "min": 0},
+    )
+    max_scale_step: int = field(
+        default=4, metadata={"help": "most pods added or removed in one decision", "min": 1}
+    )
 
     def __post_init__(self) -> None:
-        if self.min_pods < 0 or self.max_pods < max(1, self.min_pods):
-            raise ValueError("need 0 <= min_pods <= max_pods and max_pods >= 1")
-        if self.max_step < 1 or self.idle_to_zero_s < 0 or self.scale_down_delay_s < 0:
-            raise ValueError("need max_step >= 1 and non-negative delays")
+        for f in fields(self):
+            low, value = f.metadata.get("min"), getattr(self, f.name)
+            if low is not None and value < low:
+                raise ValueError(f"{f.name} must be >= {low}, got {value}")
+        if self.max_pods < self.min_pods:
+            raise ValueError(f"max_pods must be >= min_pods, got {self.max_pods} < {self.min_pods}")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -130,7 +139,7 @@ def decide(
     )
     desired = _bounded(target, previous=previous, config=config)
     if desired != target:
-        reason += f"; bounded to {desired} (max_step {config.max_step}, "
+        reason += f"; bounded to {desired} (max_scale_step {config.max_scale_step}, "
         reason += f"pods {config.min_pods}..{config.max_pods})"
     new_state = AutoscaleState(last_desired=desired, last_heavy_at=last_heavy, history=history)
     return Decision(desired=desired, previous=previous, reason=reason), new_state
@@ -169,5 +178,6 @@ def _target(
 
 def _bounded(target: int, *, previous: int, config: AutoscaleConfig) -> int:
     """Rule 5: step bound around the previous count, then the min/max clamp."""
-    stepped = max(previous - config.max_step, min(previous + config.max_step, target))
+    step = config.max_scale_step
+    stepped = max(previous - step, min(previous + step, target))
     return max(config.min_pods, min(config.max_pods, stepped))

@@ -51,7 +51,7 @@ CLOCK = time.monotonic
 def admission_config(settings: Settings) -> AdmissionConfig:
     # Hold requests while no pod is ready when pods can still come: an autoscaler of ours,
     # or Kubernetes (KEDA/HPA scale the Deployment from our sdproxy_desired_pods).
-    hold = settings.discovery.kind == "kubernetes" or settings.scaler.kind != "none"
+    hold = settings.discovery.discovery == "kubernetes" or settings.scaler.scaler != "none"
     return AdmissionConfig(
         max_inflight=settings.proxy.max_inflight,
         max_queue=settings.proxy.max_queue,
@@ -141,8 +141,8 @@ class Services:
                 desired=self.autoscaler.desired,
                 ready=adm.count(PodState.READY),
                 starting=adm.count(PodState.STARTING, PodState.WARMING),
-                min_pods=self.settings.scaler.min_pods,
-                max_pods=self.settings.scaler.max_pods,
+                min_pods=self.settings.scaler.autoscale.min_pods,
+                max_pods=self.settings.scaler.autoscale.max_pods,
                 events=tuple(self.autoscaler.events),
             ),
             discovery=DiscoveryStatus(
@@ -157,21 +157,21 @@ class Services:
 def _discovery(settings: Settings, scaler: Scaler) -> Discovery:
     if isinstance(scaler, LocalPods):
         return scaler
-    if settings.discovery.kind == "kubernetes":
+    if settings.discovery.discovery == "kubernetes":
         from sdproxy.runtime.kube import KubernetesDiscovery
 
         return KubernetesDiscovery(settings.discovery)
-    return StaticDiscovery(settings.discovery.backends)
+    return StaticDiscovery(settings.discovery.backend)
 
 
 def _scaler(settings: Settings) -> Scaler:
-    if settings.scaler.kind == "kubernetes":
+    if settings.scaler.scaler == "kubernetes":
         from sdproxy.runtime.kube import KubernetesScaler
 
         return KubernetesScaler(
             settings.scaler, settings.discovery.namespace, kubeconfig=settings.discovery.kubeconfig
         )
-    if settings.scaler.kind == "local":
+    if settings.scaler.scaler == "local":
         return LocalPods(settings.scaler)
     return NoScaler()
 

@@ -1,6 +1,7 @@
 """Runtime: run the autoscaling policy every tick and hand its decision to a Scaler.
 
-Reads the admission core's counters, calls the pure ``sdproxy.core.autoscale.decide``,
+Reads the admission core's counters, calls the pure ``sdproxy.core.autoscale.decide``
+with the policy config the settings hold (``ScalerSettings.autoscale``, no mapping),
 and on a change (or every ``REASSERT_S``, so a scale someone else changed is put back)
 asks the Scaler for the count, passing the idle pods that may be removed. Only the
 leader acts; every replica computes and exports the desired count.
@@ -14,7 +15,7 @@ from collections import deque
 from collections.abc import Callable
 from datetime import UTC, datetime
 
-from sdproxy.core.autoscale import AutoscaleConfig, AutoscaleState, Decision, Observation, decide
+from sdproxy.core.autoscale import AutoscaleState, Decision, Observation, decide
 from sdproxy.core.pods import PodId, PodState
 from sdproxy.runtime.gate import Gate
 from sdproxy.runtime.logs import log_event
@@ -30,16 +31,6 @@ REASSERT_S = 30.0
 CORDON_S = 30.0
 
 
-def config_from(settings: ScalerSettings) -> AutoscaleConfig:
-    return AutoscaleConfig(
-        min_pods=settings.min_pods,
-        max_pods=settings.max_pods,
-        idle_to_zero_s=settings.idle_to_zero_s,
-        scale_down_delay_s=settings.scale_down_delay_s,
-        max_step=settings.max_step,
-    )
-
-
 class Autoscaler:
     """The policy loop of one proxy replica."""
 
@@ -53,7 +44,6 @@ class Autoscaler:
         clock: Callable[[], float],
     ) -> None:
         self.settings = settings
-        self.config = config_from(settings)
         self.gate = gate
         self.admission = gate.admission
         self.scaler = scaler
@@ -83,7 +73,9 @@ class Autoscaler:
 
     async def step(self) -> Decision:
         now = self.clock()
-        decision, self.state = decide(self.observe(), self.state, config=self.config, now=now)
+        decision, self.state = decide(
+            self.observe(), self.state, config=self.settings.autoscale, now=now
+        )
         self.desired = decision.desired
         if decision.changed:
             self._record(decision)
@@ -132,4 +124,4 @@ class Autoscaler:
                 await self.step()
             except Exception:  # the loop must outlive any one scaler failure
                 log.exception("autoscaler tick failed")
-            await asyncio.sleep(self.settings.interval_s)
+            await asyncio.sleep(self.settings.scale_interval_s)

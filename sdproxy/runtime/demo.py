@@ -26,6 +26,7 @@ def register(sub: Any) -> None:
         help="run simulated pods + proxy + autoscaler on loopback",
         description="One command: simulated sd-webui pods, the proxy and the local "
         "autoscaler (from zero pods), until Ctrl-C.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("--listen", default="127.0.0.1:8000", help="proxy HOST:PORT")
     parser.add_argument("--metrics-listen", default="127.0.0.1:9100", help="metrics HOST:PORT")
@@ -36,13 +37,14 @@ def register(sub: Any) -> None:
     parser.add_argument("--startup-s", type=float, default=5.0, help="pod model-load time")
     parser.add_argument("--step-ms", type=float, default=50.0, help="pod ms per 512² step")
     parser.add_argument("--base-port", type=int, default=7860, help="first pod port")
-    parser.add_argument("--log-format", choices=("text", "json"), default="text")
+    parser.add_argument("--log-format", choices=("text", "json"), default="text", help="logs")
     parser.set_defaults(handler=run)
 
 
 def demo_settings(args: argparse.Namespace) -> settings_mod.Settings:
-    values = settings_mod.resolve(argparse.Namespace(), env={})
-    values.update(
+    """``sdproxy serve`` settings with the demo's flags given (not the environment): they
+    are parsed and checked like serve's, so a bad ``--listen`` is named as such."""
+    given = argparse.Namespace(
         listen=args.listen,
         metrics_listen=args.metrics_listen,
         scaler="local",
@@ -58,7 +60,7 @@ def demo_settings(args: argparse.Namespace) -> settings_mod.Settings:
         log_format=args.log_format,
         queue_timeout_s=max(120.0, args.startup_s * 4),
     )
-    return settings_mod.build(values)
+    return settings_mod.load(given, env={})
 
 
 def banner(settings: settings_mod.Settings) -> str:
@@ -70,7 +72,7 @@ def banner(settings: settings_mod.Settings) -> str:
         f"  proxy:   {url}",
         f"  status:  {url}/-/status   (open it in a browser)",
         f"  metrics: http://{metrics}/metrics" if metrics else "",
-        f"  pods:    0 now, up to {settings.scaler.max_pods}; each needs "
+        f"  pods:    0 now, up to {settings.scaler.autoscale.max_pods}; each needs "
         f"{settings.scaler.local_startup_s:g}s to load its model",
         "  try:",
         "    " + CURL.format(url=url),

@@ -120,18 +120,20 @@ class _SdproxyHandler(logging.StreamHandler[TextIO]):
 
 def setup_logging(settings: LogSettings, *, stream: TextIO | None = None) -> None:
     """Configure the root logger from settings (idempotent); ``stream`` defaults to stderr."""
-    level = LEVELS.get(settings.level.lower())
+    level = LEVELS.get(settings.log_level.lower())
     if level is None:
-        raise ConfigError(f"log level must be one of {', '.join(LEVELS)}, got {settings.level!r}")
+        raise ConfigError(
+            f"log level must be one of {', '.join(LEVELS)}, got {settings.log_level!r}"
+        )
     formatters = {"json": JsonFormatter, "text": TextFormatter}
-    if settings.format not in formatters:
-        raise ConfigError(f"log format must be json or text, got {settings.format!r}")
+    if settings.log_format not in formatters:
+        raise ConfigError(f"log format must be json or text, got {settings.log_format!r}")
     root = logging.getLogger()
     for old in [h for h in root.handlers if isinstance(h, _SdproxyHandler)]:
         root.removeHandler(old)
         old.close()
     handler = _SdproxyHandler(stream if stream is not None else sys.stderr)
-    handler.setFormatter(formatters[settings.format]())
+    handler.setFormatter(formatters[settings.log_format]())
     root.addHandler(handler)
     root.setLevel(level)
     # the access log is an INFO stream: keep it at INFO even when the level is warning

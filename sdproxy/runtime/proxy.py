@@ -99,7 +99,7 @@ class Proxy:
         self.session = session
         self.metrics = metrics
         self.clock = clock
-        self.table = RouteTable.from_strings(settings.routes)
+        self.table = RouteTable.from_strings(settings.route)
         self.jobs = JobIndex()
         self.limit_bytes = int(settings.max_body_mb * 1024 * 1024)
         self._background: set[asyncio.Task[None]] = set()

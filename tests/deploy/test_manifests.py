@@ -167,8 +167,8 @@ def test_proxy_args_point_at_objects_that_exist(
     service = one(objs, "Service", args["service"])
     assert args["port_name"] in {p["name"] for p in service["spec"]["ports"]}
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
-    assert settings.parse_hostport(args["listen"]).port == ports["http"]
-    assert settings.parse_hostport(args["metrics_listen"]).port == ports["metrics"]
+    assert args["listen"].port == ports["http"]
+    assert args["metrics_listen"].port == ports["metrics"]
     pod = deployment["spec"]["template"]["spec"]
     assert pod["terminationGracePeriodSeconds"] >= args["drain_timeout_s"]
     if args["scaler"] == "kubernetes":

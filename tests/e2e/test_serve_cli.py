@@ -220,3 +220,56 @@ def test_an_address_in_use_is_a_clear_error(which: str) -> None:
     assert proc.returncode == 2, proc.stderr
     assert f"sdproxy: error: cannot listen on {busy}" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    """``python -m sdproxy ARGS`` to completion (20 s at most: a proxy that started serving
+    instead of refusing its settings fails the test by timing out)."""
+    env = {**child_env(), "COLUMNS": "200"}
+    argv = [sys.executable, "-m", "sdproxy", *args]
+    return subprocess.run(argv, capture_output=True, text=True, timeout=20, env=env)
+
+
+@pytest.mark.parametrize(
+    ("argv", "flag"),
+    [
+        pytest.param(["--backend", "notaurl"], "--backend", id="not-a-url"),
+        pytest.param(["--backend", "127.0.0.1:7860"], "--backend", id="no-scheme"),
+        pytest.param(["--backend", "http://h:99999"], "--backend", id="url-port-range"),
+        pytest.param(
+            ["--backend", "http://127.0.0.1:9", "--listen", "127.0.0.1:99999"],
+            "--listen",
+            id="listen-port-range",
+        ),
+    ],
+)
+def test_a_bad_url_or_address_exits_2_with_one_line_naming_the_flag(
+    argv: list[str], flag: str
+) -> None:
+    listen = ["--listen", f"127.0.0.1:{free_port()}", "--metrics-listen", ""]
+    proc = run_cli("serve", *listen, *argv)
+    assert proc.returncode == 2, proc.stderr
+    assert len(proc.stderr.splitlines()) == 1, proc.stderr
+    assert proc.stderr.startswith(f"sdproxy: error: {flag}: "), proc.stderr
+
+
+@pytest.mark.parametrize(
+    ("command", "expected"),
+    [
+        pytest.param(
+            "serve",
+            [
+                "(default: 127.0.0.1:8000) [env SDPROXY_LISTEN]",
+                "(default: 4) [env SDPROXY_MAX_SCALE_STEP]",
+                "(default: $POD_NAME or hostname) [env SDPROXY_IDENTITY]",
+            ],
+            id="serve",
+        ),
+        pytest.param("demo", ["(default: 127.0.0.1:9100)", "(default: 60.0)"], id="demo"),
+    ],
+)
+def test_help_shows_the_defaults(command: str, expected: list[str]) -> None:
+    proc = run_cli(command, "--help")
+    assert proc.returncode == 0, proc.stderr
+    for text in expected:
+        assert text in proc.stdout, proc.stdout

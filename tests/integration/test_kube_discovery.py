@@ -20,8 +20,8 @@ pytestmark = pytest.mark.timeout(30)
 
 def discovery_settings(kubeconfig: Path, *, port_name: str = "") -> DiscoverySettings:
     return DiscoverySettings(
-        kind="kubernetes",
-        backends=(),
+        discovery="kubernetes",
+        backend=(),
         namespace="sd",
         service="sd-webui",
         port_name=port_name,

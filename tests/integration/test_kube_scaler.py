@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from sdproxy.core.autoscale import AutoscaleConfig
 from sdproxy.core.pods import Endpoint, PodId
 from sdproxy.runtime.kube import DELETION_COST, KubernetesDiscovery, KubernetesScaler
 from sdproxy.settings import DiscoverySettings, ScalerSettings
@@ -19,14 +20,10 @@ pytestmark = pytest.mark.timeout(30)
 
 def scaler_settings(*, identity: str = "proxy-0", lease_duration_s: float = 1.0) -> ScalerSettings:
     return ScalerSettings(
-        kind="kubernetes",
+        scaler="kubernetes",
         deployment="sd-webui",
-        min_pods=0,
-        max_pods=4,
-        idle_to_zero_s=60.0,
-        scale_down_delay_s=60.0,
-        max_step=4,
-        interval_s=1.0,
+        autoscale=AutoscaleConfig(idle_to_zero_s=60.0, scale_down_delay_s=60.0),
+        scale_interval_s=1.0,
         lease_name="sdproxy-leader",
         lease_duration_s=lease_duration_s,
         identity=identity,
@@ -173,8 +170,8 @@ async def test_scale_from_zero_hook_starts_a_pod_discovery_sees(
     seen: list[list[Endpoint]] = []
     discovery = KubernetesDiscovery(
         DiscoverySettings(
-            kind="kubernetes",
-            backends=(),
+            discovery="kubernetes",
+            backend=(),
             namespace="sd",
             service="sd-webui",
             port_name="http",

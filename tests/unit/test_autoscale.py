@@ -19,7 +19,7 @@ from sdproxy.core.autoscale import (
 )
 
 CFG = AutoscaleConfig(
-    min_pods=0, max_pods=10, idle_to_zero_s=300.0, scale_down_delay_s=60.0, max_step=4
+    min_pods=0, max_pods=10, idle_to_zero_s=300.0, scale_down_delay_s=60.0, max_scale_step=4
 )
 
 
@@ -96,7 +96,7 @@ def test_first_decision_starts_from_observed_pods() -> None:
 
 
 def test_min_pods_floor_even_when_idle() -> None:
-    config = AutoscaleConfig(min_pods=2, max_pods=10, idle_to_zero_s=10.0, max_step=4)
+    config = AutoscaleConfig(min_pods=2, max_pods=10, idle_to_zero_s=10.0, max_scale_step=4)
     assert Clock(config).run([obs()] * 100)[-1] == 2
 
 
@@ -106,7 +106,7 @@ def test_min_pods_floor_even_when_idle() -> None:
         pytest.param({"min_pods": -1}, id="negative-min"),
         pytest.param({"min_pods": 3, "max_pods": 2}, id="min-above-max"),
         pytest.param({"max_pods": 0}, id="max-zero"),
-        pytest.param({"max_step": 0}, id="step-zero"),
+        pytest.param({"max_scale_step": 0}, id="step-zero"),
         pytest.param({"idle_to_zero_s": -1.0}, id="negative-idle"),
     ],
 )
@@ -130,7 +130,7 @@ def test_cold_start_does_not_over_order() -> None:
 def test_burst_scales_up_at_once_then_down_after_window() -> None:
     clock = Clock()
     up = clock.run([obs(inflight=1, ready=1), obs(inflight=1, queued=5, ready=1)])
-    assert up == [1, 5]  # one tick, bounded by max_step 4 only
+    assert up == [1, 5]  # one tick, bounded by max_scale_step 4 only
     busy = clock.run([obs(inflight=5, ready=5)] * 10)
     assert set(busy) == {5}
     after = clock.run([obs(inflight=1, ready=5)] * 40)
@@ -200,7 +200,7 @@ def configs(draw: st.DrawFn) -> AutoscaleConfig:
         max_pods=draw(st.integers(max(1, low), 25)),
         idle_to_zero_s=draw(st.floats(0.0, 600.0)),
         scale_down_delay_s=draw(st.floats(0.0, 300.0)),
-        max_step=draw(st.integers(1, 8)),
+        max_scale_step=draw(st.integers(1, 8)),
     )
 
 
@@ -217,7 +217,7 @@ def test_desired_within_bounds_and_step(
         now += dt
         decision, state_ = decide(observation, state_, config=config, now=now)
         assert config.min_pods <= decision.desired <= config.max_pods
-        assert abs(decision.desired - decision.previous) <= config.max_step
+        assert abs(decision.desired - decision.previous) <= config.max_scale_step
         assert len(state_.history) >= 1
         if pods_needed(observation) > decision.previous:
             assert decision.desired > decision.previous or decision.desired == config.max_pods

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from sdproxy import errors
+from sdproxy import errors, settings
 from sdproxy.cli import build_parser
 
 README = (Path(__file__).resolve().parents[2] / "README.md").read_text()
@@ -71,3 +71,32 @@ def test_every_error_code_is_in_the_readme(cls: type[errors.ClientFacingError]) 
 )
 def test_required_metrics_are_documented(name: str) -> None:
     assert f"`{name}" in README
+
+
+def _table_defaults(heading: str) -> dict[str, str]:
+    """{flag: default cell without backticks} of the flag table under ``heading``."""
+    section = re.split(r"\n##+ ", README.split(heading, 1)[1], maxsplit=1)[0]
+    rows: dict[str, str] = {}
+    for line in section.splitlines():
+        cells = [c.strip() for c in re.split(r"(?<!\\)\|", line)[1:-1]]
+        found = re.match(r"`(--[a-z-]+)`", cells[0]) if cells else None
+        if found:
+            rows[found.group(1)] = cells[1].replace("`", "")
+    return rows
+
+
+def test_the_serve_table_shows_the_defaults_serve_uses() -> None:
+    rows = _table_defaults("### `sdproxy serve`")
+    assert {opt.flag: opt.shown_default for opt in settings.OPTIONS} == {
+        flag: cell for flag, cell in rows.items() if flag != "--config"
+    }
+
+
+def test_the_demo_table_shows_the_defaults_demo_uses() -> None:
+    defaults = {
+        opt: f"{action.default:g}" if isinstance(action.default, float) else str(action.default)
+        for action in _subparser("demo")._actions
+        for opt in action.option_strings
+        if opt.startswith("--") and opt != "--help"
+    }
+    assert _table_defaults("## The demo: `sdproxy demo`") == defaults

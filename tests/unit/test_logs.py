@@ -35,7 +35,8 @@ def restore_logging() -> Iterator[None]:
 
 def configure(*, fmt: str = "json", level: str = "info", access_log: bool = True) -> io.StringIO:
     stream = io.StringIO()
-    setup_logging(LogSettings(level=level, format=fmt, access_log=access_log), stream=stream)
+    log = LogSettings(log_level=level, log_format=fmt, access_log=access_log)
+    setup_logging(log, stream=stream)
     return stream
 
 

@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
+import os
+import re
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import pytest
 
 from sdproxy import settings
 from sdproxy.cli import build_parser
+from sdproxy.core.autoscale import AutoscaleConfig
 from sdproxy.errors import ConfigError
+from sdproxy.options import from_values, options
 from sdproxy.settings import HostPort, Settings
 
 BACKEND = ("--backend", "http://a:7860")
@@ -32,19 +39,17 @@ def test_defaults() -> None:
     assert s.proxy.listen == HostPort(host="127.0.0.1", port=8000)
     assert s.proxy.metrics_listen == HostPort(host="127.0.0.1", port=9100)
     assert (s.proxy.max_inflight, s.proxy.max_queue, s.proxy.queue_timeout_s) == (1, 1000, 600.0)
-    assert (s.proxy.allow_admin, s.proxy.routes) == (False, ())
-    assert (s.discovery.kind, s.discovery.backends, s.discovery.warmup) == (
+    assert (s.proxy.allow_admin, s.proxy.route) == (False, ())
+    assert (s.discovery.discovery, s.discovery.backend, s.discovery.warmup) == (
         "static",
         ("http://a:7860",),
         False,
     )
-    assert (s.scaler.kind, s.scaler.min_pods, s.scaler.max_pods, s.scaler.max_step) == (
-        "none",
-        0,
-        4,
-        4,
+    assert (s.scaler.scaler, s.scaler.scale_interval_s) == ("none", 1.0)
+    assert s.scaler.autoscale == AutoscaleConfig(
+        min_pods=0, max_pods=4, idle_to_zero_s=300.0, scale_down_delay_s=60.0, max_scale_step=4
     )
-    assert (s.log.level, s.log.format, s.log.access_log) == ("info", "text", True)
+    assert (s.log.log_level, s.log.log_format, s.log.access_log) == ("info", "text", True)
 
 
 @pytest.mark.parametrize(
@@ -87,7 +92,7 @@ def test_config_path_from_the_environment(tmp_path: Path) -> None:
     path.write_text('max_queue = 7\nbackends = ["http://b"]\n')
     ns = build_parser().parse_args(["serve"])
     s = settings.load(ns, {"SDPROXY_CONFIG": str(path)})
-    assert (s.proxy.max_queue, s.discovery.backends) == (7, ("http://b",))
+    assert (s.proxy.max_queue, s.discovery.backend) == (7, ("http://b",))
 
 
 def test_toml_sections_are_for_reading_only(tmp_path: Path) -> None:
@@ -95,7 +100,7 @@ def test_toml_sections_are_for_reading_only(tmp_path: Path) -> None:
     s = load(toml=toml, tmp_path=tmp_path, env={})
     assert s.proxy.max_queue == 5
     assert s.proxy.listen == HostPort(host="0.0.0.0", port=80)
-    assert s.scaler.kind == "local"
+    assert s.scaler.scaler == "local"
 
 
 @pytest.mark.parametrize(
@@ -134,7 +139,7 @@ def test_list_options(
     routes: tuple[str, ...],
 ) -> None:
     s = load(*argv, env=env, toml=toml, tmp_path=tmp_path)
-    assert (s.discovery.backends, s.proxy.routes) == (backends, routes)
+    assert (s.discovery.backend, s.proxy.route) == (backends, routes)
 
 
 @pytest.mark.parametrize(
@@ -176,26 +181,158 @@ def test_toml_numbers_convert_where_exact(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("argv", "env", "match"),
     [
-        pytest.param(["--max-inflight", "0"], {}, "--max-inflight must be > 0", id="inflight-0"),
+        pytest.param(["--max-inflight", "0"], {}, "--max-inflight must be >= 1, got 0$",
+                     id="inflight-0"),
         pytest.param(["--max-inflight", "1.5"], {}, "--max-inflight: invalid", id="inflight-1.5"),
         pytest.param([], {"SDPROXY_QUEUE_TIMEOUT_S": "0"}, "--queue-timeout-s must be > 0",
                      id="timeout-0"),
         pytest.param(["--max-body-mb", "-1"], {}, "--max-body-mb must be > 0", id="body-neg"),
-        pytest.param(["--scale-interval-s", "0"], {}, "--scale-interval-s", id="interval-0"),
-        pytest.param(["--max-queue", "-1"], {}, "--max-queue", id="queue-neg"),
-        pytest.param(["--min-pods", "-1"], {}, "--min-pods", id="min-neg"),
-        pytest.param(["--max-pods", "0"], {}, "--max-pods", id="max-0"),
-        pytest.param(["--min-pods", "3", "--max-pods", "2"], {}, "--max-pods", id="max-lt-min"),
-        pytest.param(["--listen", "nope"], {}, "HOST:PORT", id="listen"),
-        pytest.param(["--listen", "x:99999"], {}, "HOST:PORT", id="port-range"),
+        pytest.param(["--scale-interval-s", "0"], {}, "--scale-interval-s must be > 0",
+                     id="interval-0"),
+        pytest.param(["--max-queue", "-1"], {}, "--max-queue must be >= 0", id="queue-neg"),
+        pytest.param(["--min-pods", "-1"], {}, "--min-pods must be >= 0", id="min-neg"),
+        pytest.param(["--max-pods", "0"], {}, "--max-pods must be >= 1", id="max-0"),
+        pytest.param(["--min-pods", "3", "--max-pods", "2"], {}, "--max-pods must be >= --min-pods",
+                     id="max-lt-min"),
+        pytest.param(["--max-scale-step", "0"], {}, "--max-scale-step must be >= 1", id="step-0"),
+        pytest.param([], {"SDPROXY_IDLE_TO_ZERO_S": "-1"}, "--idle-to-zero-s must be >= 0",
+                     id="idle-neg"),
         pytest.param([], {"SDPROXY_MAX_INFLIGHT": "two"}, "--max-inflight", id="env-not-int"),
-        pytest.param([], {"SDPROXY_ALLOW_ADMIN": "maybe"}, "boolean", id="env-not-bool"),
+        pytest.param([], {"SDPROXY_ALLOW_ADMIN": "maybe"}, "--allow-admin: expected a boolean",
+                     id="env-not-bool"),
         pytest.param([], {"SDPROXY_LOG_FORMAT": "xml"}, "--log-format", id="env-bad-choice"),
     ],
 )  # fmt: skip
 def test_validation_errors(argv: list[str], env: dict[str, str], match: str) -> None:
-    with pytest.raises(ConfigError, match=match):
+    with pytest.raises(ConfigError, match="^" + match):
         load(*BACKEND, *argv, env=env)
+
+
+@pytest.mark.parametrize(
+    ("flag", "value", "message"),
+    [
+        pytest.param("--listen", "nope", "--listen: expected HOST:PORT, got 'nope'", id="no-port"),
+        pytest.param("--listen", "127.0.0.1:", "--listen: expected HOST:PORT", id="empty-port"),
+        pytest.param("--listen", "127.0.0.1:99999", "--listen: port 99999 out of range (0-65535)",
+                     id="listen-port-range"),
+        pytest.param("--listen", "http://h:80", "--listen: bad host 'http://h'", id="listen-url"),
+        pytest.param("--listen", "::1:80", "--listen: bad host '::1'", id="v6-no-brackets"),
+        pytest.param("--listen", "[::g]:80", "--listen: bad IPv6 address '[::g]'", id="bad-v6"),
+        pytest.param("--metrics-listen", "127.0.0.1:70000",
+                     "--metrics-listen: port 70000 out of range (0-65535)", id="metrics-range"),
+        pytest.param("--metrics-listen", "9100", "--metrics-listen: expected HOST:PORT",
+                     id="metrics-port-only"),
+        pytest.param("--backend", "notaurl",
+                     "--backend: expected an http:// or https:// URL, got 'notaurl'", id="not-url"),
+        pytest.param("--backend", "127.0.0.1:7860", "--backend: expected an http:// or https://",
+                     id="no-scheme"),
+        pytest.param("--backend", "localhost:7860", "--backend: expected an http:// or https://",
+                     id="host-as-scheme"),
+        pytest.param("--backend", "ftp://h", "--backend: expected an http:// or https://",
+                     id="ftp"),
+        pytest.param("--backend", "http://h:99999",
+                     "--backend: port 99999 out of range (1-65535) in 'http://h:99999'",
+                     id="url-port-range"),
+        pytest.param("--backend", "http://h:0", "--backend: port 0 out of range", id="url-port-0"),
+        pytest.param("--backend", "http://h:x", "--backend: port x is not a number",
+                     id="url-port-x"),
+        pytest.param("--backend", "http://[::1", "--backend: not a URL", id="open-bracket"),
+        pytest.param("--backend", "http://:7860", "--backend: no valid host", id="no-host"),
+        pytest.param("--backend", "http://a b", "--backend: no valid host", id="space"),
+        pytest.param("--backend", "http://h/?q=1", "--backend: a base URL takes no query",
+                     id="query"),
+    ],
+)  # fmt: skip
+def test_bad_urls_and_addresses_name_the_flag(flag: str, value: str, message: str) -> None:
+    others = [] if flag == "--backend" else list(BACKEND)
+    with pytest.raises(ConfigError, match="^" + re.escape(message)):
+        load(*others, flag, value, env={})
+
+
+@pytest.mark.parametrize("source", ["flag", "env", "toml"])
+def test_urls_are_checked_from_every_source(tmp_path: Path, source: str) -> None:
+    good, bad = "http://ok:7860", "http://h:99999"
+    argv = ["--backend", good, "--backend", bad] if source == "flag" else []
+    env = {"SDPROXY_BACKEND": f"{good},{bad}"} if source == "env" else {}
+    toml = f'backends = ["{good}", "{bad}"]' if source == "toml" else ""
+    with pytest.raises(ConfigError, match=r"^--backend: port 99999 out of range"):
+        load(*argv, env=env, toml=toml, tmp_path=tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("url", "expected"),
+    [
+        pytest.param("http://127.0.0.1:7860/", "http://127.0.0.1:7860", id="trailing-slash"),
+        pytest.param("https://pod.example", "https://pod.example", id="https-no-port"),
+        pytest.param("http://[::1]:7860", "http://[::1]:7860", id="v6"),
+        pytest.param("http://u:p@h:7860/sd/", "http://u:p@h:7860/sd", id="userinfo-and-path"),
+    ],
+)
+def test_good_backend_urls(url: str, expected: str) -> None:
+    assert load("--backend", url, env={}).discovery.backend == (expected,)
+
+
+def test_identity_defaults_from_the_given_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("POD_NAME", "from-os-environ")  # never read: resolve gets env=
+    assert load(*BACKEND, env={"POD_NAME": "sdproxy-7"}).scaler.identity == "sdproxy-7"
+    assert load(*BACKEND, env={}).scaler.identity == os.uname().nodename
+    assert load(*BACKEND, "--identity", "me", env={"POD_NAME": "x"}).scaler.identity == "me"
+
+
+def test_the_core_autoscale_config_is_the_settings_group() -> None:
+    s = load(*BACKEND, "--max-scale-step", "2", "--min-pods", "1",
+             env={"SDPROXY_IDLE_TO_ZERO_S": "30"})  # fmt: skip
+    assert s.scaler.autoscale == AutoscaleConfig(min_pods=1, idle_to_zero_s=30.0, max_scale_step=2)
+    names = [opt.name for opt in options(AutoscaleConfig)]
+    assert names == [f.name for f in dataclasses.fields(AutoscaleConfig)]
+    assert set(names) <= {opt.name for opt in settings.OPTIONS}
+
+
+@dataclass(frozen=True, kw_only=True)
+class Knobs:
+    """A core-style config: plain field metadata, nothing imported from settings."""
+
+    ticks: int = field(default=3, metadata={"help": "ticks per beat", "min": 1})
+    mode: Literal["a", "b"] = field(default="a", metadata={"help": "the mode"})
+    peers: tuple[str, ...] = field(default=(), metadata={"help": "peer names"})
+    #: computed by whoever builds it: no option
+    fast: bool = field(default=False, metadata={"derived": "from mode"})
+
+
+def test_any_frozen_dataclass_with_help_metadata_yields_options() -> None:
+    found = {opt.name: opt for opt in options(Knobs)}
+    assert list(found) == ["ticks", "mode", "peers"]
+    ticks = found["ticks"]
+    assert (ticks.flag, ticks.env, ticks.help, ticks.shown_default) == (
+        "--ticks",
+        "SDPROXY_TICKS",
+        "ticks per beat",
+        "3",
+    )
+    assert found["mode"].choices == ("a", "b")
+    assert found["peers"].is_list
+    built = from_values(Knobs, {"ticks": 5, "fast": True})
+    assert built == Knobs(ticks=5, fast=True)
+
+
+def test_a_field_that_is_neither_option_nor_derived_is_an_error() -> None:
+    @dataclass(frozen=True)
+    class Forgot:
+        x: int = 1
+
+    @dataclass
+    class Mutable:
+        y: int = field(default=1, metadata={"help": "y"})
+
+    with pytest.raises(TypeError, match=r"Forgot\.x"):
+        list(options(Forgot))
+    with pytest.raises(TypeError, match="frozen"):
+        list(options(Mutable))
+
+
+def test_a_core_check_becomes_a_config_error() -> None:
+    with pytest.raises(ConfigError, match="max_scale_step must be >= 1"):
+        from_values(AutoscaleConfig, {"max_scale_step": 0})
 
 
 @pytest.mark.parametrize(
@@ -240,3 +377,58 @@ def test_every_option_has_a_flag_an_env_name_and_a_toml_key() -> None:
         assert opt.env == "SDPROXY_" + opt.name.upper()
         assert opt.flag == "--" + opt.name.replace("_", "-")
     assert "--no-warmup" in settings.flag_names()
+
+
+def _help_entries(command: str, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
+    """``sdproxy COMMAND --help`` as {first flag: its whole entry on one line}."""
+    monkeypatch.setenv("COLUMNS", "1000")  # wide: the help text itself does not wrap
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    entries: dict[str, str] = {}
+    flag = ""
+    for line in str(sub.choices[command].format_help()).splitlines():
+        if line.startswith("  --"):
+            flag = line.split()[0].rstrip(",")
+            entries[flag] = line.strip()
+        elif flag and line.startswith("    "):  # the help put under a long flag
+            entries[flag] += " " + line.strip()
+        else:
+            flag = ""
+    return entries
+
+
+def test_serve_help_shows_every_default_and_env_name(monkeypatch: pytest.MonkeyPatch) -> None:
+    shown = _help_entries("serve", monkeypatch)
+    for opt in settings.OPTIONS:
+        assert shown[opt.flag].endswith(f"(default: {opt.shown_default}) [env {opt.env}]")
+    assert "(default: 127.0.0.1:8000)" in shown["--listen"]
+    assert "(default: none)" in shown["--backend"]
+    assert "(default: $POD_NAME or hostname)" in shown["--identity"]
+    assert "(default: 4)" in shown["--max-scale-step"]
+    assert "(default: off)" in shown["--warmup"]
+    assert "(default: 600)" in shown["--queue-timeout-s"]
+
+
+def test_demo_help_shows_every_default(monkeypatch: pytest.MonkeyPatch) -> None:
+    shown = _help_entries("demo", monkeypatch)
+    assert len(shown) == 10
+    assert all("(default: " in entry for entry in shown.values()), shown
+    assert shown["--idle-to-zero-s"].endswith("(default: 60.0)")
+    assert shown["--listen"].endswith("(default: 127.0.0.1:8000)")
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        pytest.param(["--listen", "127.0.0.1:99999"], "--listen: port 99999 out of range",
+                     id="listen"),
+        pytest.param(["--metrics-listen", "nope"], "--metrics-listen: expected HOST:PORT",
+                     id="metrics"),
+    ],
+)  # fmt: skip
+def test_demo_checks_its_addresses_like_serve(argv: list[str], message: str) -> None:
+    from sdproxy.runtime.demo import demo_settings
+
+    args = build_parser().parse_args(["demo", *argv])
+    with pytest.raises(ConfigError, match="^" + re.escape(message)):
+        demo_settings(args)
