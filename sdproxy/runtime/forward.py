@@ -38,6 +38,9 @@ HOP_BY_HOP = frozenset(
 )
 #: not forwarded to the pod: the hop-by-hop fields, and Host (the pod's own is sent)
 NOT_UPSTREAM = HOP_BY_HOP | {"host"}
+#: aiohttp's client adds ``Accept-Encoding: gzip, deflate`` to a request without one; the
+#: pod must see the client's own (none → none): sd-webui gzips whatever the request allows
+NO_AUTO_ENCODING = ("Accept-Encoding",)
 CHUNK = 256 * 1024
 #: a pod response with a Content-Length up to this is read whole and answered with one
 #: ``web.Response``, whose head and body leave in one write; a StreamResponse sends its
@@ -148,10 +151,16 @@ async def send(
     headers: CIMultiDict[str],
     body: RequestBody | bytes | None,
 ) -> aiohttp.ClientResponse:
-    """Send the request and return once the pod's response headers arrived."""
+    """Send the request and return once the pod's response headers arrived.
+
+    ``Accept-Encoding`` goes exactly as the client sent it, absent included.
+    """
     data = body.payload() if isinstance(body, RequestBody) else body
+    skip = None if "Accept-Encoding" in headers else NO_AUTO_ENCODING
     try:
-        return await session.request(method, url, headers=headers, data=data, allow_redirects=False)
+        return await session.request(
+            method, url, headers=headers, data=data, allow_redirects=False, skip_auto_headers=skip
+        )
     except aiohttp.ClientConnectorError as exc:
         raise UpstreamError("connect", f"cannot connect to {url}: {exc}", sent=False) from exc
     except aiohttp.ConnectionTimeoutError as exc:
