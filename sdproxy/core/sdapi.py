@@ -4,9 +4,10 @@ Heavy bodies can be many MB (img2img ``init_images`` are base64). The runtime re
 a bounded prefix before queueing; ``inspect_body`` extracts the top-level scalar fields
 that drive cost (steps, width, height, batch_size, n_iter, enable_hr, …) and the requested
 checkpoint (``override_settings.sd_model_checkpoint``, or ``sd_model_checkpoint`` for POST
-options). A complete body is parsed with ``json``; a truncated one with a tokenizer that
-skips long strings in C (the regex engine) and tracks nesting, so a 10 MB base64 value costs
-one regex match, and keys nested in scripts' args are never mistaken for top-level ones.
+options), keyed by file name (``checkpoint_key``). A complete body is parsed with ``json``;
+a truncated one with a tokenizer that skips long strings in C (the regex engine) and tracks
+nesting, so a 10 MB base64 value costs one regex match, and keys nested in scripts' args are
+never mistaken for top-level ones.
 """
 
 from __future__ import annotations
@@ -21,6 +22,10 @@ from typing import Any
 # quote: the opening of a string the prefix cut off (the string alternative failed on it).
 _TOKEN = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"|[{}\[\]:,]|[^\s{}\[\]:,"]+|"', re.DOTALL)
 _NESTED_OF_INTEREST = "override_settings"
+#: modules/sd_models.py re_strip_checksum: a title's trailing " [hash]"
+_CHECKSUM = re.compile(r"\s*\[[^]]+]\s*$")
+#: the checkpoint files sd-webui lists (modules/sd_models.py list_models ext_filter)
+_CHECKPOINT_EXTENSIONS = (".safetensors", ".ckpt")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -29,7 +34,7 @@ class BodyInfo:
 
     #: top-level scalar fields (str, int, float, bool, None)
     fields: Mapping[str, Any]
-    #: checkpoint the request needs, if it names one
+    #: checkpoint the request needs, if it names one, as ``checkpoint_key`` of its name
     checkpoint: str | None
     #: whether the body was seen whole and was a JSON object
     complete: bool
@@ -91,9 +96,27 @@ def _scan_truncated(text: str) -> tuple[dict[str, Any], dict[str, Any]]:
     return top, nested
 
 
+def checkpoint_key(name: str) -> str | None:
+    """One key for every way a request names the same checkpoint file.
+
+    sd-webui titles a checkpoint "name.safetensors" until the pod has hashed it (its first
+    load there) and "name.safetensors [shorthash]" after, so titles differ between pods and
+    over time; requests may also give the name or its ``model_name`` (extension dropped,
+    "/" and "\\" as "_"). All of those map to the ``model_name``: "sub/m.safetensors
+    [0123abcd45]", "sub/m.safetensors" and "sub_m" give "sub_m". A bare hash, or the
+    basename stem of a file in a sub-folder, cannot be mapped without the pod's list and
+    stays a key of its own. None for a blank name.
+    """
+    stem = _CHECKSUM.sub("", name).strip().lstrip("/\\")
+    if stem.lower().endswith(_CHECKPOINT_EXTENSIONS):
+        stem = stem.rsplit(".", 1)[0]
+    stem = stem.replace("/", "_").replace("\\", "_")
+    return stem or None
+
+
 def _checkpoint(top: Mapping[str, Any], nested: Mapping[str, Any]) -> str | None:
     value = nested.get("sd_model_checkpoint", top.get("sd_model_checkpoint"))
-    return value if isinstance(value, str) and value else None
+    return checkpoint_key(value) if isinstance(value, str) else None
 
 
 def inspect_body(data: bytes, *, complete: bool) -> BodyInfo:

@@ -45,6 +45,9 @@ HOP_BY_HOP = frozenset(
 )
 #: not forwarded to the pod: the hop-by-hop fields, and Host (the pod's own is sent)
 NOT_UPSTREAM = HOP_BY_HOP | {"host"}
+#: aiohttp's client adds ``Accept-Encoding: gzip, deflate`` to a request without one; the
+#: pod must see the client's own (none → none): sd-webui gzips whatever the request allows
+NO_AUTO_ENCODING = ("Accept-Encoding",)
 CHUNK = 256 * 1024
 #: a pod response with a Content-Length up to this is read whole and answered with one
 #: ``web.Response``, whose head and body leave in one write; a StreamResponse sends its
@@ -139,12 +142,21 @@ async def send(
 ) -> aiohttp.ClientResponse:
     """Send the request and return once the pod's response headers arrived.
 
+    ``Accept-Encoding`` goes exactly as the client sent it, absent included.
     ``expect100``: send the head with ``Expect: 100-continue`` and the body only after the
-    pod's ``100 Continue`` (a pod-side gate refuses a busy pod before any body byte)."""
+    pod's ``100 Continue`` (a pod-side gate refuses a busy pod before any body byte).
+    """
     data = body.payload() if isinstance(body, RequestBody) else body
+    skip = None if "Accept-Encoding" in headers else NO_AUTO_ENCODING
     try:
         return await session.request(
-            method, url, headers=headers, data=data, allow_redirects=False, expect100=expect100
+            method,
+            url,
+            headers=headers,
+            data=data,
+            allow_redirects=False,
+            skip_auto_headers=skip,
+            expect100=expect100,
         )
     except aiohttp.ClientConnectorError as exc:
         raise ConnectFailed(f"cannot connect to {url}: {exc}") from exc

@@ -1,1 +1,1 @@
-"""A simulated sd-webui pod (see shared/SD-WEBUI.md) for tests, the demo and benchmarks."""
+"""A simulated sd-webui pod (see docs/sd-webui.md) for tests, the demo and benchmarks."""

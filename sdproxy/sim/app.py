@@ -1,11 +1,15 @@
 """Sim: one simulated sd-webui pod as an aiohttp application (``make_app``).
 
-The sd-webui surface (``/sdapi/v1/*``, ``/internal/ping``) is wrapped in three
-middlewares, outermost first: ``X-Process-Time`` on every response (api.py
-``log_and_time``), sd-webui's error shape (api.py ``api_middleware``), and the worker
-pool — every sd-webui request holds one of ``--threads`` slots for its whole life, as a
-plain-``def`` FastAPI route holds an anyio thread, so an exhausted pool stalls light
-routes too. ``/sim/*`` is the simulator's own introspection and bypasses the pool.
+The sd-webui surface (``/sdapi/v1/*``, ``/internal/ping``) is wrapped in middlewares in
+sd-webui's order, outermost first: ``X-Process-Time`` on every response (api.py
+``log_and_time``); sd-webui's error envelope for any exception a route raises (api.py
+``exception_handling``, a 500 that is never compressed); gzip of answers of 1000 bytes
+or more (Starlette's ``GZipMiddleware``, sdproxy.sim.wire); the answers Starlette's
+ExceptionMiddleware makes — FastAPI's plain 422 and 404, sd-webui's envelope for
+``HTTPException``; and the worker pool — every sd-webui request holds one of
+``--threads`` slots for its whole life, as a plain-``def`` FastAPI route holds an anyio
+thread, so an exhausted pool stalls light routes too. ``/sim/*`` is the simulator's own
+introspection and bypasses the pool.
 """
 
 from __future__ import annotations
@@ -20,9 +24,10 @@ from aiohttp.typedefs import Handler
 
 from sdproxy.sim import heavy, light
 from sdproxy.sim.config import SimConfig
-from sdproxy.sim.failures import WebuiError, http_exception
+from sdproxy.sim.failures import HTTPError, ValidationFailed, WebuiError
 from sdproxy.sim.keys import POD
 from sdproxy.sim.state import Clock, SimPod
+from sdproxy.sim.wire import gzip_answers, json_answer
 
 LOG = logging.getLogger(__name__)
 API = "/sdapi/v1"
@@ -48,18 +53,31 @@ async def process_time(request: web.Request, handler: Handler) -> web.StreamResp
 
 @web.middleware
 async def webui_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """api.py exception_handling: any exception a route raises becomes the envelope."""
     try:
         return await handler(request)
     except WebuiError as exc:
         error = exc
-    except web.HTTPException as exc:
-        if exc.status < 400:
-            raise
-        error = http_exception(exc.status, exc.reason)
+    except web.HTTPException:
+        raise
     except Exception as exc:  # api.py handle_exception answers any exception with 500
         LOG.exception("sim: unexpected error in %s %s", request.method, request.path)
         error = WebuiError(status=500, name=type(exc).__name__, errors=str(exc))
-    return web.json_response(error.as_json(), status=error.status)
+    return json_answer(error.as_json(), status=error.status)
+
+
+@web.middleware
+async def fastapi_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Starlette's ExceptionMiddleware: HTTPException (sd-webui's handler: the envelope),
+    RequestValidationError (FastAPI's: plain 422) and the router's own plain 404/405."""
+    try:
+        return await handler(request)
+    except (HTTPError, ValidationFailed) as exc:
+        return json_answer(exc.as_json(), status=exc.status)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        return json_answer({"detail": exc.reason}, status=exc.status)
 
 
 @web.middleware
@@ -92,8 +110,8 @@ async def sim_stats(request: web.Request) -> web.Response:
             "failed": counters.failed,
             "oom": counters.oom,
             "checkpoint_switches": counters.checkpoint_switches,
-            "loaded_checkpoint": pod.loaded,
-            "default_checkpoint": pod.default_checkpoint,
+            "loaded_checkpoint": pod.catalog.title(pod.loaded) if pod.loaded else None,
+            "default_checkpoint": pod.catalog.title(pod.default_checkpoint),
             "model_loaded": pod.model_ready.is_set(),
             "busy_s": pod.busy_s(),
             "interrupts_received": counters.interrupts_received,
@@ -164,7 +182,7 @@ def make_app(
     ``rng`` (failures, lock order, seeds, task ids) defaults to ``Random(config.seed)``."""
     app = web.Application(
         client_max_size=CLIENT_MAX_SIZE,
-        middlewares=[process_time, webui_errors, worker_pool],
+        middlewares=[process_time, webui_errors, gzip_answers, fastapi_errors, worker_pool],
     )
     pod_rng = rng if rng is not None else random.Random(config.seed)
     app[POD] = SimPod(config, clock=clock or _loop_time, rng=pod_rng)

@@ -19,7 +19,7 @@ class SimConfig:
     threads: int = 40
     #: checkpoint file names; the first is loaded at start and is the default
     checkpoints: tuple[str, ...] = (DEFAULT_CHECKPOINT,)
-    #: seconds to load another checkpoint (SD-WEBUI.md: 2–7 s from fast disk)
+    #: seconds to load another checkpoint (docs/sd-webui.md: 2–7 s from fast disk)
     switch_s: float = 3.0
     #: seconds until the model is loaded; HTTP answers at once, heavy work waits
     startup_s: float = 0.0

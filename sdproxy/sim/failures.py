@@ -1,9 +1,13 @@
-"""Sim: sd-webui's error answers, ``{"error", "detail", "body", "errors"}``.
+"""Sim: sd-webui's error answers — its envelope, and FastAPI's own plain ones.
 
-modules/api/api.py ``api_middleware.handle_exception`` turns any exception into
+modules/api/api.py ``api_middleware.handle_exception`` turns an exception into
 ``{"error": type(e).__name__, "detail": e.detail or "", "body": e.body or "",
-"errors": str(e)}`` with ``e.status_code`` or 500. Handlers here raise ``WebuiError`` and
-one middleware renders it.
+"errors": str(e)}`` with ``e.status_code`` or 500: for any exception a route raises
+(``WebuiError``; a 500, e.g. out of memory) and for the ``fastapi.HTTPException`` a route
+raises (``HTTPError``, e.g. 404 "Init image not found"). What FastAPI answers itself keeps
+its plain shape: a body that fails validation is ``422 {"detail": [...]}``
+(``ValidationFailed``), an unknown route ``404 {"detail": "Not Found"}``
+(docs/sd-webui.md, "Observed on a real v1.10.1").
 """
 
 from __future__ import annotations
@@ -50,9 +54,27 @@ class WebuiError(Exception):
         return {"error": self.name, "detail": self.detail, "body": self.body, "errors": self.errors}
 
 
-def http_exception(status: int, detail: str) -> WebuiError:
+class HTTPError(WebuiError):
+    """A fastapi.HTTPException a route raised: sd-webui's envelope, from the handler
+    Starlette's ExceptionMiddleware calls (inside GZipMiddleware, so it may be compressed)."""
+
+
+class ValidationFailed(Exception):
+    """FastAPI's RequestValidationError: answered by FastAPI's own handler, 422."""
+
+    status = 422
+
+    def __init__(self, detail: list[dict[str, object]]) -> None:
+        super().__init__(f"{len(detail)} validation error(s)")
+        self.detail = detail
+
+    def as_json(self) -> dict[str, object]:
+        return {"detail": self.detail}
+
+
+def http_exception(status: int, detail: str) -> HTTPError:
     """fastapi.HTTPException as sd-webui renders it (str(e) is "status: detail")."""
-    return WebuiError(
+    return HTTPError(
         status=status, name="HTTPException", detail=detail, errors=f"{status}: {detail}"
     )
 

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 from sdproxy.core.cost import GenerationPlan
 from sdproxy.sim import failures
+from sdproxy.sim.checkpoints import Checkpoint
 from sdproxy.sim.state import Job, SimPod, job_timestamp
 
 
@@ -30,8 +31,8 @@ class Outcome:
     interrupted: bool
     #: shared.state.job_timestamp of the job, for the response's info
     job_timestamp: str
-    #: title of the checkpoint that sampled (infotext "Model"), before any restore
-    checkpoint: str | None
+    #: the checkpoint that sampled (infotext "Model"), before any restore
+    checkpoint: Checkpoint | None
 
 
 @contextlib.asynccontextmanager
@@ -48,29 +49,31 @@ async def gpu(pod: SimPod) -> AsyncIterator[None]:
             pod.mark_busy(False)
 
 
-async def switch_checkpoint(pod: SimPod, title: str) -> None:
-    """sd_models.reload_model_weights: a no-op when ``title`` is already in VRAM."""
-    if pod.loaded == title:
+async def switch_checkpoint(pod: SimPod, checkpoint: Checkpoint) -> None:
+    """sd_models.reload_model_weights: a no-op when ``checkpoint`` is already in VRAM."""
+    if pod.loaded is checkpoint:
         return
     pod.loaded = None  # weights are in flux
     await asyncio.sleep(pod.config.switch_s)
-    pod.loaded = title
+    pod.loaded_weights(checkpoint)
     pod.counters.checkpoint_switches += 1
 
 
 @contextlib.asynccontextmanager
 async def overrides(pod: SimPod, model: Mapping[str, object]) -> AsyncIterator[None]:
-    """process_images' override_settings handling, restore-afterwards included."""
+    """process_images' override_settings handling, restore-afterwards included.
+
+    opts.set stores the value as the request wrote it (a name, a title, a hash); an
+    override naming no known checkpoint is dropped and the pod's default is loaded.
+    """
     wanted = model.get("override_settings") or {}
     assert isinstance(wanted, dict)
-    checkpoint = pod.catalog.resolve(wanted.get("sd_model_checkpoint"))
     applied = {k: v for k, v in wanted.items() if k in pod.options and k != "sd_model_checkpoint"}
-    if checkpoint is not None:
-        applied["sd_model_checkpoint"] = checkpoint.title
+    if pod.catalog.resolve(wanted.get("sd_model_checkpoint")) is not None:
+        applied["sd_model_checkpoint"] = wanted["sd_model_checkpoint"]
     stored = {key: pod.options[key] for key in applied}
     pod.options.update(applied)
     try:
-        # an unknown or absent checkpoint override reloads the pod's default
         await switch_checkpoint(pod, pod.default_checkpoint)
         yield
     finally:
@@ -80,20 +83,21 @@ async def overrides(pod: SimPod, model: Mapping[str, object]) -> AsyncIterator[N
 
 
 def start_job(pod: SimPod, *, name: str, task_id: str, plan: GenerationPlan) -> Job:
+    """shared.state.begin; job_count is -1 until process_images_inner sets it."""
     job = Job(
         job=name,
         task_id=task_id,
-        job_count=plan.job_count,
+        job_count=-1,
         time_start=pod.clock(),
         job_timestamp=job_timestamp(),
         size=(plan.out_width, plan.out_height),
     )
-    pod.job = job
+    pod.begin_job(job)
     return job
 
 
-async def _sample_pass(pod: SimPod, job: Job, *, steps: int, step_s: float) -> None:
-    job.begin_pass(job_no=job.job_no, steps=steps, step_s=step_s, now=pod.clock())
+async def _sample_pass(pod: SimPod, job: Job, *, job_no: int, steps: int, step_s: float) -> None:
+    job.begin_pass(job_no=job_no, steps=steps, step_s=step_s, now=pod.clock())
     if not (job.interrupted or job.skipped):
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(steps * step_s):
@@ -102,19 +106,30 @@ async def _sample_pass(pod: SimPod, job: Job, *, steps: int, step_s: float) -> N
 
 
 async def sample(pod: SimPod, job: Job, *, plan: GenerationPlan) -> Outcome:
-    """process_images_inner: iterations of passes; skip ends an iteration, interrupt all."""
+    """process_images_inner: iterations of passes; skip ends an iteration, interrupt all.
+
+    Each pass and each iteration ends with State.nextjob, so job_no counts the passes
+    done; with more than one iteration state.job reads "Batch n out of N".
+    """
+    job.job_count = plan.job_count
     images = 0
     for iteration in range(plan.iterations):
         if job.interrupted:
             break
         job.skipped = False  # the next iteration clears a skip (processing.py)
         job.wake.clear()
+        if plan.iterations > 1:
+            job.job = f"Batch {iteration + 1} out of {plan.iterations}"
         for index, one in enumerate(plan.passes):
-            job.job_no = iteration * len(plan.passes) + index
             await _sample_pass(
-                pod, job, steps=one.steps, step_s=one.units_per_step * pod.config.step_s
+                pod,
+                job,
+                job_no=iteration * len(plan.passes) + index,
+                steps=one.steps,
+                step_s=one.units_per_step * pod.config.step_s,
             )
-        images += plan.batch_size
+        job.job_no = (iteration + 1) * len(plan.passes)
+        images += plan.batch_size  # an interrupted batch still decodes its last latent
     return Outcome(
         images=images,
         interrupted=job.interrupted,
@@ -146,7 +161,7 @@ async def generate(
             pod.counters.failed += 1
             raise
         finally:
-            pod.job = None
+            pod.end_job()
     pod.counters.completed += 1
     pod.counters.interrupted += outcome.interrupted
     return outcome
@@ -155,7 +170,7 @@ async def generate(
 async def run_fixed(pod: SimPod, *, name: str, task_id: str, units: float) -> None:
     """Extras and interrogation: locked GPU work of a fixed cost, not interruptible."""
     async with gpu(pod):
-        pod.job = Job(
+        job = Job(
             job=name,
             task_id=task_id,
             job_count=1,
@@ -163,20 +178,23 @@ async def run_fixed(pod: SimPod, *, name: str, task_id: str, units: float) -> No
             job_timestamp=job_timestamp(),
             size=(0, 0),
         )
+        pod.begin_job(job)
         try:
             await asyncio.sleep(units * pod.config.step_s)
         finally:
-            pod.job = None
+            pod.end_job()
     pod.counters.completed += 1
 
 
-async def set_checkpoint(pod: SimPod, title: str) -> None:
-    """POST options with a new sd_model_checkpoint: reload under the lock, and persist.
+async def set_checkpoint(pod: SimPod, wanted: str) -> None:
+    """POST options with another sd_model_checkpoint: its onchange reloads under the lock.
 
-    sd-webui stores the option before its onchange callback waits for the lock, so a
-    generation finishing meanwhile may "restore" the old value over it (undefined
-    behaviour, SD-WEBUI.md); storing it once the lock is held keeps the new default.
+    The option keeps the value as written (retitled if the load hashes the file), and the
+    reload is a no-op when ``wanted`` names the checkpoint already loaded — but the lock
+    is still taken. sd-webui stores the option before its onchange callback waits for the
+    lock, so a generation finishing meanwhile may "restore" the old value over it
+    (undefined behaviour, docs/sd-webui.md); storing it once the lock is held keeps it.
     """
     async with gpu(pod):
-        pod.options["sd_model_checkpoint"] = title
-        await switch_checkpoint(pod, title)
+        pod.options["sd_model_checkpoint"] = wanted
+        await switch_checkpoint(pod, pod.default_checkpoint)

@@ -27,13 +27,14 @@ from sdproxy.sim.failures import http_exception
 from sdproxy.sim.images import png_b64
 from sdproxy.sim.keys import POD
 from sdproxy.sim.state import SimPod
+from sdproxy.sim.wire import json_answer
 
 VERSION = "v1.10.1"
 
 
 def json_with_images(images: list[bytes], rest: Mapping[str, object]) -> web.Response:
     """``{"images": [...], **rest}`` without running megabytes of base64 through json."""
-    encoded = json.dumps(rest).encode()
+    encoded = json.dumps(rest, ensure_ascii=False, separators=(",", ":")).encode()
     quoted = b",".join(b'"' + image + b'"' for image in images)
     sep = b"," if len(encoded) > 2 else b""
     body = b'{"images":[' + quoted + b"]" + sep + encoded[1:]
@@ -72,7 +73,7 @@ def generation_response(
     seed = _seed(pod, model.get("seed"))
     size = (plan.out_width, plan.out_height)
     seeds = [seed + index for index in range(outcome.images)]
-    checkpoint = pod.catalog.resolve(outcome.checkpoint) or pod.catalog.default
+    checkpoint = outcome.checkpoint or pod.catalog.default
     texts = [infotext(model, seed=s, size=size, checkpoint=checkpoint) for s in seeds]
     info = {
         "prompt": model.get("prompt"),
@@ -96,6 +97,7 @@ def generation_response(
         "version": VERSION,
     }
     images = [png_b64(*size, infotext=text) for text in texts] if model["send_images"] else []
+    # Processed.js() is json.dumps with its default separators; the answer itself is compact
     return json_with_images(images, {"parameters": model, "info": json.dumps(info)})
 
 
@@ -156,4 +158,4 @@ async def interrogate(request: web.Request) -> web.Response:
         pod, name="interrogate", task_id=pod.new_task_id("interrogate"), units=units
     )
     caption = "a simulated picture of a cat" if model["model"] == "clip" else "1girl, solo"
-    return web.json_response({"caption": caption})
+    return json_answer({"caption": caption})

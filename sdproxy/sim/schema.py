@@ -15,7 +15,7 @@ import math
 from collections.abc import Mapping
 from typing import Final
 
-from sdproxy.sim.failures import WebuiError
+from sdproxy.sim.failures import ValidationFailed, http_exception
 
 #: field name -> (type, default); the type is one of int, float, str, bool, dict, list
 Spec = Mapping[str, tuple[str, object]]
@@ -130,6 +130,7 @@ _MESSAGES: Final = {
     "list": ("value is not a valid list", "type_error.list"),
     "list[str]": ("value is not a valid list", "type_error.list"),
 }
+MISSING: Final = "value_error.missing"
 _TRUE: Final = {"1", "on", "t", "true", "y", "yes"}
 _FALSE: Final = {"0", "off", "f", "false", "n", "no"}
 
@@ -187,7 +188,7 @@ def coerce(kind: str, value: object) -> object:
     raise Invalid(kind)
 
 
-def _error(loc: list[object], kind: str) -> dict[str, object]:
+def error_item(loc: list[object], kind: str) -> dict[str, object]:
     msg, typ = _MESSAGES[kind]
     return {"loc": loc, "msg": msg, "type": typ}
 
@@ -196,60 +197,60 @@ def _field_errors(name: str, *, kind: str, value: object) -> list[dict[str, obje
     if kind != "list[str]" or not isinstance(value, list):
         return []
     return [
-        _error(["body", name, index], "str")
+        error_item(["body", name, index], "str")
         for index, item in enumerate(value)
         if not isinstance(item, str)
     ]
 
 
-def validate(body: object, spec: Spec) -> dict[str, object]:
-    """The validated model (all fields of ``spec``) or a 422 ``WebuiError``."""
+def require_object(body: object) -> dict[str, object]:
+    """The body as a JSON object: FastAPI's 422 for a missing (empty) body or another type."""
+    if body is None:
+        raise unprocessable([{"loc": ["body"], "msg": "field required", "type": MISSING}])
     if not isinstance(body, dict):
-        raise unprocessable([_error(["body"], "dict")], body)
+        raise unprocessable([error_item(["body"], "dict")])
+    return body
+
+
+def validate(raw_body: object, spec: Spec) -> dict[str, object]:
+    """The validated model (all fields of ``spec``), or ``ValidationFailed``."""
+    body = require_object(raw_body)
     model: dict[str, object] = {}
     errors: list[dict[str, object]] = []
     for name, (kind, default) in spec.items():
         if name not in body:
             if default is REQUIRED:
-                errors.append(
-                    {"loc": ["body", name], "msg": "field required", "type": "value_error.missing"}
-                )
+                errors.append({"loc": ["body", name], "msg": "field required", "type": MISSING})
             model[name] = default
             continue
         try:
             model[name] = coerce(kind, body[name])
         except Invalid:
-            errors.append(_error(["body", name], kind))
+            errors.append(error_item(["body", name], kind))
             continue
         errors.extend(_field_errors(name, kind=kind, value=body[name]))
     if errors:
-        raise unprocessable(errors, body)
+        raise unprocessable(errors)
     return model
 
 
 def parse_json(raw: bytes) -> object:
-    """The request body as JSON, or a 422 like FastAPI's ``value_error.jsondecode``."""
+    """The request body as JSON, or a 422 like FastAPI's ``value_error.jsondecode``
+    (pydantic v1 adds the JSONDecodeError's attributes as ``ctx``); a body that is not
+    text is FastAPI's HTTPException 400; an empty body is no body (None)."""
+    if not raw:
+        return None
     try:
         return json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        position = exc.pos if isinstance(exc, json.JSONDecodeError) else exc.start
-        detail: list[dict[str, object]] = [
-            {"loc": ["body", position], "msg": str(exc), "type": "value_error.jsondecode"}
-        ]
-        raise unprocessable(detail, raw.decode("utf-8", "replace")[:1000]) from exc
+    except json.JSONDecodeError as exc:
+        ctx = {"msg": exc.msg, "doc": exc.doc, "pos": exc.pos, "lineno": exc.lineno,
+               "colno": exc.colno}  # fmt: skip
+        item = {"loc": ["body", exc.pos], "msg": str(exc), "type": "value_error.jsondecode"}
+        raise unprocessable([{**item, "ctx": ctx}]) from exc
+    except UnicodeDecodeError as exc:
+        raise http_exception(400, "There was an error parsing the body") from exc
 
 
-def unprocessable(detail: list[dict[str, object]], body: object) -> WebuiError:
-    """RequestValidationError as sd-webui renders it (422)."""
-    lines = [f"{len(detail)} validation error{'s' if len(detail) > 1 else ''} for Request"]
-    for item in detail:
-        loc = item["loc"]
-        where = " -> ".join(str(part) for part in loc) if isinstance(loc, list) else str(loc)
-        lines.append(f"{where}\n  {item['msg']} (type={item['type']})")
-    return WebuiError(
-        status=422,
-        name="RequestValidationError",
-        detail=detail,
-        body=body,
-        errors="\n".join(lines),
-    )
+def unprocessable(detail: list[dict[str, object]]) -> ValidationFailed:
+    """RequestValidationError as FastAPI renders it: 422 ``{"detail": detail}``."""
+    return ValidationFailed(detail)

@@ -3,7 +3,7 @@
 Each pod is its own aiohttp application and listener with its own state and random
 stream (``seed + index``), so dozens fit on two cores. Handlers are not cancelled when a
 client disconnects (``handler_cancellation=False``): on a real pod the queued generation
-still runs to completion (SD-WEBUI.md).
+still runs to completion (docs/sd-webui.md).
 """
 
 from __future__ import annotations

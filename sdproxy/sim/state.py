@@ -16,10 +16,23 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from types import TracebackType
 
-from sdproxy.sim.checkpoints import Catalog
+from sdproxy.sim.checkpoints import Catalog, Checkpoint
 from sdproxy.sim.config import SimConfig
+from sdproxy.sim.options import default_options
 
 Clock = Callable[[], float]
+#: shared_state.State's class defaults, what progress shows before the first job
+IDLE_STATE: dict[str, object] = {
+    "skipped": False,
+    "interrupted": False,
+    "stopping_generation": False,
+    "job": "",
+    "job_count": 0,
+    "job_timestamp": "0",
+    "job_no": 0,
+    "sampling_step": 0,
+    "sampling_steps": 0,
+}
 
 
 class ShuffledLock:
@@ -112,6 +125,9 @@ class Job:
     frozen_step: int = 0
     interrupted: bool = False
     skipped: bool = False
+    #: the live preview: whether one was made, and at which step (current_image_sampling_step)
+    has_image: bool = False
+    image_step: int = 0
     #: set by interrupt/skip so the sampler wakes early
     wake: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -124,12 +140,27 @@ class Job:
         self.job_no = job_no
         self.sampling_steps = steps
         self.frozen_step = 0
+        self.image_step = 0  # State.nextjob; the last preview stays until a new one is made
         self.step_s = step_s
         self.pass_start = now
 
     def end_pass(self, now: float) -> None:
         self.frozen_step = self.sampling_step(now) if self.step_s > 0 else self.sampling_steps
         self.step_s = 0.0
+
+    def state(self, now: float) -> dict[str, object]:
+        """shared_state.State.dict() while this job runs."""
+        return {
+            "skipped": self.skipped,
+            "interrupted": self.interrupted,
+            "stopping_generation": False,
+            "job": self.job,
+            "job_count": self.job_count,
+            "job_timestamp": self.job_timestamp,
+            "job_no": self.job_no,
+            "sampling_step": self.sampling_step(now),
+            "sampling_steps": self.sampling_steps,
+        }
 
 
 @dataclass
@@ -158,11 +189,14 @@ class SimPod:
         self.lock = ShuffledLock(rng)
         self.threads = WorkerPool(config.threads)
         self.model_ready = asyncio.Event()
-        #: title of the checkpoint in VRAM; None while the first load runs
-        self.loaded: str | None = None
-        #: opts.sd_model_checkpoint: the default the pod returns to
-        self.options: dict[str, object] = default_options(self.catalog.default.title)
+        #: the checkpoint in VRAM; None while a load runs
+        self.loaded: Checkpoint | None = None
+        #: shared.opts.data; its sd_model_checkpoint (None until the first load) names the
+        #: default the pod returns to, as the client wrote it or as a load retitled it
+        self.options: dict[str, object] = default_options()
         self.job: Job | None = None
+        #: shared.state.dict() between jobs: the last job's values, job "" and job_count 0
+        self.idle_state: dict[str, object] = dict(IDLE_STATE)
         self.heavy_inflight = 0
         self.counters = Counters()
         self._busy_since: float | None = None
@@ -195,13 +229,32 @@ class SimPod:
             self._busy_since = self.clock()
 
     def finish_model_load(self) -> None:
-        self.loaded = self.default_checkpoint
+        self.loaded_weights(self.default_checkpoint)
         self.model_ready.set()
 
+    def loaded_weights(self, checkpoint: Checkpoint) -> None:
+        """sd_models.load_model_weights done: hashed, and opts retitled if the title changed."""
+        self.loaded = checkpoint
+        if self.catalog.mark_hashed(checkpoint):
+            self.options["sd_model_checkpoint"] = self.catalog.title(checkpoint)
+        self.options["sd_checkpoint_hash"] = checkpoint.sha256
+
     @property
-    def default_checkpoint(self) -> str:
-        value = self.options["sd_model_checkpoint"]
-        return value if isinstance(value, str) else self.catalog.default.title
+    def default_checkpoint(self) -> Checkpoint:
+        """sd_models.select_checkpoint: what opts names, else the first checkpoint."""
+        return self.catalog.resolve(self.options["sd_model_checkpoint"]) or self.catalog.default
+
+    def begin_job(self, job: Job) -> None:
+        """shared.state.begin: flags cleared; sampling_steps stays until a pass sets it."""
+        steps = self.idle_state["sampling_steps"]
+        job.sampling_steps = steps if isinstance(steps, int) else 0
+        self.job = job
+
+    def end_job(self) -> None:
+        """shared.state.end: job "" and job_count 0; the rest keeps the job's values."""
+        if self.job is not None:
+            self.idle_state = {**self.job.state(self.clock()), "job": "", "job_count": 0}
+        self.job = None
 
     def new_task_id(self, kind: str) -> str:
         # modules/progress.py create_task_id: f"task({task_type}-{random 7 chars})"
@@ -212,22 +265,3 @@ class SimPod:
 def job_timestamp() -> str:
     """shared_state.State.get_job_timestamp: wall-clock label, not an interval."""
     return datetime.datetime.now().strftime("%Y%m%d%H%M%S")
-
-
-def default_options(checkpoint_title: str) -> dict[str, object]:
-    """A subset of shared.opts that clients commonly read (modules/shared_options.py)."""
-    return {
-        "sd_model_checkpoint": checkpoint_title,
-        "sd_checkpoints_limit": 1,
-        "sd_vae": "Automatic",
-        "CLIP_stop_at_last_layers": 1,
-        "samples_format": "png",
-        "samples_save": True,
-        "grid_save": True,
-        "return_grid": True,
-        "show_progress_every_n_steps": 10,
-        "live_previews_enable": True,
-        "img2img_fix_steps": False,
-        "enable_pnginfo": True,
-        "sd_checkpoint_hash": "",
-    }

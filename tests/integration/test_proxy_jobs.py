@@ -85,7 +85,10 @@ async def running_progress(proxy: ProxyUnderTest, headers: Mapping[str, str]) ->
         answer.update(
             data, pod=resp.headers.get("X-Sdproxy-Pod"), request_id=resp.headers["X-Request-Id"]
         )
-        return bool(data.get("current_task") and data["state"]["sampling_step"] > 0)
+        # the pod's own answer (sd-webui's current_task is always null: the proxy's answers
+        # carry "sdproxy" instead), with a job sampling
+        state = data["state"]
+        return bool("sdproxy" not in data and state["job_count"] > 0 and state["sampling_step"])
 
     await eventually(check, what="the job to run on its pod")
     return answer

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sdproxy.core.sdapi import BodyInfo, body_keys, inspect_body
+from sdproxy.core.sdapi import BodyInfo, body_keys, checkpoint_key, inspect_body
 
 TXT2IMG: dict[str, Any] = {
     "prompt": 'a lighthouse at dusk, {oil painting}: [detailed], "golden" light',
@@ -41,15 +41,13 @@ def encode(doc: Any) -> bytes:
 
 def test_complete_body() -> None:
     assert inspect_body(encode(TXT2IMG), complete=True) == BodyInfo(
-        fields=TXT2IMG_SCALARS, checkpoint="sdxl_base.safetensors", complete=True
+        fields=TXT2IMG_SCALARS, checkpoint="sdxl_base", complete=True
     )
 
 
 def test_truncated_scanner_reads_a_whole_body_like_json_does() -> None:
     info = inspect_body(encode(TXT2IMG), complete=False)
-    assert info == BodyInfo(
-        fields=TXT2IMG_SCALARS, checkpoint="sdxl_base.safetensors", complete=False
-    )
+    assert info == BodyInfo(fields=TXT2IMG_SCALARS, checkpoint="sdxl_base", complete=False)
 
 
 @pytest.mark.parametrize(
@@ -111,6 +109,58 @@ def test_long_string_values_are_skipped_only_when_truncated() -> None:
 )
 def test_checkpoint(body: dict[str, Any], checkpoint: str | None, complete: bool) -> None:
     assert inspect_body(encode(body), complete=complete).checkpoint == checkpoint
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "v1-5-pruned-emaonly.safetensors [6ce0161689]",  # title once the pod hashed it
+        "v1-5-pruned-emaonly.safetensors",  # title before; the file name
+        "v1-5-pruned-emaonly",  # model_name
+        "v1-5-pruned-emaonly.SAFETENSORS",
+        "  v1-5-pruned-emaonly.safetensors [stale-or-other-pods-hash]  ",
+    ],
+)
+def test_checkpoint_key_names_a_file_whatever_the_title(name: str) -> None:
+    assert checkpoint_key(name) == "v1-5-pruned-emaonly"
+
+
+@pytest.mark.parametrize(
+    ("name", "key"),
+    [
+        pytest.param("sdxl/base.safetensors [0123456789]", "sdxl_base", id="sub-folder-title"),
+        pytest.param("sdxl/base.safetensors", "sdxl_base", id="sub-folder-name"),
+        pytest.param("sdxl\\base.ckpt", "sdxl_base", id="windows-separator"),
+        pytest.param("sdxl_base", "sdxl_base", id="its-model-name"),
+        pytest.param("/sdxl/base.safetensors", "sdxl_base", id="leading-slash"),
+        pytest.param("sd_xl_base_1.0", "sd_xl_base_1.0", id="dot-not-an-extension"),
+        pytest.param("sd_xl_base_1.0.safetensors", "sd_xl_base_1.0", id="dot-and-extension"),
+        pytest.param("6ce0161689", "6ce0161689", id="a-bare-hash-stays-itself"),
+        pytest.param("", None, id="empty"),
+        pytest.param(" [6ce0161689] ", None, id="only-a-checksum"),
+        pytest.param(".safetensors", None, id="only-an-extension"),
+    ],
+)
+def test_checkpoint_key(name: str, key: str | None) -> None:
+    assert checkpoint_key(name) == key
+
+
+@pytest.mark.parametrize(
+    "complete", [pytest.param(True, id="complete"), pytest.param(False, id="truncated")]
+)
+def test_titles_with_and_without_a_hash_name_the_same_checkpoint(complete: bool) -> None:
+    """What the proxy keys affinity by: the same for every pod, hashed or not yet."""
+    names = ["m.safetensors [0123abcd45]", "m.safetensors", "m"]
+    keys = {
+        inspect_body(
+            encode({"override_settings": {"sd_model_checkpoint": n}}), complete=complete
+        ).checkpoint
+        for n in names
+    } | {
+        inspect_body(encode({"sd_model_checkpoint": n}), complete=complete).checkpoint
+        for n in names
+    }
+    assert keys == {"m"}
 
 
 @pytest.mark.parametrize(
