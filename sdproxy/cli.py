@@ -2,6 +2,7 @@
 
 Commands:
   serve  the proxy (sdproxy.runtime.app)
+  gate   the sidecar in front of one sd-webui pod (sdproxy.runtime.podgate)
   sim    simulated sd-webui pods (sdproxy.sim.command)
   demo   simulated pods + proxy + local autoscaler on loopback (sdproxy.runtime.demo)
 """
@@ -30,6 +31,14 @@ def build_parser() -> argparse.ArgumentParser:
     settings.add_arguments(serve)
     serve.set_defaults(handler=_serve)
 
+    gate = sub.add_parser(
+        "gate",
+        help="run the pod-side gate (a sidecar in front of one sd-webui)",
+        description="Run the pod-side gate: exact per-pod limits whoever sends the work.",
+    )
+    settings.add_arguments(gate, settings.GateSettings)
+    gate.set_defaults(handler=_gate)
+
     from sdproxy.sim import command as sim_command
 
     sim_command.register(sub)
@@ -52,6 +61,12 @@ async def _serve(args: argparse.Namespace) -> int:
     from sdproxy.runtime.app import serve
 
     return await serve(settings.load(args))
+
+
+async def _gate(args: argparse.Namespace) -> int:
+    from sdproxy.runtime.podgate import serve_gate
+
+    return await serve_gate(settings.load_gate(args))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

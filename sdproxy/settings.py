@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, get_type_hints
 
+from sdproxy.core.admission import AdmissionConfig
 from sdproxy.core.autoscale import AutoscaleConfig
 from sdproxy.errors import ConfigError
 from sdproxy.options import (
@@ -73,9 +74,9 @@ class ProxySettings:
         HostPort(host="127.0.0.1", port=9100),
         "where Prometheus /metrics is served ('' disables)",
     )
-    max_inflight: int = option(1, "heavy requests one pod runs at once (sd-webui: 1)", min=1)
-    max_queue: int = option(1000, "shared-queue bound; beyond it 503 queue_full", min=0)
-    queue_timeout_s: float = option(600.0, "longest wait in the queue (then 503)", gt=0)
+    #: the admission knobs (max_inflight, max_queue, queue_timeout_s, warmup): the core's
+    #: own config is the group
+    admission: AdmissionConfig = field(default_factory=AdmissionConfig)
     max_body_mb: float = option(64.0, "request body limit in MiB (then 413)", gt=0)
     drain_timeout_s: float = option(300.0, "on SIGTERM, how long running generations may take")
     allow_admin: bool = option(
@@ -87,6 +88,9 @@ class ProxySettings:
         (),
         "extra classification rule 'METHOD /path/prefix=heavy|light|job|admin' (repeatable)",
         toml_alias="routes",
+    )
+    check_invariants: bool = option(
+        False, "debug: check the admission core's invariants after every event", switch=True
     )
 
 
@@ -108,9 +112,6 @@ class DiscoverySettings:
     service: str = option("sd-webui", "Service whose EndpointSlices list the pods")
     port_name: str = option("", "EndpointSlice port name to use ('' = the first port)")
     kubeconfig: str = option("", "kubeconfig path ('' = in-cluster account, else $KUBECONFIG)")
-    warmup: bool = option(
-        False, "a new pod takes traffic only after a 1-step 64x64 txt2img", switch=True
-    )
     warmup_timeout_s: float = option(600.0, "how long one warm-up (model load included) may take")
 
 
@@ -157,34 +158,69 @@ class Settings:
     log: LogSettings = field(default_factory=LogSettings)
 
 
-def _all_options() -> tuple[Option, ...]:
-    found = tuple(options(Settings))
-    names = [opt.name for opt in found]
-    doubled = sorted({n for n in names if names.count(n) > 1})
-    if doubled:
-        raise TypeError(f"options declared twice: {', '.join(doubled)}")
-    return found
+@dataclass(frozen=True, kw_only=True)
+class GateOptions:
+    """``sdproxy gate``: the sidecar in front of one sd-webui pod."""
+
+    listen: HostPort = option(
+        HostPort(host="127.0.0.1", port=7861), "where the gate listens (the pod's port for sdproxy)"
+    )
+    upstream: str = option(
+        "http://127.0.0.1:7860", "the pod's own sd-webui base URL", parse=parse_url, metavar="URL"
+    )
+    max_inflight: int = option(1, "heavy requests this pod runs at once (sd-webui: 1)", min=1)
+    max_body_mb: float = option(64.0, "request body limit in MiB (then 413)", gt=0)
+    connect_timeout_s: float = option(5.0, "TCP connect timeout towards sd-webui")
+    backend_timeout_s: float = option(1800.0, "longest sd-webui may stay silent while answering")
+    route: tuple[str, ...] = option(
+        (),
+        "extra classification rule 'METHOD /path/prefix=heavy|light|job|admin' (repeatable)",
+        toml_alias="routes",
+    )
 
 
-OPTIONS: tuple[Option, ...] = _all_options()
+@dataclass(frozen=True, kw_only=True)
+class GateSettings:
+    """Everything ``sdproxy gate`` is configured with."""
+
+    gate: GateOptions = field(default_factory=GateOptions)
+    log: LogSettings = field(default_factory=LogSettings)
+
+
+_OPTIONS_OF: dict[type[Any], tuple[Option, ...]] = {}
+
+
+def options_of(root: type[Any]) -> tuple[Option, ...]:
+    """Every option of a command's settings root; a name declared twice is an error."""
+    if root not in _OPTIONS_OF:
+        found = tuple(options(root))
+        names = [opt.name for opt in found]
+        doubled = sorted({n for n in names if names.count(n) > 1})
+        if doubled:
+            raise TypeError(f"options declared twice: {', '.join(doubled)}")
+        _OPTIONS_OF[root] = found
+    return _OPTIONS_OF[root]
+
+
+OPTIONS: tuple[Option, ...] = options_of(Settings)
 
 
 # --- command line, environment, TOML -----------------------------------------------------
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
+def add_arguments(parser: argparse.ArgumentParser, root: type[Any] = Settings) -> None:
     """Register ``--config`` and every option, one argument group per settings group."""
     parser.add_argument(
         "--config", metavar="PATH", help=f"TOML file with settings [env {ENV_PREFIX}CONFIG]"
     )
-    hints = get_type_hints(Settings)
-    for group in dataclasses.fields(Settings):
+    hints = get_type_hints(root)
+    for group in dataclasses.fields(root):
         section = parser.add_argument_group(f"{group.name} settings")
         for opt in options(hints[group.name]):
             add_option(section, opt)
 
 
-def _read_toml(path: str | None) -> dict[str, Any]:
+def _read_toml(path: str | None, known: tuple[Option, ...]) -> dict[str, Any]:
     if not path:
         return {}
     try:
@@ -198,20 +234,25 @@ def _read_toml(path: str | None) -> dict[str, Any]:
             flat.update(value)
         else:
             flat[key] = value
-    aliases = {o.metadata["toml_alias"]: o.name for o in OPTIONS if "toml_alias" in o.metadata}
-    unknown = sorted(set(flat) - {opt.name for opt in OPTIONS} - set(aliases))
+    aliases = {o.metadata["toml_alias"]: o.name for o in known if "toml_alias" in o.metadata}
+    unknown = sorted(set(flat) - {opt.name for opt in known} - set(aliases))
     if unknown:
         raise ConfigError(f"unknown keys in {path}: {', '.join(unknown)}")
     return {aliases.get(key, key): value for key, value in flat.items()}
 
 
-def resolve(namespace: argparse.Namespace, env: Mapping[str, str] | None = None) -> dict[str, Any]:
+def resolve(
+    namespace: argparse.Namespace,
+    env: Mapping[str, str] | None = None,
+    root: type[Any] = Settings,
+) -> dict[str, Any]:
     """Merge flags > environment > TOML > defaults into one flat dict of typed values."""
     env = os.environ if env is None else env
+    known = options_of(root)
     config_path = getattr(namespace, "config", None) or env.get(ENV_PREFIX + "CONFIG")
-    toml = _read_toml(config_path)
+    toml = _read_toml(config_path, known)
     merged: dict[str, Any] = {}
-    for opt in OPTIONS:
+    for opt in known:
         value = getattr(namespace, opt.name, None)
         if value is None:
             value = from_env(opt, env)
@@ -233,12 +274,23 @@ def build(values: Mapping[str, Any]) -> Settings:
         raise ConfigError("--max-pods must be >= --min-pods")
     if values["discovery"] == "static" and values["scaler"] != "local" and not values["backend"]:
         raise ConfigError("static discovery needs at least one --backend URL")
-    return from_values(Settings, values)
+    # hold requests while no pod is ready when pods can still come: an autoscaler of ours,
+    # or Kubernetes (KEDA/HPA scale the Deployment from our sdproxy_desired_pods)
+    hold = values["discovery"] == "kubernetes" or values["scaler"] != "none"
+    return from_values(Settings, {**values, "hold_when_empty": hold})
 
 
 def load(namespace: argparse.Namespace, env: Mapping[str, str] | None = None) -> Settings:
     """Settings for ``sdproxy serve`` from parsed flags, the environment and --config."""
     return build(resolve(namespace, env))
+
+
+def load_gate(namespace: argparse.Namespace, env: Mapping[str, str] | None = None) -> GateSettings:
+    """Settings for ``sdproxy gate`` (same sources and rules as ``serve``)."""
+    values = resolve(namespace, env, GateSettings)
+    for opt in options_of(GateSettings):
+        check_bounds(opt, values[opt.name])
+    return from_values(GateSettings, values)
 
 
 def flag_names() -> Sequence[str]:

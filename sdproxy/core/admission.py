@@ -27,7 +27,7 @@ finishes after its pod changed state, ejecting a pod that discovery already remo
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from sdproxy.core.effects import (
     Dispatch,
@@ -53,20 +53,34 @@ __all__ = ["Admission", "AdmissionConfig", "Job", "Pod", "Running", "TicketId"]
 
 @dataclass(frozen=True, kw_only=True)
 class AdmissionConfig:
-    #: heavy jobs per pod at once
-    max_inflight: int
-    #: queued jobs before queue_full
-    max_queue: int
-    queue_timeout_s: float
+    """Admission's knobs. A field with ``help`` is also the ``sdproxy serve`` option of
+    the same name (``--max-inflight``): the settings read the metadata, so a knob, its
+    bound and its help text are declared here, once. ``derived`` fields get no flag."""
+
+    max_inflight: int = field(
+        default=1, metadata={"help": "heavy requests one pod runs at once (sd-webui: 1)", "min": 1}
+    )
+    max_queue: int = field(
+        default=1000, metadata={"help": "shared-queue bound; beyond it 503 queue_full", "min": 0}
+    )
+    queue_timeout_s: float = field(
+        default=600.0, metadata={"help": "longest wait in the queue (then 503)", "gt": 0}
+    )
+    warmup: bool = field(
+        default=False,
+        metadata={
+            "help": "a new pod takes traffic only after a 1-step 64x64 txt2img",
+            "switch": True,
+        },
+    )
     #: queue (rather than answer no_backends) while no pod is ready: pods may still come
-    #: (an autoscaler or Kubernetes can add them)
-    hold_when_empty: bool = False
-    #: new ready pods must pass a warm-up generation before taking work
-    warmup: bool = False
+    hold_when_empty: bool = field(
+        default=False, metadata={"derived": "an autoscaler or Kubernetes discovery can add pods"}
+    )
     #: first ejection of a pod that refused a connection; doubles per repeat, up to 32x
-    eject_s: float = 2.0
+    eject_s: float = field(default=2.0, metadata={"derived": "a constant"})
     #: initial guess of seconds per cost unit (one 512x512 step on an A10: ~0.1 s)
-    seconds_per_unit: float = 0.1
+    seconds_per_unit: float = field(default=0.1, metadata={"derived": "a constant"})
 
 
 class Admission:

@@ -21,13 +21,14 @@ import aiohttp
 from aiohttp import web
 
 from sdproxy import __version__
-from sdproxy.core.admission import Admission, AdmissionConfig
+from sdproxy.core.admission import Admission
 from sdproxy.core.effects import RejectReason, Transition
 from sdproxy.core.pods import Endpoint, PodId, PodState
 from sdproxy.errors import ConfigError, NotFound
 from sdproxy.runtime.autoscaler import Autoscaler
 from sdproxy.runtime.discovery import Discovery, StaticDiscovery
 from sdproxy.runtime.gate import Gate
+from sdproxy.runtime.gatewatch import GateWatch
 from sdproxy.runtime.local import LocalPods
 from sdproxy.runtime.logs import log_event, setup_logging
 from sdproxy.runtime.metrics import Metrics, metrics_app
@@ -48,19 +49,6 @@ log = logging.getLogger("sdproxy")
 CLOCK = time.monotonic
 
 
-def admission_config(settings: Settings) -> AdmissionConfig:
-    # Hold requests while no pod is ready when pods can still come: an autoscaler of ours,
-    # or Kubernetes (KEDA/HPA scale the Deployment from our sdproxy_desired_pods).
-    hold = settings.discovery.discovery == "kubernetes" or settings.scaler.scaler != "none"
-    return AdmissionConfig(
-        max_inflight=settings.proxy.max_inflight,
-        max_queue=settings.proxy.max_queue,
-        queue_timeout_s=settings.proxy.queue_timeout_s,
-        hold_when_empty=hold,
-        warmup=settings.discovery.warmup,
-    )
-
-
 class Services:
     """Everything one proxy replica is made of; built without I/O, started by the app."""
 
@@ -70,13 +58,14 @@ class Services:
         self.settings = settings
         self.clock = CLOCK
         self.started_at = CLOCK()
-        self.admission = Admission(admission_config(settings))
+        self.admission = Admission(settings.proxy.admission)
         self.metrics = Metrics(snapshot=self.snapshot)
         self.gate = Gate(
             self.admission,
             clock=CLOCK,
             on_reject=self._on_reject,
             on_transitions=self._on_transitions,
+            check_invariants=settings.proxy.check_invariants,
         )
         self.scaler = scaler or _scaler(settings)
         # the local scaler knows the pods it started: it is the discovery source too
@@ -90,6 +79,9 @@ class Services:
         )
         self.proxy: Proxy | None = None
         self.warmer: Warmer | None = None
+        self.gatewatch: GateWatch | None = None
+        #: this replica's name at the pods' gates (unique per host and port)
+        self.replica = f"{settings.scaler.identity}:{settings.proxy.listen.port}"
         self.synced = False
         self._appeared: dict[PodId, float] = {}
 
@@ -106,13 +98,21 @@ class Services:
             )
             if old is None:
                 self._appeared[pod_id] = self.clock()
+                self._follow_gate(pod_id)
             if new is PodState.READY and pod_id in self._appeared:
                 self.autoscaler.note_cold_start(self.clock() - self._appeared.pop(pod_id))
             if new is None:
                 self._appeared.pop(pod_id, None)
                 self.metrics.forget_pod(pod_id)
+                if self.gatewatch is not None:
+                    self.gatewatch.forget(pod_id)
             elif new is PodState.WARMING and self.warmer is not None:
                 self.warmer.warm(pod_id)
+
+    def _follow_gate(self, pod_id: PodId) -> None:
+        pod = self.admission.pods.get(pod_id)
+        if self.gatewatch is not None and pod is not None:
+            self.gatewatch.follow(pod_id, pod.url)
 
     def on_snapshot(self, endpoints: Sequence[Endpoint]) -> None:
         """A discovery source pushed the pods it knows."""
@@ -219,7 +219,16 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
             session=session,
             metrics=services.metrics,
             clock=services.clock,
+            replica=services.replica,
         )
+        services.gatewatch = GateWatch(
+            session=session,
+            gate=services.gate,
+            replica=services.replica,
+            connect_s=settings.proxy.connect_timeout_s,
+        )
+        for pod_id in list(services.admission.pods):  # pods known before the app started
+            services._follow_gate(pod_id)
         services.warmer = Warmer(
             session=session, gate=services.gate, timeout_s=settings.discovery.warmup_timeout_s
         )
@@ -238,6 +247,7 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
             await services.warmer.close()
+            await services.gatewatch.close()
             await services.proxy.wait_background()
             await services.scaler.close()
 
@@ -287,7 +297,7 @@ async def serve(settings: Settings, *, ready: asyncio.Event | None = None) -> in
     metrics_runner: web.AppRunner | None = None
     try:
         listen = settings.proxy.listen
-        site = await _listen(runner, listen, backlog=4096)
+        site = await listen_on(runner, listen, backlog=4096)
         metrics_runner = await _start_metrics(settings, services.metrics)
         log.info("sdproxy %s listening on http://%s", __version__, listen)
         stop = asyncio.Event()
@@ -308,7 +318,7 @@ async def serve(settings: Settings, *, ready: asyncio.Event | None = None) -> in
     return 0
 
 
-async def _listen(runner: web.AppRunner, where: HostPort, *, backlog: int = 128) -> web.TCPSite:
+async def listen_on(runner: web.AppRunner, where: HostPort, *, backlog: int = 128) -> web.TCPSite:
     """Start a listener; an address in use or not ours is a configuration error."""
     site = web.TCPSite(runner, where.host, where.port, backlog=backlog)
     try:
@@ -325,7 +335,7 @@ async def _start_metrics(settings: Settings, metrics: Metrics) -> web.AppRunner 
     runner = web.AppRunner(metrics_app(metrics), access_log=None)
     await runner.setup()
     try:
-        await _listen(runner, where)
+        await listen_on(runner, where)
     except ConfigError:
         await runner.cleanup()
         raise

@@ -24,7 +24,8 @@ import asyncio
 import contextlib
 import json
 import logging
-from dataclasses import dataclass
+import signal
+import time
 from typing import Any
 
 import aiohttp
@@ -37,6 +38,8 @@ from sdproxy.core.routing import RouteClass, RouteTable, classify_options
 from sdproxy.core.sdapi import body_keys, inspect_body
 from sdproxy.runtime import forward
 from sdproxy.runtime.jobs import CLIENT_HEADER, new_request_id
+from sdproxy.runtime.logs import setup_logging
+from sdproxy.settings import GateOptions, GateSettings
 
 log = logging.getLogger("sdproxy.gate")
 
@@ -46,18 +49,6 @@ EVENTS_PATH = "/-/gate/events"
 HEARTBEAT_S = 1.0
 PEEK_BYTES = 256 * 1024
 INTERRUPT_PATH = "/sdapi/v1/interrupt"
-
-
-@dataclass(frozen=True, kw_only=True)
-class GateConfig:
-    #: base URL of the pod's own sd-webui (e.g. http://127.0.0.1:7860)
-    upstream: str
-    #: heavy requests the pod runs at once
-    max_inflight: int
-    connect_timeout_s: float = 5.0
-    backend_timeout_s: float = 1800.0
-    max_body_mb: float = 64.0
-    routes: tuple[str, ...] = ()
 
 
 def occupancy_json(occ: Occupancy, *, now: float, upstream: str) -> dict[str, Any]:
@@ -110,11 +101,11 @@ HOLD_KEY = "sdproxy_gate_hold"
 class GateServer:
     """The gate's state and handlers (one per process)."""
 
-    def __init__(self, config: GateConfig, *, clock: Any) -> None:
+    def __init__(self, config: GateOptions, *, clock: Any) -> None:
         self.config = config
         self.clock = clock
         self.core = PodGate(limit=config.max_inflight)
-        self.table = RouteTable.from_strings(config.routes)
+        self.table = RouteTable.from_strings(config.route)
         self.limit_bytes = int(config.max_body_mb * 1024 * 1024)
         self.session: aiohttp.ClientSession | None = None
         self._changed: asyncio.Future[None] | None = None
@@ -348,7 +339,7 @@ class GateServer:
 GATE_KEY: web.AppKey[GateServer] = web.AppKey("gate", GateServer)
 
 
-def build_gate_app(config: GateConfig, *, clock: Any) -> web.Application:
+def build_gate_app(config: GateOptions, *, clock: Any = time.monotonic) -> web.Application:
     gate = GateServer(config, clock=clock)
     app = web.Application(client_max_size=gate.limit_bytes)
     app[GATE_KEY] = gate
@@ -375,3 +366,34 @@ async def _session(app: web.Application) -> Any:
         gate.session = session
         yield
         await gate.wait_background()
+
+
+async def serve_gate(settings: GateSettings, *, ready: asyncio.Event | None = None) -> int:
+    """Run ``sdproxy gate`` until SIGTERM/SIGINT. Running generations finish first: the
+    pod is being stopped anyway, and sd-webui goes down with it."""
+    from sdproxy.runtime.app import listen_on  # the composition root's listener helper
+
+    setup_logging(settings.log)
+    app = build_gate_app(settings.gate)
+    # cancellation lets the gate notice a sender that went away mid-generation
+    runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
+    await runner.setup()
+    try:
+        site = await listen_on(runner, settings.gate.listen, backlog=1024)
+        log.info(
+            "sdproxy gate on http://%s -> %s (limit %d)",
+            settings.gate.listen,
+            settings.gate.upstream,
+            settings.gate.max_inflight,
+        )
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        if ready is not None:
+            ready.set()
+        await stop.wait()
+        await site.stop()
+    finally:
+        await runner.cleanup()
+    return 0

@@ -24,13 +24,22 @@ from sdproxy import errors
 from sdproxy.core.admission import Job, TicketId
 from sdproxy.core.cost import estimate_steps
 from sdproxy.core.effects import InterruptReason, Outcome
+from sdproxy.core.pods import PodId
 from sdproxy.core.routing import RouteClass, RouteTable, classify_options
 from sdproxy.core.sdapi import body_keys, inspect_body
 from sdproxy.runtime import forward
 from sdproxy.runtime.gate import Gate, Slot
-from sdproxy.runtime.jobs import Caller, JobIndex, identify, new_request_id, set_cookie
+from sdproxy.runtime.jobs import (
+    CLIENT_HEADER,
+    Caller,
+    JobIndex,
+    identify,
+    new_request_id,
+    set_cookie,
+)
 from sdproxy.runtime.logs import AccessRecord, access_log_enabled, log_access
 from sdproxy.runtime.metrics import Metrics
+from sdproxy.runtime.podgate import GATE_HEADER, REPLICA_HEADER
 from sdproxy.settings import ProxySettings
 
 log = logging.getLogger("sdproxy.proxy")
@@ -93,8 +102,10 @@ class Proxy:
         session: aiohttp.ClientSession,
         metrics: Metrics,
         clock: Callable[[], float],
+        replica: str = "",
     ) -> None:
         self.settings = settings
+        self.replica = replica
         self.gate = gate
         self.session = session
         self.metrics = metrics
@@ -244,7 +255,12 @@ class Proxy:
         out frees the slot through ``slot.release`` with what happened."""
         while True:
             ex.pod = slot.pod_id
-            exchange = asyncio.ensure_future(self._send(request, ex, slot.url, body))
+            # a pod behind a gate is asked with Expect: 100-continue, so a pod another
+            # replica just filled refuses before the body is uploaded
+            gated = self._gated(slot.pod_id)
+            exchange = asyncio.ensure_future(
+                self._send(request, ex, slot.url, body, expect100=gated)
+            )
             try:
                 upstream = await asyncio.shield(exchange)
             except asyncio.CancelledError:
@@ -266,7 +282,18 @@ class Proxy:
             except BaseException:
                 slot.release(Outcome.FAILED)
                 raise
+            if upstream.status == 503 and upstream.headers.get(GATE_HEADER) == "busy":
+                upstream.close()  # its body was never sent: the connection is not reusable
+                if not body.retryable:
+                    slot.release(Outcome.UNUSED)
+                    raise errors.BackendError(f"pod {slot.pod_id} was busy; body not replayable")
+                slot = await slot.busy()  # another replica won the slot: back to the head
+                continue
             return await self._relay_heavy(request, ex, upstream, slot)
+
+    def _gated(self, pod_id: str) -> bool:
+        pod = self.gate.admission.pods.get(PodId(pod_id))
+        return pod is not None and pod.gated
 
     async def _relay_heavy(
         self, request: web.Request, ex: Exchange, upstream: aiohttp.ClientResponse, slot: Slot
@@ -342,12 +369,23 @@ class Proxy:
         ex: Exchange,
         base_url: str,
         body: forward.RequestBody | bytes | None,
+        *,
+        expect100: bool = False,
     ) -> Coroutine[Any, Any, aiohttp.ClientResponse]:
-        """The client's request, as it goes to the pod at ``base_url``."""
-        headers = forward.upstream_headers(request, {"X-Request-Id": ex.request_id})
+        """The client's request, as it goes to the pod at ``base_url`` (naming this replica
+        and the caller, for the pod's gate)."""
+        extra = {"X-Request-Id": ex.request_id, REPLICA_HEADER: self.replica}
+        if ex.caller.header:
+            extra[CLIENT_HEADER] = ex.caller.header
+        headers = forward.upstream_headers(request, extra)
         url = base_url + request.path_qs
         return forward.send(
-            self.session, method=request.method, url=url, headers=headers, body=body
+            self.session,
+            method=request.method,
+            url=url,
+            headers=headers,
+            body=body,
+            expect100=expect100,
         )
 
     async def _answer_from(

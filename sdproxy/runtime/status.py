@@ -37,6 +37,11 @@ class PodStatus:
     errors: int
     ejected: bool
     cordoned: bool
+    #: "direct" (no gate: this replica's books), "gated" (its gate's occupancy is
+    #: followed), "gate_lost" (this replica cannot see its gate: sends it nothing)
+    mode: str
+    #: heavy requests its gate runs for other senders
+    foreign: int
 
     @classmethod
     def of(cls, pod: Pod, now: float) -> PodStatus:
@@ -51,6 +56,8 @@ class PodStatus:
             errors=pod.errors,
             ejected=pod.ejected(now),
             cordoned=pod.cordoned(now),
+            mode=("gated" if pod.gate_live else "gate_lost") if pod.gated else "direct",
+            foreign=pod.foreign,
         )
 
 
@@ -148,6 +155,8 @@ def _pod_json(pod: PodStatus) -> dict[str, Any]:
         "errors": pod.errors,
         "ejected": pod.ejected,
         "cordoned": pod.cordoned,
+        "mode": pod.mode,
+        "foreign": pod.foreign,
     }
 
 

@@ -26,7 +26,6 @@ def discovery_settings(kubeconfig: Path, *, port_name: str = "") -> DiscoverySet
         service="sd-webui",
         port_name=port_name,
         kubeconfig=str(kubeconfig),
-        warmup=False,
         warmup_timeout_s=10.0,
     )
 

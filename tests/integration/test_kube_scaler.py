@@ -176,7 +176,6 @@ async def test_scale_from_zero_hook_starts_a_pod_discovery_sees(
             service="sd-webui",
             port_name="http",
             kubeconfig=str(kube.write_kubeconfig(tmp_path / "kc2")),
-            warmup=False,
             warmup_timeout_s=1.0,
         ),
         backoff_initial_s=0.05,

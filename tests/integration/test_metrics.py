@@ -61,6 +61,8 @@ def _pod(pod_id: str, *, state: str, inflight: int, completed: int) -> dict[str,
         "errors": 0,
         "ejected": False,
         "cordoned": False,
+        "mode": "direct",
+        "foreign": 0,
     }
 
 

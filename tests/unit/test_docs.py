@@ -23,7 +23,7 @@ def _subparser(name: str) -> argparse.ArgumentParser:
     raise AssertionError("no sub-commands")
 
 
-@pytest.mark.parametrize("command", ["serve", "sim", "demo"])
+@pytest.mark.parametrize("command", ["serve", "gate", "sim", "demo"])
 def test_every_flag_is_in_the_readme(command: str) -> None:
     flags = [
         opt

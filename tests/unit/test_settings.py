@@ -14,6 +14,7 @@ import pytest
 
 from sdproxy import settings
 from sdproxy.cli import build_parser
+from sdproxy.core.admission import AdmissionConfig
 from sdproxy.core.autoscale import AutoscaleConfig
 from sdproxy.errors import ConfigError
 from sdproxy.options import from_values, options
@@ -38,13 +39,18 @@ def test_defaults() -> None:
     s = load(*BACKEND, env={})
     assert s.proxy.listen == HostPort(host="127.0.0.1", port=8000)
     assert s.proxy.metrics_listen == HostPort(host="127.0.0.1", port=9100)
-    assert (s.proxy.max_inflight, s.proxy.max_queue, s.proxy.queue_timeout_s) == (1, 1000, 600.0)
+    assert (
+        s.proxy.admission.max_inflight,
+        s.proxy.admission.max_queue,
+        s.proxy.admission.queue_timeout_s,
+    ) == (1, 1000, 600.0)
     assert (s.proxy.allow_admin, s.proxy.route) == (False, ())
-    assert (s.discovery.discovery, s.discovery.backend, s.discovery.warmup) == (
+    assert (s.discovery.discovery, s.discovery.backend, s.proxy.admission.warmup) == (
         "static",
         ("http://a:7860",),
         False,
     )
+    assert s.proxy.admission.hold_when_empty is False  # static, no scaler: no pod can come
     assert (s.scaler.scaler, s.scaler.scale_interval_s) == ("none", 1.0)
     assert s.scaler.autoscale == AutoscaleConfig(
         min_pods=0, max_pods=4, idle_to_zero_s=300.0, scale_down_delay_s=60.0, max_scale_step=4
@@ -68,7 +74,10 @@ def test_precedence(
     argv = [*BACKEND, *(["--max-inflight", flag] if flag else [])]
     environ = {"SDPROXY_MAX_INFLIGHT": env} if env else {}
     text = f"max_inflight = {toml}\n" if toml is not None else ""
-    assert load(*argv, env=environ, toml=text, tmp_path=tmp_path).proxy.max_inflight == expected
+    assert (
+        load(*argv, env=environ, toml=text, tmp_path=tmp_path).proxy.admission.max_inflight
+        == expected
+    )
 
 
 @pytest.mark.parametrize(
@@ -84,7 +93,7 @@ def test_boolean_flags(
     tmp_path: Path, argv: list[str], env: dict[str, str], toml: str, expected: bool
 ) -> None:
     s = load(*BACKEND, *argv, env=env, toml=toml, tmp_path=tmp_path)
-    assert s.discovery.warmup is expected
+    assert s.proxy.admission.warmup is expected
 
 
 def test_config_path_from_the_environment(tmp_path: Path) -> None:
@@ -92,13 +101,13 @@ def test_config_path_from_the_environment(tmp_path: Path) -> None:
     path.write_text('max_queue = 7\nbackends = ["http://b"]\n')
     ns = build_parser().parse_args(["serve"])
     s = settings.load(ns, {"SDPROXY_CONFIG": str(path)})
-    assert (s.proxy.max_queue, s.discovery.backend) == (7, ("http://b",))
+    assert (s.proxy.admission.max_queue, s.discovery.backend) == (7, ("http://b",))
 
 
 def test_toml_sections_are_for_reading_only(tmp_path: Path) -> None:
     toml = '[proxy]\nmax_queue = 5\nlisten = "0.0.0.0:80"\n[scaler]\nscaler = "local"\n'
     s = load(toml=toml, tmp_path=tmp_path, env={})
-    assert s.proxy.max_queue == 5
+    assert s.proxy.admission.max_queue == 5
     assert s.proxy.listen == HostPort(host="0.0.0.0", port=80)
     assert s.scaler.scaler == "local"
 
@@ -174,8 +183,8 @@ def test_missing_config_file(tmp_path: Path) -> None:
 
 def test_toml_numbers_convert_where_exact(tmp_path: Path) -> None:
     s = load(*BACKEND, env={}, toml="queue_timeout_s = 30\nmax_body_mb = 0.5", tmp_path=tmp_path)
-    assert (s.proxy.queue_timeout_s, s.proxy.max_body_mb) == (30.0, 0.5)
-    assert isinstance(s.proxy.queue_timeout_s, float)
+    assert (s.proxy.admission.queue_timeout_s, s.proxy.max_body_mb) == (30.0, 0.5)
+    assert isinstance(s.proxy.admission.queue_timeout_s, float)
 
 
 @pytest.mark.parametrize(
@@ -432,3 +441,36 @@ def test_demo_checks_its_addresses_like_serve(argv: list[str], message: str) -> 
     args = build_parser().parse_args(["demo", *argv])
     with pytest.raises(ConfigError, match="^" + re.escape(message)):
         demo_settings(args)
+
+
+@pytest.mark.parametrize(
+    ("argv", "hold"),
+    [
+        pytest.param(["--scaler", "local"], True, id="our-own-scaler"),
+        pytest.param(["--discovery", "kubernetes"], True, id="kubernetes-adds-pods"),
+        pytest.param(["--backend", "http://a:7860"], False, id="static-only"),
+    ],
+)
+def test_admission_holds_the_queue_only_when_pods_can_come(argv: list[str], hold: bool) -> None:
+    assert load(*argv, env={}).proxy.admission.hold_when_empty is hold
+
+
+def test_the_admission_knobs_are_the_cores_own_config() -> None:
+    s = load(*BACKEND, "--max-inflight", "2", "--max-queue", "3", "--warmup", env={})
+    assert s.proxy.admission == AdmissionConfig(
+        max_inflight=2, max_queue=3, queue_timeout_s=600.0, warmup=True
+    )
+
+
+def test_gate_settings_have_their_own_flags_with_the_same_rules(tmp_path: Path) -> None:
+    parser = build_parser()
+    args = parser.parse_args(
+        ["gate", "--upstream", "http://127.0.0.1:7860/", "--max-inflight", "2"]
+    )
+    gate = settings.load_gate(args, env={})
+    assert (gate.gate.upstream, gate.gate.max_inflight) == ("http://127.0.0.1:7860", 2)
+    assert str(gate.gate.listen) == "127.0.0.1:7861"
+    with pytest.raises(ConfigError, match="--upstream"):
+        settings.load_gate(parser.parse_args(["gate", "--upstream", "notaurl"]), env={})
+    with pytest.raises(ConfigError, match="--max-inflight"):
+        settings.load_gate(parser.parse_args(["gate", "--max-inflight", "0"]), env={})
