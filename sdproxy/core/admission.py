@@ -100,7 +100,10 @@ class Admission:
         self.health = Health(eject_s=config.eject_s)
         self.light = LeastLoadedLight()
         self.eta = EwmaEta(seconds_per_unit=config.seconds_per_unit)
+        #: refuses new jobs (SIGTERM); what is queued still drains onto pods
         self.closed = False
+        #: gave up on the queue too: nothing waits any more
+        self.shut = False
 
     # ---- heavy jobs -------------------------------------------------------------------
 
@@ -145,7 +148,7 @@ class Admission:
             self._forget_if_gone(fx, pod)
         if outcome not in (Outcome.REFUSED, Outcome.BUSY):
             return self._settle(fx, now)
-        if self.closed:
+        if self.shut:
             fx.rejects.append(Reject(ticket=ticket, reason=RejectReason.SHUTTING_DOWN))
             return self._settle(fx, now)
         job = freed.job
@@ -166,9 +169,15 @@ class Admission:
             fx.rejects.append(Reject(ticket=job.ticket, reason=RejectReason.QUEUE_TIMEOUT))
         return self._settle(fx, now)
 
-    def shutdown(self, now: float) -> Effects:
-        """Stop admitting; every queued job is answered shutting_down."""
+    def close(self, now: float) -> Effects:
+        """Stop admitting new jobs (answered shutting_down); the queued ones are still
+        served as slots free (a rolling update loses nothing that fits the drain time)."""
         self.closed = True
+        return self._settle(EffectsBuilder(), now)
+
+    def shutdown(self, now: float) -> Effects:
+        """Stop admitting; every job still queued is answered shutting_down."""
+        self.closed = self.shut = True
         fx = EffectsBuilder()
         self._reject_all(fx, RejectReason.SHUTTING_DOWN)
         return self._settle(fx, now)
@@ -307,7 +316,7 @@ class Admission:
         free = self._free(now)
         if free and self.queue.next_for(lambda j: self.placement.choose(j, free) is not None):
             raise StateError(f"jobs wait while {[p.pod_id for p in free]} have a free slot")
-        if self.closed and len(self.queue):
+        if self.shut and len(self.queue):
             raise StateError("jobs wait after shutdown")
 
     # ---- internals --------------------------------------------------------------------

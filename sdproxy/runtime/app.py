@@ -3,9 +3,10 @@
 Wires the admission core (through the Gate), a discovery source, a scaler, the autoscaler
 loop, warm-up gating, metrics and the operational endpoints (/-/healthz, /-/readyz,
 /-/status). Background tasks start in ``_lifecycle`` (an aiohttp cleanup context), so
-they are cancelled exactly when the app stops. ``serve`` handles SIGTERM: stop accepting,
-answer queued requests 503 shutting_down, let in-flight generations finish within the
-drain timeout, exit 0. The monotonic clock is chosen here, once (``CLOCK``).
+they are cancelled exactly when the app stops. ``serve`` handles SIGTERM: turn unready,
+stop accepting connections and new jobs, keep serving the queued and running ones until
+done or the drain timeout, then answer what still waits 503 shutting_down, exit 0. The
+monotonic clock is chosen here, once (``CLOCK``).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from sdproxy.runtime.autoscaler import Autoscaler
 from sdproxy.runtime.discovery import Discovery, StaticDiscovery
 from sdproxy.runtime.gate import Gate
 from sdproxy.runtime.gatewatch import GateWatch
+from sdproxy.runtime.jobs import new_token
 from sdproxy.runtime.local import LocalPods
 from sdproxy.runtime.logs import log_event, setup_logging
 from sdproxy.runtime.metrics import Metrics, metrics_app
@@ -80,8 +82,9 @@ class Services:
         self.proxy: Proxy | None = None
         self.warmer: Warmer | None = None
         self.gatewatch: GateWatch | None = None
-        #: this replica's name at the pods' gates (unique per host and port)
-        self.replica = f"{settings.scaler.identity}:{settings.proxy.listen.port}"
+        #: this replica's name at the pods' gates: its identity plus a token drawn at start,
+        #: unique even for replicas sharing a host name (or restarted under the same one)
+        self.replica = f"{settings.scaler.identity}/{new_token()[:8]}"
         self.synced = False
         self._appeared: dict[PodId, float] = {}
 
@@ -308,8 +311,10 @@ async def serve(settings: Settings, *, ready: asyncio.Event | None = None) -> in
             ready.set()
         await stop.wait()
         log.info("shutting down: draining %d in-flight generations", services.admission.inflight)
+        # unready and no new connections; queued requests are still served (rolling
+        # updates lose nothing that fits the drain time), then the rest is answered
+        services.gate.close()
         await site.stop()
-        services.gate.shutdown()
         await _drain(services, settings.proxy.drain_timeout_s)
     finally:
         if metrics_runner is not None:
@@ -344,13 +349,19 @@ async def _start_metrics(settings: Settings, metrics: Metrics) -> web.AppRunner 
 
 
 async def _drain(services: Services, timeout_s: float) -> None:
+    """Serve what is queued and running until done or ``timeout_s``; then answer what
+    still waits ``503 shutting_down``."""
+    adm = services.admission
     deadline = services.clock() + timeout_s
-    while services.clock() < deadline:
-        if not services.admission.inflight:
-            break
-        await asyncio.sleep(0.1)
-    if services.admission.inflight:
-        log.warning("drain timeout: %d generations still running", services.admission.inflight)
+    while services.clock() < deadline and (adm.inflight or len(adm.queue)):
+        await asyncio.sleep(0.05)
+    if len(adm.queue):
+        log.warning("drain timeout: %d queued requests answered shutting_down", len(adm.queue))
+    services.gate.shutdown()
+    while services.clock() < deadline and adm.inflight:
+        await asyncio.sleep(0.05)
+    if adm.inflight:
+        log.warning("drain timeout: %d generations still running", adm.inflight)
     with contextlib.suppress(Exception):
         if services.proxy is not None:
             await asyncio.wait_for(services.proxy.wait_background(), timeout=5)

@@ -169,7 +169,12 @@ class Gate:
     def tick(self) -> None:
         self.apply(self.admission.tick(self.now()))
 
+    def close(self) -> None:
+        """SIGTERM: refuse new jobs, keep serving the queued ones."""
+        self.apply(self.admission.close(self.now()))
+
     def shutdown(self) -> None:
+        """The drain time is over: answer whatever still waits shutting_down."""
         self.apply(self.admission.shutdown(self.now()))
 
     # ---- the one place Effects are applied ---------------------------------------------

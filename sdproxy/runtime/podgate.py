@@ -95,7 +95,7 @@ class _Hold:
             self.release()
 
 
-HOLD_KEY = "sdproxy_gate_hold"
+HOLD_KEY: web.RequestKey[_Hold] = web.RequestKey("sdproxy_gate_hold", _Hold)
 
 
 class GateServer:
@@ -178,7 +178,7 @@ class GateServer:
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         try:
-            hold: _Hold | None = request.get(HOLD_KEY)
+            hold = request.get(HOLD_KEY)
             if hold is not None or self._is_heavy(request):
                 return await self._heavy(request, hold)
             return await self._pass(request)

@@ -1,8 +1,10 @@
 """End to end: ``sdproxy sim`` and ``sdproxy serve`` as real processes (``python -m sdproxy``).
 
 A generation through the proxy, Prometheus /metrics on the separate listener, a SIGTERM
-drain (the queued request is answered 503 shutting_down, the running one completes, the
-process exits 0), and settings from SDPROXY_* variables and a --config TOML file.
+drain (the running generations complete AND the queued request is still served, so a
+rolling update loses nothing; past --drain-timeout-s what still waits is answered 503
+shutting_down; the process exits 0), and settings from SDPROXY_* variables and a --config
+TOML file.
 """
 
 from __future__ import annotations
@@ -165,12 +167,43 @@ async def test_serve_generates_exports_metrics_and_drains_on_sigterm(tmp_path: P
         queued = asyncio.create_task(generate(session, url, 5))
         await wait_for(busy_and_queued, "every pod busy and one request queued", log)
         proc.send_signal(signal.SIGTERM)
-        code, data = await queued
-        assert code == 503 and data["error"] == "shutting_down", data
+
+        async def unready() -> bool:
+            async with session.get(url + "/-/readyz") as resp:
+                return resp.status == 503
+
+        await wait_for(unready, "the replica to turn unready", log)
         assert not any(task.done() for task in running), "generations were cut short"
         for code, data in await asyncio.gather(*running):
             assert code == 200, data
+        code, data = await queued
+        assert code == 200, f"the queued request was not served during the drain: {data}"
         assert await asyncio.wait_for(proc.wait(), timeout=20) == 0, read_log(log)
+
+
+async def test_sigterm_answers_what_still_waits_after_the_drain_timeout(tmp_path: Path) -> None:
+    async with (
+        aiohttp.ClientSession() as session,
+        sim(tmp_path, pods=1) as pods,
+        serve(
+            tmp_path,
+            session,
+            ["--metrics-listen", "", "--drain-timeout-s", "1", *backend_flags(pods)],
+        ) as (proc, url, log),
+    ):
+        running = asyncio.create_task(generate(session, url, 600))
+
+        async def busy_and_queued() -> bool:
+            snap = await status(session, url)
+            return bool(snap["inflight"] == 1 and snap["queue"]["depth"] == 1)
+
+        queued = asyncio.create_task(generate(session, url, 5))
+        await wait_for(busy_and_queued, "the pod busy and one request queued", log)
+        proc.send_signal(signal.SIGTERM)
+        code, data = await queued
+        assert code == 503 and data["error"] == "shutting_down", data
+        assert await asyncio.wait_for(proc.wait(), timeout=20) == 0, read_log(log)
+        running.cancel()
 
 
 async def test_settings_from_environment_and_toml(tmp_path: Path) -> None:

@@ -23,6 +23,7 @@ from aiohttp import web
 from sdproxy import settings
 from sdproxy.cli import build_parser
 from sdproxy.runtime.app import SERVICES, Services, build_app
+from sdproxy.runtime.podgate import build_gate_app
 from sdproxy.sim.config import SimConfig
 from sdproxy.sim.server import run_pods
 
@@ -148,6 +149,52 @@ class ProxyUnderTest:
 
 
 ProxyFactory = Callable[..., Awaitable[ProxyUnderTest]]
+
+
+@dataclass(kw_only=True)
+class GatedCluster:
+    """Simulated pods, each behind an in-process ``sdproxy gate``."""
+
+    sims: SimCluster
+    urls: list[str]
+    runners: list[web.AppRunner]
+
+    async def occupancy(self, index: int) -> dict[str, Any]:
+        async with self.sims.session.get(self.urls[index] + "/-/gate") as resp:
+            assert resp.status == 200
+            data: dict[str, Any] = await resp.json()
+            return data
+
+    async def kill_gate(self, index: int) -> None:
+        await self.runners[index].cleanup()
+
+
+GatedFactory = Callable[..., Awaitable[GatedCluster]]
+
+
+@pytest.fixture
+async def gated_pods(sim_pods: SimFactory) -> AsyncIterator[GatedFactory]:
+    """``await gated_pods(count, limit=1, **SimConfig fields)`` -> a GatedCluster."""
+    async with contextlib.AsyncExitStack() as stack:
+
+        async def start(count: int = 2, *, limit: int = 1, **overrides: Any) -> GatedCluster:
+            sims = await sim_pods(count, **overrides)
+            urls, runners = [], []
+            for sim_url in sims.urls:
+                argv = ["gate", "--listen", "127.0.0.1:0", "--upstream", sim_url]
+                ns = build_parser().parse_args([*argv, "--max-inflight", str(limit)])
+                app = build_gate_app(settings.load_gate(ns, env={}).gate)
+                runner = web.AppRunner(
+                    app, handler_cancellation=True, access_log=None, shutdown_timeout=2.0
+                )
+                await runner.setup()
+                stack.push_async_callback(runner.cleanup)
+                await web.TCPSite(runner, "127.0.0.1", 0).start()
+                urls.append(f"http://127.0.0.1:{runner.addresses[0][1]}")
+                runners.append(runner)
+            return GatedCluster(sims=sims, urls=urls, runners=runners)
+
+        yield start
 
 
 def proxy_settings(backends: list[str], *flags: str) -> settings.Settings:

@@ -116,7 +116,7 @@ def assert_invariants(adm: Admission, now: float) -> None:
         run = adm.running(ticket)
         assert run is not None and run.pod_id == pod_id
         assert ticket not in adm.queue
-    if adm.closed:
+    if adm.shut:
         assert len(adm.queue) == 0
 
 
@@ -866,6 +866,11 @@ class AdmissionStorm(RuleBasedStateMachine):
             self.adm.gate_lost(P(pod), self.now) if lost else self.adm.gate_absent(P(pod), self.now)
         )
         self._apply(fx)
+
+    @rule()
+    def close_for_sigterm(self) -> None:
+        """New jobs are refused; the queued ones keep draining."""
+        self._apply(self.adm.close(self.now))
 
     @rule()
     def shutdown(self) -> None:
