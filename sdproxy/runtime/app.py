@@ -351,16 +351,14 @@ async def _start_metrics(settings: Settings, metrics: Metrics) -> web.AppRunner 
 async def _drain(services: Services, timeout_s: float) -> None:
     """Serve what is queued and running until done or ``timeout_s``; then answer what
     still waits ``503 shutting_down``."""
-    adm = services.admission
+    adm, gate = services.admission, services.gate
     deadline = services.clock() + timeout_s
-    while services.clock() < deadline and (adm.inflight or len(adm.queue)):
-        await asyncio.sleep(0.05)
+    await gate.until(lambda a: not a.inflight and not len(a.queue), timeout_s=timeout_s)
     if len(adm.queue):
         log.warning("drain timeout: %d queued requests answered shutting_down", len(adm.queue))
-    services.gate.shutdown()
-    while services.clock() < deadline and adm.inflight:
-        await asyncio.sleep(0.05)
-    if adm.inflight:
+    gate.shutdown()
+    remaining = max(0.0, deadline - services.clock())
+    if not await gate.until(lambda a: not a.inflight, timeout_s=remaining):
         log.warning("drain timeout: %d generations still running", adm.inflight)
     with contextlib.suppress(Exception):
         if services.proxy is not None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import itertools
 from collections.abc import Callable, Iterable, Sequence
 
@@ -97,6 +98,7 @@ class Gate:
         self._wake_at: float | None = None
         self._armed: float | None = None
         self._rearm = asyncio.Event()
+        self._change: asyncio.Future[None] | None = None
 
     def new_ticket(self) -> TicketId:
         return TicketId(next(self._tickets))
@@ -200,6 +202,23 @@ class Gate:
             self._set_wake(fx.wake_at)
         if self._check:
             self.admission.check(self.now())
+        change, self._change = self._change, None
+        if change is not None and not change.done():
+            change.set_result(None)
+
+    async def until(self, done: Callable[[Admission], bool], *, timeout_s: float) -> bool:
+        """Wait (without polling) until ``done(admission)`` holds after some event, or
+        ``timeout_s`` passes; returns whether it holds."""
+        deadline = self.now() + timeout_s
+        while not done(self.admission):
+            remaining = deadline - self.now()
+            if remaining <= 0:
+                return False
+            if self._change is None:
+                self._change = asyncio.get_running_loop().create_future()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(self._change), remaining)
+        return True
 
     def _set_wake(self, wake_at: float | None) -> None:
         self._wake_at = wake_at
