@@ -92,6 +92,16 @@ class ProxySettings:
     check_invariants: bool = option(
         False, "debug: check the admission core's invariants after every event", switch=True
     )
+    peer: tuple[str, ...] = option(
+        (),
+        "another proxy replica's base URL (repeatable): global demand, job-bound calls",
+        parse=parse_url,
+        metavar="URL",
+        toml_alias="peers",
+    )
+    peer_service: str = option(
+        "", "with --discovery kubernetes: the proxy's own Service, whose endpoints are the peers"
+    )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -274,6 +284,8 @@ def build(values: Mapping[str, Any]) -> Settings:
         raise ConfigError("--max-pods must be >= --min-pods")
     if values["discovery"] == "static" and values["scaler"] != "local" and not values["backend"]:
         raise ConfigError("static discovery needs at least one --backend URL")
+    if values["peer_service"] and values["discovery"] != "kubernetes":
+        raise ConfigError("--peer-service needs --discovery kubernetes")
     # hold requests while no pod is ready when pods can still come: an autoscaler of ours,
     # or Kubernetes (KEDA/HPA scale the Deployment from our sdproxy_desired_pods)
     hold = values["discovery"] == "kubernetes" or values["scaler"] != "none"

@@ -31,7 +31,8 @@ class Claim:
     request_id: str
     #: the front replica that sent it (X-Sdproxy-Replica), None for a direct caller
     replica: str | None
-    #: the caller identity the sender named (X-Sdproxy-Client), for job-bound calls
+    #: the caller identities the sender named (X-Sdproxy-Caller), for job-bound calls
+    #: through another replica
     caller: str | None
     route: str
     started_at: float

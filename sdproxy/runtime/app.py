@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import signal
 import time
 from collections.abc import AsyncIterator, Sequence
+from typing import Any
 
 import aiohttp
 from aiohttp import web
@@ -34,6 +36,7 @@ from sdproxy.runtime.jobs import new_token
 from sdproxy.runtime.local import LocalPods
 from sdproxy.runtime.logs import log_event, setup_logging
 from sdproxy.runtime.metrics import Metrics, metrics_app
+from sdproxy.runtime.peers import Peers
 from sdproxy.runtime.proxy import Proxy, error_response
 from sdproxy.runtime.scaling import NoScaler, Scaler
 from sdproxy.runtime.status import (
@@ -82,6 +85,7 @@ class Services:
         self.proxy: Proxy | None = None
         self.warmer: Warmer | None = None
         self.gatewatch: GateWatch | None = None
+        self.peers: Peers | None = None
         #: this replica's name at the pods' gates: its identity plus a token drawn at start,
         #: unique even for replicas sharing a host name (or restarted under the same one)
         self.replica = f"{settings.scaler.identity}/{new_token()[:8]}"
@@ -116,6 +120,29 @@ class Services:
         pod = self.admission.pods.get(pod_id)
         if self.gatewatch is not None and pod is not None:
             self.gatewatch.follow(pod_id, pod.url)
+
+    def on_peers(self, endpoints: Sequence[Endpoint]) -> None:
+        """The proxy's own Service changed: every ready endpoint is a peer (this replica
+        among them, recognised by its id when polled)."""
+        if self.peers is not None:
+            self.peers.set_urls([ep.url for ep in endpoints if ep.ready])
+
+    def global_demand(self) -> tuple[int, int]:
+        """(in flight, queued) over every replica: the queues of all, the in-flight work
+        the gates see (whoever sent it), and every replica's work on ungated pods."""
+        adm = self.admission
+        peers_queued, peers_direct = self.peers.demand() if self.peers else (0, 0)
+        inflight = sum(
+            len(p.running) + (p.foreign if p.gated and p.gate_live else 0)
+            for p in adm.pods.values()
+        )
+        return inflight + peers_direct, len(adm.queue) + peers_queued
+
+    def peer_document(self) -> dict[str, Any]:
+        """What this replica tells its peers (``GET /-/peer``)."""
+        adm = self.admission
+        direct = sum(len(p.running) for p in adm.pods.values() if not p.gated)
+        return {"replica": self.replica, "queued": len(adm.queue), "inflight_direct": direct}
 
     def on_snapshot(self, endpoints: Sequence[Endpoint]) -> None:
         """A discovery source pushed the pods it knows."""
@@ -193,6 +220,9 @@ def build_app(
     app.router.add_get("/-/readyz", _readyz)
     app.router.add_get("/-/status", _status)
     app.router.add_get("/-/metrics", _metrics)
+    app.router.add_get("/-/peer", _peer)
+    app.router.add_get("/-/peer/job", _peer_job)
+    app.router.add_post("/-/peer/job/cancel", _peer_cancel)
     app.router.add_route("*", "/-/{tail:.*}", _unknown_operational)
     app.router.add_route("*", "/{tail:.*}", _proxy)
     app.cleanup_ctx.append(_lifecycle)
@@ -232,6 +262,15 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
         )
         for pod_id in list(services.admission.pods):  # pods known before the app started
             services._follow_gate(pod_id)
+        services.peers = Peers(
+            session=session,
+            replica=services.replica,
+            urls=settings.proxy.peer,
+            clock=services.clock,
+        )
+        services.proxy.gatewatch = services.gatewatch
+        services.proxy.peers = services.peers
+        services.autoscaler.demand = services.global_demand
         services.warmer = Warmer(
             session=session, gate=services.gate, timeout_s=settings.discovery.warmup_timeout_s
         )
@@ -239,7 +278,13 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
             asyncio.create_task(services.discovery.run(services.on_snapshot), name="discovery"),
             asyncio.create_task(services.gate.run_ticker(), name="admission-ticker"),
             asyncio.create_task(services.autoscaler.run(), name="autoscaler"),
+            asyncio.create_task(services.peers.run(), name="peers"),
         ]
+        peer_source = _peer_discovery(settings)
+        if peer_source is not None:
+            tasks.append(
+                asyncio.create_task(peer_source.run(services.on_peers), name="peer-discovery")
+            )
         start = getattr(services.scaler, "start", None)
         if start is not None:
             await start()
@@ -264,6 +309,34 @@ async def _proxy(request: web.Request) -> web.StreamResponse:
 async def _unknown_operational(request: web.Request) -> web.Response:
     """The /-/ prefix is the proxy's own: never forwarded to a pod."""
     return error_response(NotFound(f"no proxy endpoint {request.path}"))
+
+
+async def _peer(request: web.Request) -> web.Response:
+    return web.json_response(request.app[SERVICES].peer_document())
+
+
+async def _peer_job(request: web.Request) -> web.Response:
+    """Where a caller's job waits in this replica's queue (asked by another replica)."""
+    proxy = request.app[SERVICES].proxy
+    found = proxy.queued_job(request.query.get("caller", "")) if proxy is not None else None
+    if found is None:
+        return error_response(NotFound("no queued job of that caller here"))
+    return web.json_response(found)
+
+
+async def _peer_cancel(request: web.Request) -> web.Response:
+    proxy = request.app[SERVICES].proxy
+    key = request.query.get("caller", "")
+    return web.json_response({"cancelled": proxy is not None and proxy.cancel_queued_job(key)})
+
+
+def _peer_discovery(settings: Settings) -> Discovery | None:
+    if not settings.proxy.peer_service:
+        return None
+    from sdproxy.runtime.kube import KubernetesDiscovery
+
+    own = dataclasses.replace(settings.discovery, service=settings.proxy.peer_service, port_name="")
+    return KubernetesDiscovery(own)
 
 
 async def _healthz(request: web.Request) -> web.Response:

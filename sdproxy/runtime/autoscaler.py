@@ -46,6 +46,12 @@ class Autoscaler:
         self.settings = settings
         self.gate = gate
         self.admission = gate.admission
+        #: (in flight, queued) the policy sizes for: this replica's own by default; the
+        #: composition root gives the global demand over every replica (sdproxy.runtime.peers)
+        self.demand: Callable[[], tuple[int, int]] = lambda: (
+            self.admission.inflight,
+            len(self.admission.queue),
+        )
         self.scaler = scaler
         self.metrics = metrics
         self.clock = clock
@@ -62,9 +68,10 @@ class Autoscaler:
 
     def observe(self) -> Observation:
         adm = self.admission
+        inflight, queued = self.demand()
         return Observation(
-            inflight=adm.inflight,
-            queued=len(adm.queue),
+            inflight=inflight,
+            queued=queued,
             ready=adm.count(PodState.READY),
             starting=adm.count(PodState.STARTING, PodState.WARMING),
             per_pod_limit=adm.config.max_inflight,

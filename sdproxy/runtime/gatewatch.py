@@ -23,6 +23,7 @@ import aiohttp
 
 from sdproxy.core.pods import PodId
 from sdproxy.runtime.gate import Gate
+from sdproxy.runtime.jobs import caller_keys_of
 from sdproxy.runtime.podgate import EVENTS_PATH
 
 log = logging.getLogger("sdproxy.gatewatch")
@@ -50,6 +51,8 @@ class GateWatch:
         self.replica = replica
         self.connect_s = connect_s
         self._tasks: dict[PodId, asyncio.Task[None]] = {}
+        #: the last occupancy each gate published
+        self.latest: dict[PodId, dict[str, Any]] = {}
 
     def follow(self, pod_id: PodId, url: str) -> None:
         if pod_id not in self._tasks:
@@ -60,6 +63,7 @@ class GateWatch:
 
     def forget(self, pod_id: PodId) -> None:
         task = self._tasks.pop(pod_id, None)
+        self.latest.pop(pod_id, None)
         if task is not None:
             task.cancel()
 
@@ -100,7 +104,16 @@ class GateWatch:
                     self._observe(pod_id, json.loads(line[5:]))
         return True
 
+    def find_caller(self, key: str) -> PodId | None:
+        """The gated pod running a generation of the caller matched by ``key``."""
+        for pod_id, occupancy in self.latest.items():
+            for claim in occupancy.get("running", []):
+                if key in caller_keys_of(claim.get("caller")):
+                    return pod_id
+        return None
+
     def _observe(self, pod_id: PodId, occupancy: dict[str, Any]) -> None:
+        self.latest[pod_id] = occupancy
         self.gate.observe_gate(
             pod_id,
             foreign=foreign_claims(occupancy, self.replica),

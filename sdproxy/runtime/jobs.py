@@ -14,6 +14,7 @@ from __future__ import annotations
 import base64
 import os
 from dataclasses import dataclass
+from urllib.parse import quote, unquote
 
 from aiohttp import hdrs, web
 
@@ -85,6 +86,19 @@ class Caller:
         return self.header or self.cookie or self.new_cookie or self.address
 
 
+#: the identities of the caller that sent a heavy request, for the pod's gate: another
+#: replica finds a RUNNING job by the identity a job-bound call is matched by
+CALLER_KEYS_HEADER = "X-Sdproxy-Caller"
+
+
+def caller_keys_header(caller: Caller) -> str:
+    return ",".join(quote(key, safe=":") for key in caller.keys)
+
+
+def caller_keys_of(value: str | None) -> list[str]:
+    return [unquote(k) for k in value.split(",")] if value else []
+
+
 def identify(request: web.Request) -> Caller:
     header = request.headers.get(CLIENT_HEADER) or None
     cookie = request.cookies.get(COOKIE) or None
@@ -137,7 +151,11 @@ class JobIndex:
                 del self._by_key[key]
 
     def find(self, caller: Caller) -> TicketId | None:
-        tickets = self._by_key.get(caller.own_key)
+        return self.find_key(caller.own_key)
+
+    def find_key(self, key: str) -> TicketId | None:
+        """The newest job indexed under ``key`` (a peer replica asks by key)."""
+        tickets = self._by_key.get(key)
         return tickets[-1] if tickets else None
 
     def __len__(self) -> int:

@@ -37,7 +37,7 @@ from sdproxy.core.queue import TicketId
 from sdproxy.core.routing import RouteClass, RouteTable, classify_options
 from sdproxy.core.sdapi import body_keys, inspect_body
 from sdproxy.runtime import forward
-from sdproxy.runtime.jobs import CLIENT_HEADER, new_request_id
+from sdproxy.runtime.jobs import CALLER_KEYS_HEADER, new_request_id
 from sdproxy.runtime.logs import setup_logging
 from sdproxy.settings import GateOptions, GateSettings
 
@@ -134,7 +134,7 @@ class GateServer:
         claim = Claim(
             request_id=request.headers.get("X-Request-Id") or new_request_id(),
             replica=request.headers.get(REPLICA_HEADER),
-            caller=request.headers.get(CLIENT_HEADER),
+            caller=request.headers.get(CALLER_KEYS_HEADER),
             route=request.path,
             started_at=self.clock(),
         )

@@ -29,16 +29,19 @@ from sdproxy.core.routing import RouteClass, RouteTable, classify_options
 from sdproxy.core.sdapi import body_keys, inspect_body
 from sdproxy.runtime import forward
 from sdproxy.runtime.gate import Gate, Slot
+from sdproxy.runtime.gatewatch import GateWatch
 from sdproxy.runtime.jobs import (
-    CLIENT_HEADER,
+    CALLER_KEYS_HEADER,
     Caller,
     JobIndex,
+    caller_keys_header,
     identify,
     new_request_id,
     set_cookie,
 )
 from sdproxy.runtime.logs import AccessRecord, access_log_enabled, log_access
 from sdproxy.runtime.metrics import Metrics
+from sdproxy.runtime.peers import Peers
 from sdproxy.runtime.podgate import GATE_HEADER, REPLICA_HEADER
 from sdproxy.settings import ProxySettings
 
@@ -106,6 +109,9 @@ class Proxy:
     ) -> None:
         self.settings = settings
         self.replica = replica
+        #: set by the composition root once the app runs (gates' occupancy, peers)
+        self.gatewatch: GateWatch | None = None
+        self.peers: Peers | None = None
         self.gate = gate
         self.session = session
         self.metrics = metrics
@@ -374,9 +380,11 @@ class Proxy:
     ) -> Coroutine[Any, Any, aiohttp.ClientResponse]:
         """The client's request, as it goes to the pod at ``base_url`` (naming this replica
         and the caller, for the pod's gate)."""
-        extra = {"X-Request-Id": ex.request_id, REPLICA_HEADER: self.replica}
-        if ex.caller.header:
-            extra[CLIENT_HEADER] = ex.caller.header
+        extra = {
+            "X-Request-Id": ex.request_id,
+            REPLICA_HEADER: self.replica,
+            CALLER_KEYS_HEADER: caller_keys_header(ex.caller),
+        }
         headers = forward.upstream_headers(request, extra)
         url = base_url + request.path_qs
         return forward.send(
@@ -431,58 +439,107 @@ class Proxy:
     # ---- job-bound --------------------------------------------------------------------
 
     async def _job_bound(self, request: web.Request, ex: Exchange) -> web.StreamResponse:
+        """The caller's job: running here -> its pod; queued here -> answered here; else,
+        with peers: running on a gated pod (its gate names the caller) -> that pod;
+        queued at another replica -> answered with what that replica says."""
         ticket = self.jobs.find(ex.caller)
         running = self.gate.admission.running(ticket) if ticket is not None else None
         if running is not None:
-            ex.pod = running.pod_id
-            body = await request.read() if request.can_read_body else None
-            try:
-                upstream = await self._send(request, ex, running.url, body)
-            except errors.UpstreamError as exc:
-                self.metrics.backend_error(pod=running.pod_id, kind=exc.kind)
-                raise errors.BackendError(f"pod {running.pod_id}: {exc.detail}") from exc
-            if request.path.endswith("/interrupt"):
-                self.metrics.interrupt(InterruptReason.USER)
-            return await self._answer_from(request, ex, running.pod_id, upstream)
+            return await self._to_job_pod(request, ex, running.pod_id, running.url)
         queued = ticket is not None and self.gate.admission.is_queued(ticket)
+        if not queued:
+            elsewhere = await self._job_elsewhere(request, ex)
+            if elsewhere is not None:
+                return elsewhere
         if request.path.endswith("/progress"):
-            return web.json_response(self._progress(ticket if queued else None))
+            return web.json_response(self.progress(ticket if queued else None))
         if request.path.endswith("/interrupt") and queued and ticket is not None:
             self.gate.cancel_queued(ticket)  # counted as rejected{job_cancelled}
         return web.json_response({})  # sd-webui answers {} (modules/api/api.py interruptapi)
 
-    def _progress(self, ticket: TicketId | None) -> dict[str, Any]:
+    async def _to_job_pod(
+        self, request: web.Request, ex: Exchange, pod_id: str, url: str
+    ) -> web.StreamResponse:
+        ex.pod = pod_id
+        body = await request.read() if request.can_read_body else None
+        try:
+            upstream = await self._send(request, ex, url, body)
+        except errors.UpstreamError as exc:
+            self.metrics.backend_error(pod=pod_id, kind=exc.kind)
+            raise errors.BackendError(f"pod {pod_id}: {exc.detail}") from exc
+        if request.path.endswith("/interrupt"):
+            self.metrics.interrupt(InterruptReason.USER)
+        return await self._answer_from(request, ex, pod_id, upstream)
+
+    async def _job_elsewhere(self, request: web.Request, ex: Exchange) -> web.StreamResponse | None:
+        # the newest job first, as locally: one still queued at a peer is newer than one
+        # already running
+        key = ex.caller.own_key
+        if self.peers is not None and self.peers.live():
+            if request.path.endswith("/interrupt") and await self.peers.cancel_queued(key):
+                return web.json_response({})
+            if request.path.endswith("/progress"):
+                info = await self.peers.find_queued(key)
+                if info is not None:
+                    eta = float(info["eta_s"])
+                    return web.json_response(
+                        progress_document(info["position"], info["depth"], eta)
+                    )
+        pod_id = self.gatewatch.find_caller(key) if self.gatewatch is not None else None
+        pod = self.gate.admission.pods.get(pod_id) if pod_id is not None else None
+        if pod is not None:
+            return await self._to_job_pod(request, ex, pod.pod_id, pod.url)
+        return None
+
+    def queued_job(self, key: str) -> dict[str, Any] | None:
+        """For a peer: where the caller matched by ``key`` waits in this replica's queue."""
+        ticket = self.jobs.find_key(key)
+        adm = self.gate.admission
+        if ticket is None or not adm.is_queued(ticket):
+            return None
+        return {
+            "position": adm.position(ticket),
+            "depth": len(adm.queue),
+            "eta_s": round(adm.eta_s(ticket), 2),
+        }
+
+    def cancel_queued_job(self, key: str) -> bool:
+        ticket = self.jobs.find_key(key)
+        return ticket is not None and self.gate.cancel_queued(ticket)
+
+    def progress(self, ticket: TicketId | None) -> dict[str, Any]:
         """sd-webui's ProgressResponse shape, for a job still queued in the proxy."""
         adm = self.gate.admission
         position = adm.position(ticket) if ticket is not None else None
         eta = adm.eta_s(ticket) if ticket is not None else 0.0
-        text = (
-            f"Queued in sdproxy: position {position} of {len(adm.queue)}"
-            if position is not None
-            else None
-        )
-        return {
-            "progress": 0.0,
-            "eta_relative": round(eta, 2),
-            "state": {
-                "skipped": False,
-                "interrupted": False,
-                "job": "queued" if position is not None else "",
-                "job_count": 0,
-                "job_timestamp": "0",
-                "job_no": 0,
-                "sampling_step": 0,
-                "sampling_steps": 0,
-            },
-            "current_image": None,
-            "textinfo": text,
-            "sdproxy": {
-                "queued": position is not None,
-                "queue_position": position,
-                "queue_depth": len(adm.queue),
-                "eta_s": round(eta, 2),
-            },
-        }
+        return progress_document(position, len(adm.queue), eta)
+
+
+def progress_document(position: int | None, depth: int, eta: float) -> dict[str, Any]:
+    """sd-webui's ProgressResponse shape for a job queued in sdproxy (or none)."""
+    text = f"Queued in sdproxy: position {position} of {depth}" if position is not None else None
+    return {
+        "progress": 0.0,
+        "eta_relative": round(eta, 2),
+        "state": {
+            "skipped": False,
+            "interrupted": False,
+            "job": "queued" if position is not None else "",
+            "job_count": 0,
+            "job_timestamp": "0",
+            "job_no": 0,
+            "sampling_step": 0,
+            "sampling_steps": 0,
+        },
+        "current_image": None,
+        "textinfo": text,
+        "sdproxy": {
+            "queued": position is not None,
+            "queue_position": position,
+            "queue_depth": depth,
+            "eta_s": round(eta, 2),
+        },
+    }
 
 
 def json_body(data: Any) -> bytes:

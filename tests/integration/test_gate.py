@@ -15,6 +15,7 @@ from typing import Any
 
 import aiohttp
 
+from sdproxy.core.pods import Endpoint, PodId
 from tests.integration.conftest import (
     TXT2IMG,
     GatedFactory,
@@ -75,7 +76,7 @@ async def test_occupancy_names_the_sender_and_streams_every_change(
                         events.append(json.loads(line[5:]))
 
         watcher = asyncio.create_task(follow())
-        headers = {"X-Sdproxy-Replica": "front-a", "X-Sdproxy-Client": "alice"}
+        headers = {"X-Sdproxy-Replica": "front-a", "X-Sdproxy-Caller": "h:alice,a:127.0.0.1"}
         job = asyncio.create_task(client.post(gate + TXT2IMG, json=gen_body(20), headers=headers))
 
         async def seen_running() -> bool:
@@ -85,7 +86,7 @@ async def test_occupancy_names_the_sender_and_streams_every_change(
         running = next(e for e in events if e["inflight"] == 1)["running"][0]
         assert (running["replica"], running["caller"], running["route"]) == (
             "front-a",
-            "alice",
+            "h:alice,a:127.0.0.1",
             TXT2IMG,
         )
         (await job).release()
@@ -161,3 +162,96 @@ async def test_a_plain_backend_is_used_directly_and_says_so(
         return sorted(p["mode"] for p in pods) == ["direct", "gated"]
 
     await eventually(modes, what="one gated pod and one direct")
+
+
+async def peered(proxy_factory: ProxyFactory, urls: list[str], count: int) -> list[Any]:
+    """``count`` front replicas over the same pods, each told the others as peers (what
+    --peer or --peer-service gives it)."""
+    front = [await proxy_factory(urls) for _ in range(count)]
+    for proxy in front:
+        proxy.services.on_peers(
+            [Endpoint(pod_id=PodId(p.url), url=p.url) for p in front if p is not proxy]
+        )
+
+    async def every_peer_live() -> bool:
+        return all(
+            p.services.peers is not None and len(p.services.peers.live()) == count - 1
+            for p in front
+        )
+
+    await eventually(every_peer_live, what="every replica to hear from its peers")
+    for proxy in front:
+
+        async def gated(proxy: Any = proxy) -> bool:
+            return all(p["mode"] == "gated" for p in (await proxy.status())["pods"])
+
+        await eventually(gated, what="every pod seen through its gate")
+    return front
+
+
+async def test_a_job_sent_through_one_replica_is_followed_and_stopped_through_another(
+    gated_pods: GatedFactory, proxy_factory: ProxyFactory
+) -> None:
+    cluster = await gated_pods(1)
+    a, b = await peered(proxy_factory, cluster.urls, 2)
+    alice = {"X-Sdproxy-Client": "alice"}
+
+    async def generate(steps: int) -> tuple[int, Any]:
+        async with a.client.post(TXT2IMG, json=gen_body(steps), headers=alice) as resp:
+            return resp.status, await resp.json()
+
+    running = asyncio.create_task(generate(2000))  # alice's first job runs ...
+    await a.wait_inflight(1)
+    queued = asyncio.create_task(generate(5))  # ... and her second waits at A
+    await a.wait_queue(1)
+
+    async def progress_via_b() -> dict[str, Any]:
+        async with b.client.get("/sdapi/v1/progress", headers=alice) as resp:
+            assert resp.status == 200
+            data: dict[str, Any] = await resp.json()
+            return data
+
+    seen = await progress_via_b()  # the newest job of alice: queued at A
+    assert seen["sdproxy"]["queued"] is True and seen["sdproxy"]["queue_position"] == 1
+    async with b.client.post("/sdapi/v1/interrupt", headers=alice) as resp:
+        assert resp.status == 200
+    status, data = await queued
+    assert status == 409 and data["error"] == "job_cancelled", data
+
+    async def running_seen_via_b() -> bool:
+        return "sdproxy" not in await progress_via_b()  # the pod's own answer
+
+    await eventually(running_seen_via_b, what="B to route alice's progress to her pod")
+    async with b.client.post("/sdapi/v1/interrupt", headers=alice) as resp:
+        assert resp.status == 200
+        assert resp.headers["X-Sdproxy-Pod"] == cluster.urls[0].removeprefix("http://")
+    status, _data = await running
+    assert status == 200  # sd-webui answers an interrupted generation with its partial image
+    assert (await cluster.sims.stats(0))["interrupts_received"] == 1
+    for proxy in (a, b):
+        await proxy.wait_idle()
+
+
+async def test_every_replica_exports_the_same_global_desired_pods(
+    gated_pods: GatedFactory, proxy_factory: ProxyFactory
+) -> None:
+    """Demand queued at one replica only is counted by all (what the leader sizes by)."""
+    cluster = await gated_pods(1)
+    a, b = await peered(proxy_factory, cluster.urls, 2)
+    jobs = [asyncio.create_task(b.client.post(TXT2IMG, json=gen_body(1000))) for _ in range(4)]
+    await b.wait_queue(3)
+
+    async def desired(proxy: Any) -> float:
+        async with proxy.client.get("/-/metrics") as resp:
+            text = await resp.text()
+        line = next(x for x in text.splitlines() if x.startswith("sdproxy_desired_pods "))
+        return float(line.split()[1])
+
+    async def agree() -> bool:
+        return await desired(a) == await desired(b) == 4  # 1 running + 3 queued, limit 1
+
+    await eventually(agree, what="both replicas to ask for 4 pods")
+    for job in jobs:
+        job.cancel()
+    for proxy in (a, b):
+        await proxy.wait_idle()
