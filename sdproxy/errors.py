@@ -19,6 +19,7 @@
         ├── JobCancelled            409 job_cancelled (interrupted while queued)
         ├── ShuttingDown            503 shutting_down
         ├── PodBusy                 503 pod_busy (sdproxy gate: the pod runs its limit)
+        ├── PodDown                 503 pod_down (sdproxy gate: its sd-webui is unreachable)
         ├── BackendError            502 backend_error (failure after the request was sent)
         ├── BodyTooLarge            413 body_too_large
         ├── Forbidden               403 forbidden_route
@@ -158,6 +159,11 @@ class ShuttingDown(ClientFacingError):
 class PodBusy(ClientFacingError):
     status = 503
     code = "pod_busy"
+
+
+class PodDown(ClientFacingError):
+    status = 503
+    code = "pod_down"
 
 
 class BackendError(ClientFacingError):

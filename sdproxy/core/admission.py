@@ -228,13 +228,22 @@ class Admission:
         return self._settle(fx, now)
 
     def observe_gate(
-        self, pod_id: PodId, *, foreign: int, limit: int, checkpoint: str | None, now: float
+        self,
+        pod_id: PodId,
+        *,
+        foreign: int,
+        limit: int,
+        checkpoint: str | None,
+        now: float,
+        healthy: bool = True,
     ) -> Effects:
         """The pod's gate published its occupancy: ``foreign`` heavy requests of other
-        senders, its ``limit`` (the gate is the authority), its loaded checkpoint."""
+        senders, its ``limit`` (the gate is the authority), its loaded checkpoint, and
+        whether its sd-webui answers (``healthy``: a pod down takes no work)."""
         pod = self.book.pods.get(pod_id)
         if pod is not None:
             pod.gated = pod.gate_live = True
+            pod.gate_healthy = healthy
             pod.foreign = max(0, foreign)
             pod.limit = max(limit, len(pod.running))
             if checkpoint is not None:

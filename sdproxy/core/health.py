@@ -37,7 +37,7 @@ class Health:
             pod.state is PodState.READY
             and not pod.ejected(now)
             and not pod.cordoned(now)
-            and (pod.gate_live or not pod.gated)
+            and (not pod.gated or (pod.gate_live and pod.gate_healthy))
         )
 
     def eject(self, pod: Pod, now: float) -> None:

@@ -60,6 +60,8 @@ class Pod:
     gate_live: bool = False
     #: heavy requests the gate runs for other senders (other replicas, direct callers)
     foreign: int = 0
+    #: the gate says its sd-webui answers (a pod whose sd-webui is down takes no work)
+    gate_healthy: bool = True
 
     def cordoned(self, now: float) -> bool:
         return now < self.cordoned_until

@@ -151,11 +151,22 @@ class Gate:
         return list(effects.cordoned)
 
     def observe_gate(
-        self, pod_id: PodId, *, foreign: int, limit: int, checkpoint: str | None
+        self,
+        pod_id: PodId,
+        *,
+        foreign: int,
+        limit: int,
+        checkpoint: str | None,
+        healthy: bool = True,
     ) -> None:
         self.apply(
             self.admission.observe_gate(
-                pod_id, foreign=foreign, limit=limit, checkpoint=checkpoint, now=self.now()
+                pod_id,
+                foreign=foreign,
+                limit=limit,
+                checkpoint=checkpoint,
+                healthy=healthy,
+                now=self.now(),
             )
         )
 

@@ -85,7 +85,11 @@ class GateWatch:
                     await asyncio.sleep(RECHECK_S)
                     continue
             except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
-                log.debug("gate of %s out of sight: %r", pod_id, exc)
+                pod = self.gate.admission.pods.get(pod_id)
+                if failures == 0 and pod is not None and pod.gated:
+                    log.warning("gate of pod %s out of sight: %r; sending it nothing", pod_id, exc)
+                else:
+                    log.debug("gate of %s out of sight: %r", pod_id, exc)
             self.gate.gate_lost(pod_id)
             await asyncio.sleep(BACKOFF_S[min(failures, len(BACKOFF_S) - 1)])
             failures += 1
@@ -113,10 +117,14 @@ class GateWatch:
         return None
 
     def _observe(self, pod_id: PodId, occupancy: dict[str, Any]) -> None:
+        pod = self.gate.admission.pods.get(pod_id)
+        if pod is not None and pod.gated and not pod.gate_live:
+            log.warning("gate of pod %s in sight again", pod_id)
         self.latest[pod_id] = occupancy
         self.gate.observe_gate(
             pod_id,
             foreign=foreign_claims(occupancy, self.replica),
             limit=int(occupancy["limit"]),
             checkpoint=occupancy.get("checkpoint"),
+            healthy=bool(occupancy.get("upstream_ok", True)),
         )

@@ -47,14 +47,21 @@ GATE_HEADER = "X-Sdproxy-Gate"
 REPLICA_HEADER = "X-Sdproxy-Replica"
 EVENTS_PATH = "/-/gate/events"
 HEARTBEAT_S = 1.0
+#: an occupancy follower that has not taken an event for this long is dropped
+WRITE_TIMEOUT_S = 3 * HEARTBEAT_S
+#: how often an unreachable sd-webui is asked again
+PROBE_S = 1.0
 PEEK_BYTES = 256 * 1024
 INTERRUPT_PATH = "/sdapi/v1/interrupt"
 
 
-def occupancy_json(occ: Occupancy, *, now: float, upstream: str) -> dict[str, Any]:
+def occupancy_json(
+    occ: Occupancy, *, now: float, upstream: str, upstream_ok: bool
+) -> dict[str, Any]:
     return {
         "gate": "sdproxy",
         "version": occ.version,
+        "upstream_ok": upstream_ok,
         "inflight": occ.inflight,
         "limit": occ.limit,
         "checkpoint": occ.checkpoint,
@@ -109,6 +116,10 @@ class GateServer:
         self.limit_bytes = int(config.max_body_mb * 1024 * 1024)
         self.session: aiohttp.ClientSession | None = None
         self._changed: asyncio.Future[None] | None = None
+        #: sd-webui answered the last connection attempt (published: a front replica
+        #: sends a pod whose sd-webui is down nothing, instead of collecting fast errors)
+        self.upstream_ok = True
+        self._probe: asyncio.Task[None] | None = None
         self._background: set[asyncio.Task[None]] = set()
 
     # ---- change notification ------------------------------------------------------------
@@ -125,8 +136,42 @@ class GateServer:
 
     def occupancy(self) -> dict[str, Any]:
         return occupancy_json(
-            self.core.occupancy(), now=self.clock(), upstream=self.config.upstream
+            self.core.occupancy(),
+            now=self.clock(),
+            upstream=self.config.upstream,
+            upstream_ok=self.upstream_ok,
         )
+
+    def _upstream_down(self) -> None:
+        """A connection to sd-webui failed: say so, and probe until it answers again."""
+        if self.upstream_ok:
+            self.upstream_ok = False
+            self.core.version += 1
+            self.changed()
+        if self._probe is None or self._probe.done():
+            self._probe = asyncio.get_running_loop().create_task(self._probe_upstream())
+
+    async def _probe_upstream(self) -> None:
+        while True:  # an outside process: nothing to wait on but its answer
+            if await self._upstream_answers():
+                break
+            await asyncio.sleep(PROBE_S)
+        self.upstream_ok = True
+        self.core.version += 1
+        self.changed()
+        log.info("sd-webui at %s answers again", self.config.upstream)
+
+    async def _upstream_answers(self) -> bool:
+        assert self.session is not None
+        timeout = aiohttp.ClientTimeout(total=self.config.connect_timeout_s)
+        try:
+            async with self.session.get(
+                self.config.upstream + "/sdapi/v1/progress", timeout=timeout
+            ) as resp:
+                await resp.read()
+        except (aiohttp.ClientError, TimeoutError):
+            return False
+        return True
 
     # ---- admission ----------------------------------------------------------------------
 
@@ -151,6 +196,20 @@ class GateServer:
     def _is_heavy(self, request: web.Request) -> bool:
         route_class = self.table.classify(request.method, request.path)
         return route_class in (RouteClass.HEAVY, RouteClass.ADMIN)
+
+    @staticmethod
+    def down_response(detail: str) -> web.Response:
+        body = errors.PodDown(f"this pod's sd-webui is unreachable: {detail}").body()
+        return web.json_response(
+            body, status=errors.PodDown.status, headers={GATE_HEADER: "upstream_down"}
+        )
+
+    @staticmethod
+    def failed_response(detail: str) -> web.Response:
+        body = errors.BackendError(f"sd-webui: {detail}").body()
+        return web.json_response(
+            body, status=errors.BackendError.status, headers={GATE_HEADER: "upstream_failed"}
+        )
 
     @staticmethod
     def busy_response(limit: int) -> web.Response:
@@ -228,7 +287,10 @@ class GateServer:
             raise
         except errors.UpstreamError as exc:
             hold.release()
-            raise errors.BackendError(f"sd-webui: {exc.detail}") from exc
+            if not exc.sent:  # nothing reached sd-webui: the sender may try another pod
+                self._upstream_down()
+                return self.down_response(exc.detail)
+            return self.failed_response(exc.detail)
         try:
             response, _sent = await forward.relay(
                 request,
@@ -300,29 +362,31 @@ class GateServer:
         )
         await response.prepare(request)
         last = -1
-        while True:
-            change = self._next_change()
-            if self.core.version != last:
-                last = self.core.version
-                data = json.dumps(self.occupancy(), separators=(",", ":"))
-                await response.write(f"event: occupancy\ndata: {data}\n\n".encode())
-            else:
-                await response.write(b": ping\n\n")
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(asyncio.shield(change), HEARTBEAT_S)
+        try:
+            while True:
+                change = self._next_change()
+                if self.core.version != last:
+                    last = self.core.version
+                    data = json.dumps(self.occupancy(), separators=(",", ":"))
+                    chunk = f"event: occupancy\ndata: {data}\n\n".encode()
+                else:
+                    chunk = b": ping\n\n"
+                # a follower that stopped reading (cut off, gone for good) is dropped
+                # after a few heartbeats instead of holding this handler until TCP gives up
+                await asyncio.wait_for(response.write(chunk), WRITE_TIMEOUT_S)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(asyncio.shield(change), HEARTBEAT_S)
+        except (ConnectionError, TimeoutError) as exc:  # the follower left: expected
+            log.info("a follower of the occupancy stream left: %r", exc)
+            if request.transport is not None:
+                request.transport.close()
+        return response
 
     async def healthz(self, request: web.Request) -> web.Response:
         return web.json_response({"status": "ok"})
 
     async def readyz(self, request: web.Request) -> web.Response:
-        assert self.session is not None
-        timeout = aiohttp.ClientTimeout(total=self.config.connect_timeout_s)
-        try:
-            async with self.session.get(
-                self.config.upstream + "/sdapi/v1/progress", timeout=timeout
-            ) as resp:
-                await resp.read()
-        except (aiohttp.ClientError, TimeoutError):
+        if not await self._upstream_answers():
             return web.json_response({"status": "upstream_unreachable"}, status=503)
         return web.json_response({"status": "ready"})
 
@@ -366,6 +430,8 @@ async def _session(app: web.Application) -> Any:
         gate.session = session
         yield
         await gate.wait_background()
+        if gate._probe is not None:
+            gate._probe.cancel()
 
 
 async def serve_gate(settings: GateSettings, *, ready: asyncio.Event | None = None) -> int:

@@ -288,22 +288,35 @@ class Proxy:
             except BaseException:
                 slot.release(Outcome.FAILED)
                 raise
-            if upstream.status == 503 and upstream.headers.get(GATE_HEADER) == "busy":
-                upstream.close()  # its body was never sent: the connection is not reusable
+            verdict = upstream.headers.get(GATE_HEADER)
+            if upstream.status == 503 and verdict in ("busy", "upstream_down"):
+                upstream.close()  # its body may be unsent: the connection is not reusable
                 if not body.retryable:
                     slot.release(Outcome.UNUSED)
-                    raise errors.BackendError(f"pod {slot.pod_id} was busy; body not replayable")
-                slot = await slot.busy()  # another replica won the slot: back to the head
+                    raise errors.BackendError(f"pod {slot.pod_id}: {verdict}; body not replayable")
+                # busy: another replica won the slot, back to the head of the queue;
+                # upstream_down: nothing reached sd-webui, rest the pod and try another
+                slot = await (slot.busy() if verdict == "busy" else slot.refused())
                 continue
-            return await self._relay_heavy(request, ex, upstream, slot)
+            return await self._relay_heavy(
+                request, ex, upstream, slot, pod_failed=verdict == "upstream_failed"
+            )
 
     def _gated(self, pod_id: str) -> bool:
         pod = self.gate.admission.pods.get(PodId(pod_id))
         return pod is not None and pod.gated
 
     async def _relay_heavy(
-        self, request: web.Request, ex: Exchange, upstream: aiohttp.ClientResponse, slot: Slot
+        self,
+        request: web.Request,
+        ex: Exchange,
+        upstream: aiohttp.ClientResponse,
+        slot: Slot,
+        *,
+        pod_failed: bool = False,
     ) -> web.StreamResponse:
+        """Relay the pod's answer; ``pod_failed``: its gate says sd-webui broke the
+        exchange (the 502 goes to the client, the pod counts an error and rests)."""
         extra = {
             "X-Sdproxy-Pod": slot.pod_id,
             "X-Sdproxy-Queue-Ms": f"{slot.dispatch.queued_s * 1000:.0f}",
@@ -312,7 +325,7 @@ class Proxy:
 
         def pod_done(failed: bool) -> None:
             """The pod has sent its whole answer (or broke off): the slot is free now."""
-            slot.release(Outcome.FAILED if failed else Outcome.COMPLETED)
+            slot.release(Outcome.FAILED if failed or pod_failed else Outcome.COMPLETED)
 
         try:
             response, ex.bytes_out = await forward.relay(
@@ -326,7 +339,7 @@ class Proxy:
         finally:
             upstream.release()
             # relaying never started (client gone at once): the pod answered, it is done
-            slot.release(Outcome.COMPLETED)
+            slot.release(Outcome.FAILED if pod_failed else Outcome.COMPLETED)
 
     def _abandon(self, slot: Slot, exchange: asyncio.Future[aiohttp.ClientResponse]) -> None:
         """The client left mid-generation: interrupt the pod, keep the slot until the

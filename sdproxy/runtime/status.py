@@ -38,7 +38,8 @@ class PodStatus:
     ejected: bool
     cordoned: bool
     #: "direct" (no gate: this replica's books), "gated" (its gate's occupancy is
-    #: followed), "gate_lost" (this replica cannot see its gate: sends it nothing)
+    #: followed), "gate_lost" (this replica cannot see its gate: sends it nothing),
+    #: "pod_down" (its gate says sd-webui does not answer: sends it nothing)
     mode: str
     #: heavy requests its gate runs for other senders
     foreign: int
@@ -56,9 +57,17 @@ class PodStatus:
             errors=pod.errors,
             ejected=pod.ejected(now),
             cordoned=pod.cordoned(now),
-            mode=("gated" if pod.gate_live else "gate_lost") if pod.gated else "direct",
+            mode=_mode(pod),
             foreign=pod.foreign,
         )
+
+
+def _mode(pod: Pod) -> str:
+    if not pod.gated:
+        return "direct"
+    if not pod.gate_live:
+        return "gate_lost"
+    return "gated" if pod.gate_healthy else "pod_down"
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -7,15 +7,21 @@ How the output is validated:
   they are checked against closed subset schemas (crd_schemas.py), the ScaledObject's HPA
   behavior inside a synthetic HorizontalPodAutoscaler, and the alert rules by promtool;
 - then the cross-references no schema sees: sdproxy's args parse with `sdproxy serve`
-  and name the Service/Deployment/ports/Lease that exist, selectors select, the Role
+  and name the Service/Deployment/ports/Lease that exist, the gate sidecar's with
+  `sdproxy gate` and sit in front of the pod's sd-webui, the Service port sdproxy uses is
+  the gate's, the NetworkPolicy lets only the proxy reach it, selectors select, the Role
   grants exactly what the chosen scaler uses, the GPU Deployment keeps its invariants.
 """
 
 from __future__ import annotations
 
 import re
+import shlex
 import subprocess
-from collections.abc import Sequence
+import sys
+import threading
+from collections.abc import Iterator, Sequence
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +51,7 @@ K8S_VERSIONS = ("1.29.0", "1.37.0")  # oldest supported by our manifests, newest
 NAMESPACE = "sd"
 OVERLAY_PARAMS = [pytest.param(name, id=name) for name in OVERLAYS]
 GPU_OVERLAYS = ("gpu", "keda")
+PROXY_PRESTOP_S = 5  # `sleep 5` in the proxy's preStop hook
 CLUSTER_SCOPED = {"Namespace", "ClusterRole", "ClusterRoleBinding"}
 
 # (apiGroup, resource, verb, resourceName or "") the proxy needs, by --scaler
@@ -135,15 +142,28 @@ def test_objects_live_in_namespace_sd(rendered: dict[str, list[Obj]], overlay: s
 # --- the sdproxy container ---------------------------------------------------------------
 
 
+def _sdproxy_image(objs: Sequence[Obj], command: str) -> list[tuple[Obj, Obj]]:
+    """(Deployment, container) of every container running `sdproxy <command>`."""
+    return [
+        (d, c)
+        for d, c in iter_containers(objs)
+        if image_name(c["image"]) == "sdproxy" and argv_of(c)[:1] == [command]
+    ]
+
+
 def _proxy(objs: Sequence[Obj]) -> tuple[Obj, Obj, dict[str, Any]]:
     """(Deployment, container, typed `sdproxy serve` settings) of the one proxy container;
     the settings merge the args over the defaults (no environment), as `serve` does."""
-    found = [(d, c) for d, c in iter_containers(objs) if image_name(c["image"]) == "sdproxy"]
-    assert len(found) == 1, "expected exactly one container running the sdproxy image"
+    found = _sdproxy_image(objs, "serve")
+    assert len(found) == 1, "expected exactly one container running `sdproxy serve`"
+    others = {
+        argv_of(c)[0] if argv_of(c) else ""
+        for _, c in iter_containers(objs)
+        if image_name(c["image"]) == "sdproxy"
+    } - {"serve", "gate"}
+    assert not others, f"the sdproxy image runs `serve` or `gate`, not {sorted(others)}"
     deployment, container = found[0]
-    argv = argv_of(container)
-    assert argv[:1] == ["serve"], f"the sdproxy container must run `sdproxy serve`: {argv}"
-    return deployment, container, settings.resolve(parse(argv), env={})
+    return deployment, container, settings.resolve(parse(argv_of(container)), env={})
 
 
 @pytest.mark.parametrize("overlay", OVERLAY_PARAMS)
@@ -160,7 +180,7 @@ def test_proxy_args_point_at_objects_that_exist(
     rendered: dict[str, list[Obj]], overlay: str
 ) -> None:
     objs = rendered[overlay]
-    deployment, container, args = _proxy(objs)
+    _, container, args = _proxy(objs)
     assert args["discovery"] == "kubernetes"
     assert args["namespace"] == NAMESPACE
     assert args["warmup"] is True, "--warmup gates pods on a real generation"
@@ -169,13 +189,34 @@ def test_proxy_args_point_at_objects_that_exist(
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
     assert args["listen"].port == ports["http"]
     assert args["metrics_listen"].port == ports["metrics"]
-    pod = deployment["spec"]["template"]["spec"]
-    assert pod["terminationGracePeriodSeconds"] >= args["drain_timeout_s"]
+    # the pod name is the replica's identity at the gates (and for the Lease): given by
+    # the Downward API in every overlay, as --identity or through its POD_NAME default
+    env = {e["name"]: e for e in container.get("env", [])}
+    assert env["POD_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
+    identity = [a for a in argv_of(container) if a.startswith("--identity")]
+    assert identity in ([], ["--identity=$(POD_NAME)"])
     if args["scaler"] == "kubernetes":
         one(objs, "Deployment", args["deployment"])
-        env = {e["name"]: e for e in container.get("env", [])}
         assert args["identity"] == "$(POD_NAME)"
-        assert env["POD_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
+
+
+@pytest.mark.parametrize("overlay", OVERLAY_PARAMS)
+def test_proxy_replicas_drain_within_their_grace_period(
+    rendered: dict[str, list[Obj]], overlay: str
+) -> None:
+    deployment, container, args = _proxy(rendered[overlay])
+    spec = deployment["spec"]
+    assert spec["replicas"] >= 2, "a front door needs two replicas"
+    # a rolling update starts the new replica before an old one stops taking requests
+    assert spec["strategy"]["rollingUpdate"]["maxUnavailable"] == 0
+    # SIGTERM comes after the preStop pause; the drain (queued and running requests) may
+    # then take --drain-timeout-s; the grace period must cover both, with a margin
+    assert container["lifecycle"]["preStop"]["exec"]["command"] == [
+        "sleep",
+        str(PROXY_PRESTOP_S),
+    ]
+    grace = spec["template"]["spec"]["terminationGracePeriodSeconds"]
+    assert grace >= PROXY_PRESTOP_S + args["drain_timeout_s"] + 10
 
 
 @pytest.mark.parametrize("overlay", OVERLAY_PARAMS)
@@ -194,9 +235,179 @@ def test_sim_pods_run_sdproxy_sim(rendered: dict[str, list[Obj]]) -> None:
     assert len(sims) == 1
     # the sim image's entry point is `sdproxy sim`
     parsed = parse(["sim", *argv_of({"args": sims[0]["args"]})])
-    assert parsed.host == "0.0.0.0"
+    # like sd-webui in the GPU pods: only the gate beside it reaches it
+    assert parsed.host == "127.0.0.1"
     assert parsed.port == 7860
     assert parsed.pods == 1
+
+
+# --- the gate sidecar ----------------------------------------------------------------------
+
+
+def _upstream_port(container: Obj) -> int:
+    """The port sd-webui (or the simulator) listens on, from its args."""
+    args = container["args"]
+    return int(args[args.index("--port") + 1])
+
+
+def _gate(objs: Sequence[Obj]) -> tuple[Obj, Obj, settings.GateSettings]:
+    """(Deployment, container, settings) of the one gate; the settings are what
+    `sdproxy gate` would start with (its args over the defaults, no environment)."""
+    found = _sdproxy_image(objs, "gate")
+    assert len(found) == 1, "expected exactly one container running `sdproxy gate`"
+    deployment, container = found[0]
+    return deployment, container, settings.load_gate(parse(argv_of(container)), env={})
+
+
+def _generator(deployment: Obj) -> Obj:
+    found: list[Obj] = deployment["spec"]["template"]["spec"]["containers"]
+    (container,) = found
+    return container
+
+
+@pytest.mark.parametrize("overlay", OVERLAY_PARAMS)
+def test_gate_sidecar_fronts_the_pods_sd_webui(
+    rendered: dict[str, list[Obj]], overlay: str
+) -> None:
+    objs = rendered[overlay]
+    deployment, gate, config = _gate(objs)
+    _, proxy, proxy_args = _proxy(objs)
+    assert deployment["metadata"]["name"] == "sd-webui"
+    # a native sidecar: started before sd-webui, stopped only after it exited, so it
+    # relays the generation that the preStop drain waits for
+    init = deployment["spec"]["template"]["spec"].get("initContainers", [])
+    assert gate in init and gate["restartPolicy"] == "Always"
+    assert gate["image"] == proxy["image"], "the gate runs the proxy's image and version"
+    ports = {p["name"]: p["containerPort"] for p in gate["ports"]}
+    assert config.gate.listen.host == "0.0.0.0"
+    assert config.gate.listen.port == ports["gate"]
+    upstream = f"http://127.0.0.1:{_upstream_port(_generator(deployment))}"
+    assert config.gate.upstream == upstream
+    assert config.gate.max_inflight == proxy_args["max_inflight"]
+    assert gate["securityContext"]["readOnlyRootFilesystem"] is True
+    assert "memory" in gate["resources"]["limits"]
+
+
+@pytest.mark.parametrize("overlay", OVERLAY_PARAMS)
+def test_the_proxy_discovers_the_gate_port(rendered: dict[str, list[Obj]], overlay: str) -> None:
+    objs = rendered[overlay]
+    _, _, args = _proxy(objs)
+    _, gate, config = _gate(objs)
+    service = one(objs, "Service", args["service"])
+    (port,) = [p for p in service["spec"]["ports"] if p["name"] == args["port_name"]]
+    target = port["targetPort"]
+    named = {p["name"]: p["containerPort"] for p in gate["ports"]}
+    assert named.get(target, target) == config.gate.listen.port
+
+
+@pytest.mark.parametrize("overlay", OVERLAY_PARAMS)
+def test_pod_readiness_is_the_gates_readyz(rendered: dict[str, list[Obj]], overlay: str) -> None:
+    deployment, gate, config = _gate(rendered[overlay])
+    readiness = gate["readinessProbe"]
+    assert readiness["httpGet"]["path"] == "/-/readyz"
+    assert readiness["httpGet"]["port"] in ("gate", config.gate.listen.port)
+    # the gate answers 503 itself once sd-webui did not connect in --connect-timeout-s
+    assert readiness["timeoutSeconds"] > config.gate.connect_timeout_s
+    assert gate["livenessProbe"]["httpGet"]["path"] == "/-/healthz"
+    # no other readiness probe: the sd-webui container turns ready when its startupProbe
+    # (the model is loaded) succeeded, the gate's then says "sd-webui answers"
+    others = [c["name"] for c in containers(deployment) if c is not gate and "readinessProbe" in c]
+    assert not others
+
+
+@pytest.mark.parametrize("overlay", OVERLAY_PARAMS)
+def test_only_the_gate_is_reachable_from_outside_the_pod(
+    rendered: dict[str, list[Obj]], overlay: str
+) -> None:
+    deployment, gate, _ = _gate(rendered[overlay])
+    generator = _generator(deployment)
+    assert not generator.get("ports"), "sd-webui is reached through the gate only"
+    args = generator["args"]
+    if image_name(generator["image"]) == "sd-webui":
+        # --nowebui binds 0.0.0.0 unless --server-name says otherwise (docs/sd-webui.md)
+        assert "--listen" not in args
+        assert args[args.index("--server-name") + 1] == "127.0.0.1"
+    else:
+        assert args[args.index("--host") + 1] == "127.0.0.1"
+    exposed = [p for c in containers(deployment) for p in c.get("ports", [])]
+    assert exposed == gate["ports"]
+
+
+# a stand-in sd-webui for the liveness command: /sdapi/v1/progress answers 200
+class _Progress(BaseHTTPRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+    def do_GET(self) -> None:
+        ok = self.path.startswith("/sdapi/v1/progress")
+        body = b'{"progress": 0}' if ok else b'{"detail": "Not Found"}'
+        self.send_response(200 if ok else 404)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+
+@pytest.fixture
+def progress_port() -> Iterator[int]:
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Progress)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield server.server_address[1]
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
+
+
+@pytest.mark.parametrize("overlay", OVERLAY_PARAMS)
+def test_sd_webui_liveness_asks_progress_on_loopback(
+    rendered: dict[str, list[Obj]], overlay: str, progress_port: int
+) -> None:
+    deployment, _, _ = _gate(rendered[overlay])
+    generator = _generator(deployment)
+    port = _upstream_port(generator)
+    command = generator["livenessProbe"]["exec"]["command"]
+    assert command[:2] == ["python", "-c"]
+    url = f"http://127.0.0.1:{port}/sdapi/v1/progress?"
+    assert url in command[2]
+    # the same program, run as kubelet would, against a stand-in on another port
+    code = command[2].replace(f":{port}/", f":{progress_port}/")
+    ok = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=30)
+    assert ok.returncode == 0, ok.stderr
+    code = command[2].replace(f":{port}/sdapi/v1/progress", f":{progress_port}/nothing")
+    failed = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=30)
+    assert failed.returncode != 0
+
+
+# --- NetworkPolicy -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("overlay", OVERLAY_PARAMS)
+def test_network_policy_lets_only_the_proxy_reach_the_gate(
+    rendered: dict[str, list[Obj]], overlay: str
+) -> None:
+    objs = rendered[overlay]
+    deployment, gate, config = _gate(objs)
+    proxy, _, _ = _proxy(objs)
+    (policy,) = find(objs, "NetworkPolicy")
+    spec = policy["spec"]
+    pod_labels = deployment["spec"]["template"]["metadata"]["labels"]
+    proxy_labels = proxy["spec"]["template"]["metadata"]["labels"]
+    assert _selects(spec["podSelector"]["matchLabels"], pod_labels)
+    assert not _selects(spec["podSelector"]["matchLabels"], proxy_labels)
+    assert spec["policyTypes"] == ["Ingress"]
+    named = {p["name"]: p["containerPort"] for p in gate["ports"]}
+    for rule in spec["ingress"]:
+        # pods of this namespace only (no namespaceSelector, no ipBlock): the proxy's
+        assert [set(peer) for peer in rule["from"]] == [{"podSelector"}] * len(rule["from"])
+        for peer in rule["from"]:
+            assert _selects(peer["podSelector"]["matchLabels"], proxy_labels)
+            assert not _selects(peer["podSelector"]["matchLabels"], pod_labels)
+        ports = {(p.get("protocol", "TCP"), named.get(p["port"], p["port"])) for p in rule["ports"]}
+        # the gate alone; the pods export no metrics, so there is nothing for Prometheus
+        assert ports == {("TCP", config.gate.listen.port)}
+    assert spec["ingress"], "an empty ingress list would cut the proxy off too"
 
 
 # --- RBAC ----------------------------------------------------------------------------------
@@ -248,9 +459,9 @@ def test_rbac_lives_in_base_rbac_yaml() -> None:
 
 
 def _gpu_deployment(objs: Sequence[Obj]) -> tuple[Obj, Obj]:
+    """The sd-webui Deployment and its generator container (the gate is a sidecar)."""
     deployment = one(objs, "Deployment", "sd-webui")
-    (container,) = containers(deployment)
-    return deployment, container
+    return deployment, _generator(deployment)
 
 
 @pytest.mark.parametrize("overlay", GPU_OVERLAYS)
@@ -270,24 +481,24 @@ def test_gpu_deployment_invariants(rendered: dict[str, list[Obj]], overlay: str)
     one(objs, "PersistentVolumeClaim", "sd-models")
     startup = container["startupProbe"]
     assert startup["failureThreshold"] * startup["periodSeconds"] >= 600
-    assert pod["terminationGracePeriodSeconds"] >= 300
-    assert "preStop" in container["lifecycle"]
-    # readiness must not be the model-loaded check (that is the startupProbe's job)
-    assert container["readinessProbe"]["httpGet"]["path"].startswith("/sdapi/v1/progress")
     assert startup["exec"]["command"][0] == "sd-ready"
+    # the grace period covers a long generation: the preStop drain's wait, then SIGTERM
+    prestop = container["lifecycle"]["preStop"]["exec"]["command"]
+    assert prestop[0] == "sd-drain"
+    wait_s = float(prestop[prestop.index("--max-wait") + 1])
+    settle_s = float(prestop[prestop.index("--settle") + 1])
+    assert wait_s >= 300
+    assert pod["terminationGracePeriodSeconds"] >= wait_s + settle_s + 20
     # the scaler owns the replica count; `kubectl apply` must not reset it
     assert "replicas" not in deployment["spec"]
 
 
 @pytest.mark.parametrize("overlay", GPU_OVERLAYS)
-def test_sd_webui_serves_the_api_on_all_interfaces(
-    rendered: dict[str, list[Obj]], overlay: str
-) -> None:
+def test_sd_webui_serves_the_api_to_the_gate(rendered: dict[str, list[Obj]], overlay: str) -> None:
     _, container = _gpu_deployment(rendered[overlay])
     args = container["args"]
-    assert {"--api", "--listen"} <= set(args)
+    assert {"--api", "--nowebui"} <= set(args)
     assert args[args.index("--port") + 1] == "7860"
-    assert {p["name"]: p["containerPort"] for p in container["ports"]} == {"http": 7860}
 
 
 @pytest.mark.parametrize("overlay", OVERLAY_PARAMS)
@@ -332,8 +543,9 @@ def test_services_and_pdbs_select_one_deployment(
             if _selects(svc["spec"]["selector"], d["spec"]["template"]["metadata"]["labels"])
         ]
         names = {p["name"] for c in containers(target) for p in c.get("ports", [])}
+        numbers = {p["containerPort"] for c in containers(target) for p in c.get("ports", [])}
         for port in svc["spec"]["ports"]:
-            assert port["targetPort"] in names, f"Service {svc['metadata']['name']}: {port}"
+            assert port["targetPort"] in names | numbers, f"Service {svc['metadata']['name']}"
     for pdb in find(objs, "PodDisruptionBudget"):
         selector = pdb["spec"]["selector"]["matchLabels"]
         assert [d for d in deployments if _selects(selector, d["spec"]["selector"]["matchLabels"])]
@@ -402,7 +614,10 @@ def test_keda_scales_sd_webui_from_the_desired_pods_metric(
     assert trigger["type"] == "prometheus"
     assert trigger.get("metricType", "AverageValue") == "AverageValue"
     assert trigger["metadata"]["threshold"] == "1"
-    assert _metric_names(trigger["metadata"]["query"]) == {"sdproxy_desired_pods"}
+    query = trigger["metadata"]["query"]
+    assert _metric_names(query) == {"sdproxy_desired_pods"}
+    # every replica exports the count of the global demand: one value, not one share each
+    assert re.fullmatch(r"max\(sdproxy_desired_pods(\{[^}]*\})?\)", query.strip()), query
     # the HPA behavior KEDA passes through must be a valid autoscaling/v2 behavior
     behavior = spec["advanced"]["horizontalPodAutoscalerConfig"]["behavior"]
     hpa = {
@@ -425,3 +640,39 @@ def test_keda_scales_sd_webui_from_the_desired_pods_metric(
 def test_docs_show_how_to_apply_each_overlay(overlay: str) -> None:
     docs = (REPO / "docs" / "deploy.md").read_text()
     assert f"kubectl apply -k deploy/overlays/{overlay}" in docs
+
+
+def _replica_commands() -> list[list[str]]:
+    """The `sdproxy ...` command lines of README's "Running several replicas" sh blocks,
+    continuation lines joined, comments and a trailing `&` dropped."""
+    readme = (REPO / "README.md").read_text()
+    section = readme.split("\n## Running several replicas\n", 1)[1].split("\n## ", 1)[0]
+    blocks = re.findall(r"```sh\n(.*?)```", section, re.S)
+    lines = "\n".join(blocks).replace("\\\n", " ").splitlines()
+    return [
+        [w for w in shlex.split(line, comments=True) if w != "&"]
+        for line in lines
+        if line.startswith("sdproxy ")
+    ]
+
+
+def test_readme_runs_two_replicas_over_gated_sim_pods() -> None:
+    commands = _replica_commands()
+    sims = [parse(argv[1:]) for argv in commands if argv[1] == "sim"]
+    gates = [
+        settings.load_gate(parse(argv[1:]), env={}).gate for argv in commands if argv[1] == "gate"
+    ]
+    serves = [
+        settings.build(settings.resolve(parse(argv[1:]), env={}))
+        for argv in commands
+        if argv[1] == "serve"
+    ]
+    assert len(sims) == 1 and len(gates) == 2 and len(serves) == 2
+    (sim,) = sims
+    pods = {f"http://{sim.host}:{sim.port + i}" for i in range(sim.pods)}
+    assert {g.upstream for g in gates} == pods, "one gate in front of each simulated pod"
+    gate_urls = {f"http://{g.listen.host}:{g.listen.port}" for g in gates}
+    for serve in serves:
+        assert set(serve.discovery.backend) == gate_urls, "the replicas talk to the gates"
+    addresses = [a for s in serves for a in (s.proxy.listen, s.proxy.metrics_listen)]
+    assert len(set(addresses)) == len(addresses), "every listener needs its own port"

@@ -255,3 +255,32 @@ async def test_every_replica_exports_the_same_global_desired_pods(
         job.cancel()
     for proxy in (a, b):
         await proxy.wait_idle()
+
+
+async def test_a_gate_whose_sd_webui_died_takes_no_work_and_says_so(
+    gated_pods: GatedFactory, proxy_factory: ProxyFactory
+) -> None:
+    """The gate outlives its sd-webui (a crashed container): it answers pod_down before
+    anything is sent, publishes upstream_ok false, and the replicas send it nothing."""
+    cluster = await gated_pods(2)
+    (proxy,) = await peered(proxy_factory, cluster.urls, 1)
+    await cluster.sims.kill(0)
+    async with (
+        aiohttp.ClientSession() as client,
+        client.post(cluster.urls[0] + TXT2IMG, json=gen_body(1)) as resp,
+    ):
+        assert resp.status == 503
+        assert resp.headers["X-Sdproxy-Gate"] == "upstream_down"
+        assert (await resp.json())["error"] == "pod_down"
+    assert (await cluster.occupancy(0))["upstream_ok"] is False
+
+    async def down() -> bool:
+        modes = {p["url"]: p["mode"] for p in (await proxy.status())["pods"]}
+        return modes == {cluster.urls[0]: "pod_down", cluster.urls[1]: "gated"}
+
+    await eventually(down, what="the replica to see pod 0 down")
+    for _ in range(4):
+        async with proxy.client.post(TXT2IMG, json=gen_body(2)) as resp:
+            assert resp.status == 200
+            assert resp.headers["X-Sdproxy-Pod"] == cluster.urls[1].removeprefix("http://")
+    await proxy.wait_idle()

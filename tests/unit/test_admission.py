@@ -852,13 +852,17 @@ class AdmissionStorm(RuleBasedStateMachine):
         self._apply(fx)
         assert self.fate[ticket] != "refused", "a refused job got no new decision"
 
-    @rule(pod=st.sampled_from(PODS), foreign=st.integers(0, 3), limit=st.integers(1, 3))
-    def gate_published(self, pod: str, foreign: int, limit: int) -> None:
-        self._apply(
-            self.adm.observe_gate(
-                P(pod), foreign=foreign, limit=limit, checkpoint=None, now=self.now
-            )
+    @rule(
+        pod=st.sampled_from(PODS),
+        foreign=st.integers(0, 3),
+        limit=st.integers(1, 3),
+        healthy=st.booleans(),
+    )
+    def gate_published(self, pod: str, foreign: int, limit: int, healthy: bool) -> None:
+        fx = self.adm.observe_gate(
+            P(pod), foreign=foreign, limit=limit, checkpoint=None, now=self.now, healthy=healthy
         )
+        self._apply(fx)
 
     @rule(pod=st.sampled_from(PODS), lost=st.booleans())
     def gate_out_of_sight(self, pod: str, lost: bool) -> None:
