@@ -52,6 +52,8 @@ from sdproxy.settings import HostPort, Settings
 
 log = logging.getLogger("sdproxy")
 CLOCK = time.monotonic
+#: the port of the proxy's own Service that peers are reached on (--peer-service)
+PEER_PORT_NAME = "http"
 
 
 class Services:
@@ -335,7 +337,10 @@ def _peer_discovery(settings: Settings) -> Discovery | None:
         return None
     from sdproxy.runtime.kube import KubernetesDiscovery
 
-    own = dataclasses.replace(settings.discovery, service=settings.proxy.peer_service, port_name="")
+    # the replicas' Service port named "http" (the proxy port; deploy/base/sdproxy.yaml)
+    own = dataclasses.replace(
+        settings.discovery, service=settings.proxy.peer_service, port_name=PEER_PORT_NAME
+    )
     return KubernetesDiscovery(own)
 
 
