@@ -89,7 +89,9 @@ class Autoscaler:
         if self.scaler.is_leader() and (decision.changed or now - self._asserted_at >= REASSERT_S):
             self._asserted_at = now
             victims = self._cordon_surplus(decision.desired, now)
-            await self.scaler.scale_to(decision.desired, idle_pods=victims)
+            await self.scaler.scale_to(
+                decision.desired, idle_pods=victims, known_pods=list(self.admission.pods)
+            )
         return decision
 
     def _cordon_surplus(self, desired: int, now: float) -> list[PodId]:

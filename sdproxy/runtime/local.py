@@ -64,7 +64,9 @@ class LocalPods:
     def is_leader(self) -> bool:
         return True
 
-    async def scale_to(self, desired: int, *, idle_pods: Sequence[PodId]) -> None:
+    async def scale_to(
+        self, desired: int, *, idle_pods: Sequence[PodId], known_pods: Sequence[PodId] = ()
+    ) -> None:
         live = [p for p in self.pods.values() if not p.stopping]
         for _ in range(desired - len(live)):
             await self._start_pod()

@@ -20,9 +20,13 @@ class Scaler(Protocol):
 
     name: str
 
-    async def scale_to(self, desired: int, *, idle_pods: Sequence[PodId]) -> None:
+    async def scale_to(
+        self, desired: int, *, idle_pods: Sequence[PodId], known_pods: Sequence[PodId] = ()
+    ) -> None:
         """Ask for ``desired`` pods. ``idle_pods`` (no heavy work in flight, most idle
-        first) are the ones to remove when scaling in; never remove a busy pod."""
+        first) are the ones to remove when scaling in; never remove a busy pod.
+        ``known_pods``: every pod discovery lists (a new leader clears what an old one
+        left on them)."""
         ...
 
     def is_leader(self) -> bool:
@@ -39,7 +43,9 @@ class NoScaler:
 
     name = "none"
 
-    async def scale_to(self, desired: int, *, idle_pods: Sequence[PodId]) -> None:
+    async def scale_to(
+        self, desired: int, *, idle_pods: Sequence[PodId], known_pods: Sequence[PodId] = ()
+    ) -> None:
         return None
 
     def is_leader(self) -> bool:

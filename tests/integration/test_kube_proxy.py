@@ -4,6 +4,8 @@ and serving through an API-server outage with the last known pods."""
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,6 +17,7 @@ from aiohttp import web
 
 from sdproxy import settings as settings_mod
 from sdproxy.cli import build_parser
+from sdproxy.core.pods import Endpoint, PodId
 from sdproxy.runtime.app import SERVICES, build_app
 from sdproxy.sim.config import SimConfig
 from sdproxy.sim.server import run_pods
@@ -166,3 +169,46 @@ async def test_api_outage_keeps_serving_last_known_pods(
         await wait_until(
             lambda: app[SERVICES].discovery.health().connected, timeout_s=40, what="recovery"
         )
+
+
+async def test_demand_queued_only_at_a_follower_makes_the_leader_scale_up(
+    cluster: tuple[FakeKube, ReplicaSet, str], proxy: tuple[web.Application, str]
+) -> None:
+    """Two replicas (peers), the second not the leader: requests queued only there make the
+    leader order pods, and both export the same desired count."""
+    kube, _replicaset, kubeconfig = cluster
+    leader_app, leader_url = proxy
+    await wait_until(leader_app[SERVICES].scaler.is_leader, what="leadership")
+    port = free_port()
+    follower_settings = proxy_settings(kubeconfig, port)
+    follower_settings = dataclasses.replace(
+        follower_settings,
+        proxy=dataclasses.replace(follower_settings.proxy, peer=(leader_url,)),
+        scaler=dataclasses.replace(follower_settings.scaler, identity="proxy-1"),
+    )
+    follower = build_app(follower_settings)
+    runner = web.AppRunner(follower, handler_cancellation=True, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    follower_url = f"http://127.0.0.1:{port}"
+    leader_app[SERVICES].on_peers([Endpoint(pod_id=PodId("f"), url=follower_url)])
+    try:
+        assert not follower[SERVICES].scaler.is_leader()
+        assert kube.replicas("sd-webui") == 0
+        async with aiohttp.ClientSession() as session:
+            jobs = [
+                asyncio.create_task(session.post(follower_url + "/sdapi/v1/txt2img", json=TXT2IMG))
+                for _ in range(2)
+            ]
+            await wait_until(lambda: kube.replicas("sd-webui") == 2, what="the leader to scale up")
+
+            async def desired(url: str) -> int:
+                return int((await status(session, url))["autoscaler"]["desired"])
+
+            assert await desired(leader_url) == await desired(follower_url) == 2
+            for job in jobs:
+                resp = await job
+                assert resp.status == 200
+                resp.release()
+    finally:
+        await runner.cleanup()

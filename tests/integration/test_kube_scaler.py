@@ -195,3 +195,22 @@ async def test_scale_from_zero_hook_starts_a_pod_discovery_sees(
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
+
+
+async def test_a_new_leader_clears_the_marks_an_old_leader_left(
+    kube: FakeKube, scaler: KubernetesScaler
+) -> None:
+    """The old leader marked a victim and died before scaling in: that low cost would make
+    the ReplicaSet delete the pod first at the next scale-in, even while it is busy."""
+    for i, name in enumerate(["marked-0", "plain-1"]):
+        kube.add_endpoint(name, f"10.0.0.{i + 1}")
+    kube.add_deployment("sd-webui", replicas=2)
+    kube.pods[("sd", "marked-0")]["metadata"]["annotations"] = {DELETION_COST: "-100"}
+    await scaler.scale_to(2, idle_pods=[], known_pods=pods("marked-0", "plain-1"))
+    assert DELETION_COST not in kube.annotations("marked-0")
+    assert kube.replicas("sd-webui") == 2
+    patched = {c.name for c in kube.calls(verb="patch", resource="pods")}
+    assert patched == {"marked-0", "plain-1"}
+    # only at the takeover: the next ticks touch no pod that is not a victim
+    await scaler.scale_to(2, idle_pods=[], known_pods=pods("marked-0", "plain-1"))
+    assert len(kube.calls(verb="patch", resource="pods")) == 2

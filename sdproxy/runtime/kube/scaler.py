@@ -6,7 +6,10 @@ not-ready pods are gone (https://kubernetes.io/docs/concepts/workloads/controlle
 replicaset/#pod-deletion-cost). So before lowering ``spec.replicas`` by k we give the k
 most idle pods a cost below every unannotated (possibly busy) pod, and scale in by no more
 than the number of idle pods we were given: a pod mid-generation is never chosen. Marks
-left on pods that are no longer victims are removed (merge-patch null).
+left on pods that are no longer victims are removed (merge-patch null) — including, when
+this replica becomes the leader, every mark a previous leader may have left on the pods
+discovery lists (it died or lost the Lease before it could clear them; a stale low cost
+would make the ReplicaSet delete that pod first even once it is busy).
 
 Lifecycle: ``await start()`` builds the client and starts the Lease election task; the first
 ``scale_to`` calls it if nobody did. ``close()`` releases the Lease and closes the client.
@@ -53,6 +56,7 @@ class KubernetesScaler:
         self._api: KubeApi | None = None
         self._elector: LeaderElector | None = None
         self._marked: set[PodId] = set()
+        self._led = False
 
     async def start(self) -> None:
         """Connect and start the leader election (idempotent; raises ConfigError)."""
@@ -80,14 +84,20 @@ class KubernetesScaler:
             await self._api.close()
         self._api = self._elector = None
 
-    async def scale_to(self, desired: int, *, idle_pods: Sequence[PodId]) -> None:
+    async def scale_to(
+        self, desired: int, *, idle_pods: Sequence[PodId], known_pods: Sequence[PodId] = ()
+    ) -> None:
         try:
             await self.start()
         except ConfigError as exc:
             log.error("kubernetes scaler cannot start: %s", exc)
             return
         if not self.is_leader():
+            self._led = False
             return
+        if not self._led:  # leadership just taken: any mark on a known pod may be stale
+            self._led = True
+            self._marked |= set(known_pods)
         try:
             await self._scale(max(0, desired), list(idle_pods))
         except KubernetesError as exc:
