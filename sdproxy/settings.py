@@ -147,6 +147,9 @@ class ScalerSettings:
     local_base_port: int = option(7860, "local scaler: first port for simulated pods")
     local_startup_s: float = option(5.0, "local scaler: simulated model-load time")
     local_step_ms: float = option(20.0, "local scaler: simulated ms per 512x512 step")
+    local_gates: bool = option(
+        False, "local scaler: an sdproxy gate in front of each simulated pod", switch=True
+    )
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -368,10 +368,18 @@ async def _metrics(request: web.Request) -> web.Response:
     return web.Response(body=body, headers={"Content-Type": content_type})
 
 
-async def serve(settings: Settings, *, ready: asyncio.Event | None = None) -> int:
-    """Run ``sdproxy serve`` until SIGTERM/SIGINT; returns the exit code."""
+async def serve(
+    settings: Settings,
+    *,
+    ready: asyncio.Event | None = None,
+    stop: asyncio.Event | None = None,
+    discovery: Discovery | None = None,
+    scaler: Scaler | None = None,
+) -> int:
+    """Run ``sdproxy serve`` until SIGTERM/SIGINT (or ``stop``, whose owner then handles
+    the signals: the demo runs several replicas in one process); returns the exit code."""
     setup_logging(settings.log)
-    app = build_app(settings)
+    app = build_app(settings, discovery=discovery, scaler=scaler)
     services = app[SERVICES]
     runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
     await runner.setup()
@@ -381,10 +389,11 @@ async def serve(settings: Settings, *, ready: asyncio.Event | None = None) -> in
         site = await listen_on(runner, listen, backlog=4096)
         metrics_runner = await _start_metrics(settings, services.metrics)
         log.info("sdproxy %s listening on http://%s", __version__, listen)
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
+        if stop is None:
+            stop = asyncio.Event()
+            loop = asyncio.get_running_loop()
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(sig, stop.set)
         if ready is not None:
             ready.set()
         await stop.wait()

@@ -48,6 +48,40 @@ def pod_id_for_url(url: str) -> PodId:
     return PodId(parts.netloc or url)
 
 
+class FanOut:
+    """One discovery source shared by several replicas in one process (``sdproxy demo
+    --replicas N``): the source runs once, every replica's sink gets each snapshot."""
+
+    def __init__(self, source: Discovery) -> None:
+        self.source = source
+        self.name = source.name
+        self._sinks: list[Sink] = []
+        self._last: list[Endpoint] | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    def _fan(self, endpoints: Sequence[Endpoint]) -> None:
+        self._last = list(endpoints)
+        for sink in list(self._sinks):
+            sink(self._last)
+
+    async def run(self, sink: Sink) -> None:
+        self._sinks.append(sink)
+        if self._last is not None:
+            sink(self._last)
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self.source.run(self._fan))
+        try:
+            await asyncio.Event().wait()
+        finally:
+            self._sinks.remove(sink)
+            if not self._sinks and self._task is not None:
+                self._task.cancel()
+                self._task = None
+
+    def health(self) -> DiscoveryHealth:
+        return self.source.health()
+
+
 class StaticDiscovery:
     """The --backend list: every backend is ready from the start (health is learned)."""
 

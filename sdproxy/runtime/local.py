@@ -31,12 +31,24 @@ class LocalPod:
     pod_id: PodId
     port: int
     process: asyncio.subprocess.Process
+    #: ``sdproxy gate`` in front of the simulated pod (--local-gates)
+    gate: asyncio.subprocess.Process | None = None
+    gate_port: int = 0
     ready: bool = False
     stopping: bool = False
 
     @property
-    def url(self) -> str:
+    def sim_url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def url(self) -> str:
+        """Where the proxy sends its work: the gate if there is one."""
+        return f"http://127.0.0.1:{self.gate_port}" if self.gate else self.sim_url
+
+    @property
+    def processes(self) -> list[asyncio.subprocess.Process]:
+        return [self.process] + ([self.gate] if self.gate else [])
 
 
 def _port_free(port: int) -> bool:
@@ -89,8 +101,17 @@ class LocalPods:
             stdout=asyncio.subprocess.DEVNULL,
         )  # fmt: skip
         pod_id = PodId(f"sim-{port}")
-        self.pods[pod_id] = LocalPod(pod_id=pod_id, port=port, process=process)
-        log.info("started simulated pod %s (pid %d)", pod_id, process.pid)
+        pod = LocalPod(pod_id=pod_id, port=port, process=process)
+        self.pods[pod_id] = pod
+        if self.settings.local_gates:
+            pod.gate_port = self._free_port()
+            pod.gate = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "sdproxy", "gate",
+                "--listen", f"127.0.0.1:{pod.gate_port}", "--upstream", pod.sim_url,
+                "--log-level", "warning",
+                stdout=asyncio.subprocess.DEVNULL,
+            )  # fmt: skip
+        log.info("started simulated pod %s (pid %d) at %s", pod_id, process.pid, pod.url)
         self._changed.set()
 
     def _free_port(self) -> int:
@@ -103,21 +124,23 @@ class LocalPods:
 
     def _stop_pod(self, pod: LocalPod) -> None:
         pod.stopping = True
-        with contextlib.suppress(ProcessLookupError):
-            pod.process.terminate()
+        for process in pod.processes:
+            with contextlib.suppress(ProcessLookupError):
+                process.terminate()
         log.info("stopping simulated pod %s", pod.pod_id)
         self._changed.set()
 
     async def close(self) -> None:
-        for pod in self.pods.values():
+        processes = [p for pod in self.pods.values() for p in pod.processes]
+        for process in processes:
             with contextlib.suppress(ProcessLookupError):
-                pod.process.terminate()
-        for pod in self.pods.values():
+                process.terminate()
+        for process in processes:
             try:
-                await asyncio.wait_for(pod.process.wait(), timeout=5)
+                await asyncio.wait_for(process.wait(), timeout=5)
             except TimeoutError:
-                pod.process.kill()
-                await pod.process.wait()
+                process.kill()
+                await process.wait()
         self.pods.clear()
 
     # ---- Discovery --------------------------------------------------------------------
@@ -145,7 +168,10 @@ class LocalPods:
         """Mark pods ready when they answer; forget exited ones. True if anything changed."""
         changed = False
         for pod in list(self.pods.values()):
-            if pod.process.returncode is not None:
+            if any(p.returncode is not None for p in pod.processes):
+                for process in pod.processes:  # a pod and its gate go together
+                    with contextlib.suppress(ProcessLookupError):
+                        process.terminate()
                 del self.pods[pod.pod_id]
                 changed = True
             elif not pod.ready and not pod.stopping and await self._answers(session, pod):
@@ -156,9 +182,15 @@ class LocalPods:
 
     @staticmethod
     async def _answers(session: aiohttp.ClientSession, pod: LocalPod) -> bool:
+        checks = [pod.sim_url + "/internal/ping"]
+        if pod.gate is not None:
+            checks.append(pod.url + "/-/healthz")
         try:
             timeout = aiohttp.ClientTimeout(total=1)
-            async with session.get(pod.url + "/internal/ping", timeout=timeout) as resp:
-                return resp.status == 200
+            for url in checks:
+                async with session.get(url, timeout=timeout) as resp:
+                    if resp.status != 200:
+                        return False
         except (aiohttp.ClientError, TimeoutError):
             return False
+        return True

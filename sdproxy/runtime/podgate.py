@@ -120,6 +120,8 @@ class GateServer:
         #: sends a pod whose sd-webui is down nothing, instead of collecting fast errors)
         self.upstream_ok = True
         self._probe: asyncio.Task[None] | None = None
+        #: stopping: the occupancy streams end (their followers reconnect elsewhere)
+        self.closing = False
         self._background: set[asyncio.Task[None]] = set()
 
     # ---- change notification ------------------------------------------------------------
@@ -363,7 +365,7 @@ class GateServer:
         await response.prepare(request)
         last = -1
         try:
-            while True:
+            while not self.closing:
                 change = self._next_change()
                 if self.core.version != last:
                     last = self.core.version
@@ -460,6 +462,8 @@ async def serve_gate(settings: GateSettings, *, ready: asyncio.Event | None = No
             ready.set()
         await stop.wait()
         await site.stop()
+        app[GATE_KEY].closing = True  # end the occupancy streams: they never end by
+        app[GATE_KEY].changed()  # themselves, and the runner waits for every handler
     finally:
         await runner.cleanup()
     return 0

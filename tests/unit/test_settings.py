@@ -420,9 +420,10 @@ def test_serve_help_shows_every_default_and_env_name(monkeypatch: pytest.MonkeyP
 
 def test_demo_help_shows_every_default(monkeypatch: pytest.MonkeyPatch) -> None:
     shown = _help_entries("demo", monkeypatch)
-    assert len(shown) == 10
+    assert len(shown) == 11
     assert all("(default: " in entry for entry in shown.values()), shown
     assert shown["--idle-to-zero-s"].endswith("(default: 60.0)")
+    assert shown["--replicas"].endswith("(default: 1)")
     assert shown["--listen"].endswith("(default: 127.0.0.1:8000)")
 
 
