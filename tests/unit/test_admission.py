@@ -90,13 +90,13 @@ def tr(pod: str, old: PodState | None, new: PodState | None) -> Transition:
 
 def takes_work(pod: Any, now: float) -> bool:
     """Independently of the core: ready, a slot free (counting the gate's other senders),
-    not ejected, not cordoned, its gate (if any) in sight."""
+    not ejected, not cordoned, its gate (if any) in sight and its sd-webui up."""
     return (
         pod.state is PodState.READY
         and len(pod.running) + pod.foreign < pod.limit
         and now >= pod.ejected_until
         and now >= pod.cordoned_until
-        and (pod.gate_live or not pod.gated)
+        and (not pod.gated or (pod.gate_live and pod.gate_healthy))
     )
 
 
