@@ -15,7 +15,7 @@ nested deeper than ``MAX_DEPTH`` (no sd-webui request comes near it: alwayson_sc
 script → args → a unit is four) is not handed to it: the tokenizer reads it instead, in
 constant state whatever the depth, and the body is forwarded unchanged — sd-webui answers
 such a body with its own error (FastAPI's 400); the proxy only schedules it with what it
-could read.
+could read. A checkpoint name over ``MAX_CHECKPOINT_CHARS`` is no checkpoint.
 """
 
 from __future__ import annotations
@@ -33,6 +33,10 @@ _TOKEN = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"|[{}\[\]:,]|[^\s{}\[\]:,"]+|"', re
 _NESTED_OF_INTEREST = "override_settings"
 #: deepest nesting of arrays and objects a complete body may have to be parsed by ``json``
 MAX_DEPTH = 64
+#: longest checkpoint name (title, file name, model_name) the proxy tracks: a file name is
+#: at most 255 bytes on Linux, a title adds " [shorthash]"; a longer one is no checkpoint
+#: (it comes from the client and would end up in /-/status and a metric label)
+MAX_CHECKPOINT_CHARS = 256
 #: a string (a cut one runs to the end) and anything but brackets: what ``_too_deep`` drops
 _STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"?', re.DOTALL)
 _NOT_BRACKET = re.compile(r"[^\[\]{}]+")
@@ -141,8 +145,12 @@ def checkpoint_key(name: str) -> str | None:
     "/" and "\\" as "_"). All of those map to the ``model_name``: "sub/m.safetensors
     [0123abcd45]", "sub/m.safetensors" and "sub_m" give "sub_m". A bare hash, or the
     basename stem of a file in a sub-folder, cannot be mapped without the pod's list and
-    stays a key of its own. None for a blank name.
+    stays a key of its own. None for a blank name, and for one over
+    ``MAX_CHECKPOINT_CHARS`` (checked first: the checksum pattern is quadratic on a long
+    run of "[").
     """
+    if len(name) > MAX_CHECKPOINT_CHARS:
+        return None
     stem = _CHECKSUM.sub("", name).strip().lstrip("/\\")
     if stem.lower().endswith(_CHECKPOINT_EXTENSIONS):
         stem = stem.rsplit(".", 1)[0]

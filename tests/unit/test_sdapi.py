@@ -9,7 +9,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sdproxy.core.sdapi import MAX_DEPTH, BodyInfo, body_keys, checkpoint_key, inspect_body
+from sdproxy.core.sdapi import (
+    MAX_CHECKPOINT_CHARS,
+    MAX_DEPTH,
+    BodyInfo,
+    body_keys,
+    checkpoint_key,
+    inspect_body,
+)
 
 TXT2IMG: dict[str, Any] = {
     "prompt": 'a lighthouse at dusk, {oil painting}: [detailed], "golden" light',
@@ -139,6 +146,11 @@ def test_checkpoint_key_names_a_file_whatever_the_title(name: str) -> None:
         pytest.param("", None, id="empty"),
         pytest.param(" [6ce0161689] ", None, id="only-a-checksum"),
         pytest.param(".safetensors", None, id="only-an-extension"),
+        pytest.param("m" * MAX_CHECKPOINT_CHARS, "m" * MAX_CHECKPOINT_CHARS, id="longest"),
+        pytest.param("m" * (MAX_CHECKPOINT_CHARS + 1), None, id="too-long"),
+        pytest.param("x" * 250_000 + ".safetensors", None, id="a-250-kb-name"),
+        # the checksum pattern backtracks quadratically on "[" runs: ~3 s for this one
+        pytest.param("[" * 100_000, None, id="quadratic-for-the-checksum-pattern"),
     ],
 )
 def test_checkpoint_key(name: str, key: str | None) -> None:
