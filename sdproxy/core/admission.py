@@ -81,6 +81,9 @@ class AdmissionConfig:
     eject_s: float = field(default=2.0, metadata={"derived": "a constant"})
     #: initial guess of seconds per cost unit (one 512x512 step on an A10: ~0.1 s)
     seconds_per_unit: float = field(default=0.1, metadata={"derived": "a constant"})
+    #: the longest one job can hold a slot, the most it adds to any ETA (sd-webui says
+    #: nothing until a generation is done, so a pod silent for --backend-timeout-s is cut)
+    max_job_s: float = field(default=1800.0, metadata={"derived": "--backend-timeout-s"})
 
 
 class Admission:
@@ -99,7 +102,7 @@ class Admission:
         self.book = SlotBook(limit=config.max_inflight)
         self.health = Health(eject_s=config.eject_s)
         self.light = LeastLoadedLight()
-        self.eta = EwmaEta(seconds_per_unit=config.seconds_per_unit)
+        self.eta = EwmaEta(seconds_per_unit=config.seconds_per_unit, max_job_s=config.max_job_s)
         #: refuses new jobs (SIGTERM); what is queued still drains onto pods
         self.closed = False
         #: gave up on the queue too: nothing waits any more

@@ -4,6 +4,7 @@ heavy  -> a slot from the Gate (queue if none) -> pod; on client disconnect mid-
           the pod is told to interrupt and the slot is released only when its response ends
 light  -> least loaded ready pod at once (retried on another pod if the connect fails)
 job    -> the pod running the caller's job; answered by the proxy while it is queued
+          (which job is whose, and who may reach it: sdproxy.runtime.jobs)
 admin  -> 403 unless --allow-admin (then treated as heavy)
 Errors answer ``{"error": code, "detail": text}`` with the status from sdproxy.errors.
 """
@@ -24,19 +25,23 @@ from sdproxy import errors
 from sdproxy.core.admission import Job, TicketId
 from sdproxy.core.cost import estimate_steps
 from sdproxy.core.effects import InterruptReason, Outcome
+from sdproxy.core.limits import check_request
 from sdproxy.core.pods import PodId
 from sdproxy.core.routing import RouteClass, RouteTable, classify_options
-from sdproxy.core.sdapi import body_keys, inspect_body
+from sdproxy.core.sdapi import BodyInfo, body_keys, inspect_body
 from sdproxy.runtime import forward
 from sdproxy.runtime.gate import Gate, Slot
 from sdproxy.runtime.gatewatch import GateWatch
 from sdproxy.runtime.jobs import (
     CALLER_KEYS_HEADER,
+    JOB_HEADER,
+    JOB_ID,
     Caller,
     JobIndex,
     caller_keys_header,
     identify,
     new_request_id,
+    new_token,
     set_cookie,
 )
 from sdproxy.runtime.logs import AccessRecord, access_log_enabled, log_access
@@ -50,6 +55,8 @@ log = logging.getLogger("sdproxy.proxy")
 PEEK_BYTES = 256 * 1024  # enough for any txt2img body; img2img blobs are streamed past it
 INTERRUPT_PATH = "/sdapi/v1/interrupt"
 LIGHT_ATTEMPTS = 3
+#: Retry-After of 429 client_quota: a queued job of the caller may have started by then
+QUOTA_RETRY_S = 5.0
 
 
 @dataclass(kw_only=True, slots=True)
@@ -68,6 +75,9 @@ class Exchange:
     error: str | None = None
     #: a relayed head went (or is going) to the client: no error response can follow
     answering: bool = False
+    #: a heavy request's job: its id (X-Sdproxy-Job) and the keys it is indexed under
+    job_id: str | None = None
+    job_keys: list[str] | None = None
 
     def before_prepare(self, response: web.StreamResponse) -> None:
         """A relayed response's head is sent before ``_finish``: give a new caller its
@@ -87,6 +97,8 @@ def error_response(exc: errors.ClientFacingError, ex: Exchange | None = None) ->
     headers = {"X-Request-Id": ex.request_id} if ex else {}
     if ex is not None and ex.pod is not None:
         headers["X-Sdproxy-Pod"] = ex.pod
+    if ex is not None and ex.job_id is not None:
+        headers[JOB_HEADER] = ex.job_id
     if exc.retry_after_s is not None:
         headers["Retry-After"] = str(max(1, round(exc.retry_after_s)))
     if ex is not None:
@@ -124,7 +136,7 @@ class Proxy:
     # ---- entry ------------------------------------------------------------------------
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
-        caller = identify(request)
+        caller = identify(request, by_address=self.settings.address_identity)
         ex = Exchange(
             request_id=request.headers.get("X-Request-Id") or new_request_id(),
             caller=caller,
@@ -239,13 +251,15 @@ class Proxy:
                 request, peek_bytes=PEEK_BYTES, limit_bytes=self.limit_bytes
             )
         info = inspect_body(body.prefix, complete=body.complete)
+        self._check_admissible(request, ex, info)
         job = Job(
             ticket=self.gate.new_ticket(),
             enqueued_at=self.clock(),
             cost=estimate_steps(info.fields, route=request.path.rsplit("/", 1)[-1]),
             checkpoint=info.checkpoint,
         )
-        self.jobs.add(ex.caller, job.ticket)
+        ex.job_id = ex.caller.job or new_token()
+        ex.job_keys = self.jobs.add(ex.caller, job.ticket, job_id=ex.job_id)
         try:
             slot = await self.gate.acquire(job)
             self.metrics.observe_queue_wait(slot.dispatch.queued_s)
@@ -253,6 +267,31 @@ class Proxy:
             return await self._run_heavy(request, ex, body, slot)
         finally:
             self.jobs.remove(job.ticket)
+
+    def _check_admissible(self, request: web.Request, ex: Exchange, info: BodyInfo) -> None:
+        """Refuse a heavy request before it takes a queue place: a guessable job id it
+        proposes (400), a body over the request bounds (422), a caller whose queued jobs
+        are at --max-queued-per-client (429; running ones do not count)."""
+        proposed = ex.caller.job
+        if proposed is not None and not JOB_ID.fullmatch(proposed):
+            raise errors.BadRequest(
+                f"{JOB_HEADER} must be 16 to 128 characters of A-Z a-z 0-9 _ - (a random id)"
+            )
+        route = request.path.rsplit("/", 1)[-1]
+        excess = check_request(info.fields, route=route, limits=self.settings.limits)
+        if excess is not None:
+            raise errors.RequestTooLarge(excess.detail, field=excess.field, limit=excess.limit)
+        cap = self.settings.max_queued_per_client
+        if cap and self.queued_of(ex.caller) >= cap:
+            raise errors.ClientQuota(
+                f"{cap} requests of this caller already wait in the queue "
+                "(--max-queued-per-client); retry when one has started",
+                retry_after_s=QUOTA_RETRY_S,
+            )
+
+    def queued_of(self, caller: Caller) -> int:
+        """How many of the caller's jobs wait in this replica's queue."""
+        return sum(1 for t in self.jobs.owned(caller) if self.gate.admission.is_queued(t))
 
     async def _run_heavy(
         self, request: web.Request, ex: Exchange, body: forward.RequestBody, slot: Slot
@@ -321,6 +360,7 @@ class Proxy:
             "X-Sdproxy-Pod": slot.pod_id,
             "X-Sdproxy-Queue-Ms": f"{slot.dispatch.queued_s * 1000:.0f}",
             "X-Request-Id": ex.request_id,
+            JOB_HEADER: ex.job_id or "",
         }
 
         def pod_done(failed: bool) -> None:
@@ -396,7 +436,7 @@ class Proxy:
         extra = {
             "X-Request-Id": ex.request_id,
             REPLICA_HEADER: self.replica,
-            CALLER_KEYS_HEADER: caller_keys_header(ex.caller),
+            CALLER_KEYS_HEADER: caller_keys_header(ex.job_keys or ex.caller.keys),
         }
         headers = forward.upstream_headers(request, extra)
         url = base_url + request.path_qs
@@ -488,6 +528,8 @@ class Proxy:
         # the newest job first, as locally: one still queued at a peer is newer than one
         # already running
         key = ex.caller.own_key
+        if key is None:
+            return None  # no identity, and the address identifies nobody
         if self.peers is not None and self.peers.live():
             if request.path.endswith("/interrupt") and await self.peers.cancel_queued(key):
                 return web.json_response({})

@@ -232,6 +232,50 @@ async def test_a_job_sent_through_one_replica_is_followed_and_stopped_through_an
         await proxy.wait_idle()
 
 
+async def test_a_job_named_by_its_id_is_reached_through_another_replica_whoever_asks(
+    gated_pods: GatedFactory, proxy_factory: ProxyFactory
+) -> None:
+    """X-Sdproxy-Job works across replicas: the job queued at A is found through B's peer
+    query, the one running through the gate's occupancy, both by the id's hash (the gate
+    never publishes the id itself); the caller at B names itself otherwise (bob)."""
+    cluster = await gated_pods(1)
+    a, b = await peered(proxy_factory, cluster.urls, 2)
+    run_id, wait_id = "run-" + "r" * 16, "wait-" + "w" * 16
+
+    async def generate(steps: int, job_id: str) -> tuple[int, Any]:
+        headers = {"X-Sdproxy-Client": "alice", "X-Sdproxy-Job": job_id}
+        async with a.client.post(TXT2IMG, json=gen_body(steps), headers=headers) as resp:
+            return resp.status, await resp.json()
+
+    running = asyncio.create_task(generate(2000, run_id))
+    await a.wait_inflight(1)
+    queued = asyncio.create_task(generate(5, wait_id))
+    await a.wait_queue(1)
+
+    async def via_b(method: str, path: str, job_id: str) -> tuple[Any, Any]:
+        headers = {"X-Sdproxy-Job": job_id, "X-Sdproxy-Client": "bob"}
+        async with b.client.request(method, path, headers=headers) as resp:
+            assert resp.status == 200
+            return await resp.json(), resp.headers
+
+    seen, _ = await via_b("GET", "/sdapi/v1/progress", wait_id)
+    assert seen["sdproxy"]["queued"] is True and seen["sdproxy"]["queue_position"] == 1
+    await via_b("POST", "/sdapi/v1/interrupt", wait_id)
+    status, data = await queued
+    assert status == 409 and data["error"] == "job_cancelled", data
+    occupancy = await cluster.occupancy(0)
+    assert run_id not in json.dumps(occupancy), "the gate publishes the id's hash only"
+    seen, headers = await via_b("GET", "/sdapi/v1/progress", run_id)
+    assert "sdproxy" not in seen, "the pod's own answer"
+    _, headers = await via_b("POST", "/sdapi/v1/interrupt", run_id)
+    assert headers["X-Sdproxy-Pod"] == cluster.urls[0].removeprefix("http://")
+    status, _data = await running
+    assert status == 200
+    assert (await cluster.sims.stats(0))["interrupts_received"] == 1
+    for proxy in (a, b):
+        await proxy.wait_idle()
+
+
 async def test_every_replica_exports_the_same_global_desired_pods(
     gated_pods: GatedFactory, proxy_factory: ProxyFactory
 ) -> None:
