@@ -122,6 +122,7 @@ class GateServer:
         self._probe: asyncio.Task[None] | None = None
         #: stopping: the occupancy streams end (their followers reconnect elsewhere)
         self.closing = False
+        self._adopted: asyncio.Task[None] | None = None
         self._background: set[asyncio.Task[None]] = set()
 
     # ---- change notification ------------------------------------------------------------
@@ -392,6 +393,58 @@ class GateServer:
             return web.json_response({"status": "upstream_unreachable"}, status=503)
         return web.json_response({"status": "ready"})
 
+    async def _busy_jobs(self) -> int | None:
+        """How many jobs sd-webui says it is processing (None: it does not answer)."""
+        assert self.session is not None
+        timeout = aiohttp.ClientTimeout(total=self.config.connect_timeout_s)
+        try:
+            async with self.session.get(
+                self.config.upstream + "/sdapi/v1/progress?skip_current_image=true",
+                timeout=timeout,
+            ) as resp:
+                data = await resp.json(content_type=None)
+        except (aiohttp.ClientError, TimeoutError, ValueError):
+            return None
+        state = data.get("state") if isinstance(data, dict) else None
+        count = state.get("job_count") if isinstance(state, dict) else None
+        return count if isinstance(count, int) else None
+
+    async def adopt_running(self) -> None:
+        """A gate that (re)starts while its sd-webui still generates (the gate container
+        restarted, the pod did not) must not admit a second job beside it: the running
+        job holds a slot, as an unknown claim, until sd-webui reports it idle."""
+        if not await self._busy_jobs():
+            return
+        claim = Claim(
+            request_id="running-before-the-gate-started",
+            replica=None,
+            caller=None,
+            route="(unknown)",
+            started_at=self.clock(),
+        )
+        ticket = self.core.claim(claim)
+        if ticket is None:
+            return
+        log.warning("sd-webui was already generating: holding a slot until it is idle")
+        self._adopted = asyncio.get_running_loop().create_task(
+            self._release_when_idle(ticket), name="gate-adopted"
+        )
+
+    async def _release_when_idle(self, ticket: TicketId) -> None:
+        """Free the adopted slot once sd-webui is idle (or has not answered three times
+        in a row: a dead sd-webui runs nothing)."""
+        silent = 0
+        try:
+            while silent < 3:  # an outside process: nothing to wait on but its answer
+                busy = await self._busy_jobs()
+                if busy == 0:
+                    break
+                silent = silent + 1 if busy is None else 0
+                await asyncio.sleep(PROBE_S)
+        finally:
+            self.core.release(ticket)
+            self.changed()
+
     def _spawn(self, coro: Any, *, name: str) -> None:
         task: asyncio.Task[None] = asyncio.get_running_loop().create_task(coro, name=name)
         self._background.add(task)
@@ -430,10 +483,12 @@ async def _session(app: web.Application) -> Any:
         cookie_jar=aiohttp.DummyCookieJar(),
     ) as session:
         gate.session = session
+        await gate.adopt_running()  # before the gate listens: nothing slips in meanwhile
         yield
+        for task in (gate._probe, gate._adopted):
+            if task is not None:
+                task.cancel()
         await gate.wait_background()
-        if gate._probe is not None:
-            gate._probe.cancel()
 
 
 async def serve_gate(settings: GateSettings, *, ready: asyncio.Event | None = None) -> int:
