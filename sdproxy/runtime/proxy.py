@@ -27,6 +27,7 @@ from sdproxy.core.effects import InterruptReason, Outcome
 from sdproxy.core.pods import PodId
 from sdproxy.core.routing import RouteClass, RouteTable, classify_options
 from sdproxy.core.sdapi import body_keys, inspect_body
+from sdproxy.errors import UpstreamKind
 from sdproxy.runtime import forward
 from sdproxy.runtime.gate import Gate, Slot
 from sdproxy.runtime.gatewatch import GateWatch
@@ -106,9 +107,11 @@ class Proxy:
         metrics: Metrics,
         clock: Callable[[], float],
         replica: str = "",
+        light_timeout_s: float = 30.0,
     ) -> None:
         self.settings = settings
         self.replica = replica
+        self.light_timeout_s = light_timeout_s
         #: set by the composition root once the app runs (gates' occupancy, peers)
         self.gatewatch: GateWatch | None = None
         self.peers: Peers | None = None
@@ -439,10 +442,12 @@ class Proxy:
             tried.append(pod.pod_id)
             ex.pod = pod.pod_id
             try:
-                upstream = await self._send(request, ex, pod.url, body)
+                upstream = await self._send_light(request, ex, pod.pod_id, pod.url, body)
             except errors.UpstreamError as exc:
                 self.metrics.backend_error(pod=pod.pod_id, kind=exc.kind)
-                if exc.sent or (body is not None and not body.retryable):
+                replayable = body is None or body.retryable
+                # a light call has no side effect: one a pod sat on may go elsewhere too
+                if not replayable or (exc.sent and exc.kind is not UpstreamKind.TIMEOUT):
                     raise errors.BackendError(f"pod {pod.pod_id}: {exc.detail}") from exc
                 self.gate.eject(pod.pod_id)
                 continue
@@ -470,13 +475,31 @@ class Proxy:
             self.gate.cancel_queued(ticket)  # counted as rejected{job_cancelled}
         return web.json_response({})  # sd-webui answers {} (modules/api/api.py interruptapi)
 
+    async def _send_light(
+        self,
+        request: web.Request,
+        ex: Exchange,
+        pod_id: str,
+        url: str,
+        body: forward.RequestBody | bytes | None,
+    ) -> aiohttp.ClientResponse:
+        """Send a light or job-bound call; a pod that has not begun to answer within
+        --light-timeout-s is ejected (it hangs: health checks will confirm)."""
+        try:
+            return await asyncio.wait_for(self._send(request, ex, url, body), self.light_timeout_s)
+        except TimeoutError as exc:
+            self.gate.eject(PodId(pod_id))
+            raise errors.UpstreamTimeout(
+                f"{url} did not begin to answer within {self.light_timeout_s:g} s", sent=True
+            ) from exc
+
     async def _to_job_pod(
         self, request: web.Request, ex: Exchange, pod_id: str, url: str
     ) -> web.StreamResponse:
         ex.pod = pod_id
         body = await request.read() if request.can_read_body else None
         try:
-            upstream = await self._send(request, ex, url, body)
+            upstream = await self._send_light(request, ex, pod_id, url, body)
         except errors.UpstreamError as exc:
             self.metrics.backend_error(pod=pod_id, kind=exc.kind)
             raise errors.BackendError(f"pod {pod_id}: {exc.detail}") from exc
