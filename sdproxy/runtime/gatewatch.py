@@ -23,9 +23,9 @@ import aiohttp
 
 from sdproxy.core.pods import PodId
 from sdproxy.runtime.gate import Gate
-from sdproxy.runtime.healthcheck import PodTasks
 from sdproxy.runtime.jobs import caller_keys_of
 from sdproxy.runtime.podgate import EVENTS_PATH
+from sdproxy.runtime.tasks import PodTasks
 
 log = logging.getLogger("sdproxy.gatewatch")
 

@@ -13,44 +13,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Coroutine
-from typing import Any
 
 import aiohttp
 
 from sdproxy.core.pods import PodId
 from sdproxy.runtime.gate import Gate
+from sdproxy.runtime.tasks import PodTasks
 
 log = logging.getLogger("sdproxy.healthcheck")
 CHECK_PATH = "/sdapi/v1/progress?skip_current_image=true"
-
-
-class PodTasks:
-    """One background task per known pod, started on ``follow`` and cancelled on
-    ``forget`` or ``close`` (gate watchers, health checkers)."""
-
-    def __init__(self, run: Callable[[PodId, str], Coroutine[Any, Any, None]], *, kind: str):
-        self._run = run
-        self._kind = kind
-        self._tasks: dict[PodId, asyncio.Task[None]] = {}
-
-    def follow(self, pod_id: PodId, url: str) -> None:
-        if pod_id not in self._tasks:
-            self._tasks[pod_id] = asyncio.get_running_loop().create_task(
-                self._run(pod_id, url), name=f"{self._kind}-{pod_id}"
-            )
-
-    def forget(self, pod_id: PodId) -> None:
-        task = self._tasks.pop(pod_id, None)
-        if task is not None:
-            task.cancel()
-
-    async def close(self) -> None:
-        tasks = list(self._tasks.values())
-        self._tasks.clear()
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
 
 
 class HealthChecker(PodTasks):

@@ -39,6 +39,7 @@ from sdproxy.core.sdapi import body_keys, inspect_body
 from sdproxy.runtime import forward
 from sdproxy.runtime.jobs import CALLER_KEYS_HEADER, new_request_id
 from sdproxy.runtime.logs import setup_logging
+from sdproxy.runtime.tasks import Background
 from sdproxy.settings import GateOptions, GateSettings
 
 log = logging.getLogger("sdproxy.gate")
@@ -52,7 +53,6 @@ WRITE_TIMEOUT_S = 3 * HEARTBEAT_S
 #: how often an unreachable sd-webui is asked again
 PROBE_S = 1.0
 PEEK_BYTES = 256 * 1024
-INTERRUPT_PATH = "/sdapi/v1/interrupt"
 
 
 def occupancy_json(
@@ -123,7 +123,7 @@ class GateServer:
         #: stopping: the occupancy streams end (their followers reconnect elsewhere)
         self.closing = False
         self._adopted: asyncio.Task[None] | None = None
-        self._background: set[asyncio.Task[None]] = set()
+        self._background = Background()
 
     # ---- change notification ------------------------------------------------------------
 
@@ -322,14 +322,9 @@ class GateServer:
 
     async def _interrupt(self) -> None:
         assert self.session is not None
-        timeout = aiohttp.ClientTimeout(total=self.config.connect_timeout_s + 5)
-        url = self.config.upstream + INTERRUPT_PATH
-        try:
-            async with self.session.post(url, timeout=timeout) as resp:
-                await resp.read()
+        timeout_s = self.config.connect_timeout_s + 5
+        if await forward.post_interrupt(self.session, self.config.upstream, timeout_s=timeout_s):
             log.info("sender gone: interrupted the generation")
-        except (aiohttp.ClientError, TimeoutError) as exc:
-            log.warning("could not interrupt %s: %r", url, exc)
 
     async def _pass(
         self, request: web.Request, body: forward.RequestBody | None = None
@@ -446,13 +441,10 @@ class GateServer:
             self.changed()
 
     def _spawn(self, coro: Any, *, name: str) -> None:
-        task: asyncio.Task[None] = asyncio.get_running_loop().create_task(coro, name=name)
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
+        self._background.spawn(coro, name=name)
 
     async def wait_background(self) -> None:
-        if self._background:
-            await asyncio.gather(*self._background, return_exceptions=True)
+        await self._background.wait()
 
 
 GATE_KEY: web.AppKey[GateServer] = web.AppKey("gate", GateServer)

@@ -44,12 +44,12 @@ from sdproxy.runtime.logs import AccessRecord, access_log_enabled, log_access
 from sdproxy.runtime.metrics import Metrics
 from sdproxy.runtime.peers import Peers
 from sdproxy.runtime.podgate import GATE_HEADER, REPLICA_HEADER
+from sdproxy.runtime.tasks import Background
 from sdproxy.settings import ProxySettings
 
 log = logging.getLogger("sdproxy.proxy")
 
 PEEK_BYTES = 256 * 1024  # enough for any txt2img body; img2img blobs are streamed past it
-INTERRUPT_PATH = "/sdapi/v1/interrupt"
 LIGHT_ATTEMPTS = 3
 
 
@@ -122,7 +122,7 @@ class Proxy:
         self.table = RouteTable.from_strings(settings.route)
         self.jobs = JobIndex()
         self.limit_bytes = int(settings.max_body_mb * 1024 * 1024)
-        self._background: set[asyncio.Task[None]] = set()
+        self._background = Background()
 
     # ---- entry ------------------------------------------------------------------------
 
@@ -368,22 +368,14 @@ class Proxy:
             slot.release(outcome)
 
     async def _post_interrupt(self, base_url: str) -> None:
-        timeout = aiohttp.ClientTimeout(total=self.settings.connect_timeout_s + 5)
-        try:
-            async with self.session.post(base_url + INTERRUPT_PATH, timeout=timeout) as resp:
-                await resp.read()
-        except (aiohttp.ClientError, TimeoutError) as exc:
-            log.warning("could not interrupt %s: %r", base_url, exc)
+        timeout_s = self.settings.connect_timeout_s + 5
+        await forward.post_interrupt(self.session, base_url, timeout_s=timeout_s)
 
     def spawn(self, coro: Any, *, name: str) -> None:
-        """Start a background task with a strong reference (see asyncio.create_task)."""
-        task: asyncio.Task[None] = asyncio.get_running_loop().create_task(coro, name=name)
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
+        self._background.spawn(coro, name=name)
 
     async def wait_background(self) -> None:
-        if self._background:
-            await asyncio.gather(*self._background, return_exceptions=True)
+        await self._background.wait()
 
     def _send(
         self,
