@@ -131,6 +131,13 @@ class DiscoverySettings:
     service: str = option("sd-webui", "Service whose EndpointSlices list the pods")
     port_name: str = option("", "EndpointSlice port name to use ('' = the first port)")
     kubeconfig: str = option("", "kubeconfig path ('' = in-cluster account, else $KUBECONFIG)")
+    health_interval_s: float = option(
+        2.0, "active health check of every pod this often (0 turns them off)", min=0
+    )
+    health_timeout_s: float = option(2.0, "a health check not answered within this fails", gt=0)
+    light_timeout_s: float = option(
+        30.0, "a light or job-bound call a pod has not begun to answer by then: eject, retry", gt=0
+    )
     warmup_timeout_s: float = option(600.0, "how long one warm-up (model load included) may take")
 
 

@@ -29,6 +29,7 @@ from sdproxy.core.limits import check_request
 from sdproxy.core.pods import PodId
 from sdproxy.core.routing import RouteClass, RouteTable, classify_options
 from sdproxy.core.sdapi import BodyInfo, body_keys, inspect_body
+from sdproxy.errors import UpstreamKind
 from sdproxy.runtime import forward
 from sdproxy.runtime.gate import Gate, Slot
 from sdproxy.runtime.gatewatch import GateWatch
@@ -48,12 +49,12 @@ from sdproxy.runtime.logs import AccessRecord, access_log_enabled, log_access
 from sdproxy.runtime.metrics import Metrics
 from sdproxy.runtime.peers import Peers
 from sdproxy.runtime.podgate import GATE_HEADER, REPLICA_HEADER
+from sdproxy.runtime.tasks import Background
 from sdproxy.settings import ProxySettings
 
 log = logging.getLogger("sdproxy.proxy")
 
 PEEK_BYTES = 256 * 1024  # enough for any txt2img body; img2img blobs are streamed past it
-INTERRUPT_PATH = "/sdapi/v1/interrupt"
 LIGHT_ATTEMPTS = 3
 #: Retry-After of 429 client_quota: a queued job of the caller may have started by then
 QUOTA_RETRY_S = 5.0
@@ -118,9 +119,11 @@ class Proxy:
         metrics: Metrics,
         clock: Callable[[], float],
         replica: str = "",
+        light_timeout_s: float = 30.0,
     ) -> None:
         self.settings = settings
         self.replica = replica
+        self.light_timeout_s = light_timeout_s
         #: set by the composition root once the app runs (gates' occupancy, peers)
         self.gatewatch: GateWatch | None = None
         self.peers: Peers | None = None
@@ -131,7 +134,7 @@ class Proxy:
         self.table = RouteTable.from_strings(settings.route)
         self.jobs = JobIndex()
         self.limit_bytes = int(settings.max_body_mb * 1024 * 1024)
-        self._background: set[asyncio.Task[None]] = set()
+        self._background = Background()
 
     # ---- entry ------------------------------------------------------------------------
 
@@ -405,22 +408,14 @@ class Proxy:
             slot.release(outcome)
 
     async def _post_interrupt(self, base_url: str) -> None:
-        timeout = aiohttp.ClientTimeout(total=self.settings.connect_timeout_s + 5)
-        try:
-            async with self.session.post(base_url + INTERRUPT_PATH, timeout=timeout) as resp:
-                await resp.read()
-        except (aiohttp.ClientError, TimeoutError) as exc:
-            log.warning("could not interrupt %s: %r", base_url, exc)
+        timeout_s = self.settings.connect_timeout_s + 5
+        await forward.post_interrupt(self.session, base_url, timeout_s=timeout_s)
 
     def spawn(self, coro: Any, *, name: str) -> None:
-        """Start a background task with a strong reference (see asyncio.create_task)."""
-        task: asyncio.Task[None] = asyncio.get_running_loop().create_task(coro, name=name)
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
+        self._background.spawn(coro, name=name)
 
     async def wait_background(self) -> None:
-        if self._background:
-            await asyncio.gather(*self._background, return_exceptions=True)
+        await self._background.wait()
 
     def _send(
         self,
@@ -479,10 +474,12 @@ class Proxy:
             tried.append(pod.pod_id)
             ex.pod = pod.pod_id
             try:
-                upstream = await self._send(request, ex, pod.url, body)
+                upstream = await self._send_light(request, ex, pod.pod_id, pod.url, body)
             except errors.UpstreamError as exc:
                 self.metrics.backend_error(pod=pod.pod_id, kind=exc.kind)
-                if exc.sent or (body is not None and not body.retryable):
+                replayable = body is None or body.retryable
+                # a light call has no side effect: one a pod sat on may go elsewhere too
+                if not replayable or (exc.sent and exc.kind is not UpstreamKind.TIMEOUT):
                     raise errors.BackendError(f"pod {pod.pod_id}: {exc.detail}") from exc
                 self.gate.eject(pod.pod_id)
                 continue
@@ -510,13 +507,31 @@ class Proxy:
             self.gate.cancel_queued(ticket)  # counted as rejected{job_cancelled}
         return web.json_response({})  # sd-webui answers {} (modules/api/api.py interruptapi)
 
+    async def _send_light(
+        self,
+        request: web.Request,
+        ex: Exchange,
+        pod_id: str,
+        url: str,
+        body: forward.RequestBody | bytes | None,
+    ) -> aiohttp.ClientResponse:
+        """Send a light or job-bound call; a pod that has not begun to answer within
+        --light-timeout-s is ejected (it hangs: health checks will confirm)."""
+        try:
+            return await asyncio.wait_for(self._send(request, ex, url, body), self.light_timeout_s)
+        except TimeoutError as exc:
+            self.gate.eject(PodId(pod_id))
+            raise errors.UpstreamTimeout(
+                f"{url} did not begin to answer within {self.light_timeout_s:g} s", sent=True
+            ) from exc
+
     async def _to_job_pod(
         self, request: web.Request, ex: Exchange, pod_id: str, url: str
     ) -> web.StreamResponse:
         ex.pod = pod_id
         body = await request.read() if request.can_read_body else None
         try:
-            upstream = await self._send(request, ex, url, body)
+            upstream = await self._send_light(request, ex, pod_id, url, body)
         except errors.UpstreamError as exc:
             self.metrics.backend_error(pod=pod_id, kind=exc.kind)
             raise errors.BackendError(f"pod {pod_id}: {exc.detail}") from exc

@@ -14,8 +14,12 @@ import json
 from typing import Any
 
 import aiohttp
+from aiohttp import web
 
+from sdproxy import settings
+from sdproxy.cli import build_parser
 from sdproxy.core.pods import Endpoint, PodId
+from sdproxy.runtime.podgate import build_gate_app
 from tests.integration.conftest import (
     TXT2IMG,
     GatedFactory,
@@ -328,3 +332,46 @@ async def test_a_gate_whose_sd_webui_died_takes_no_work_and_says_so(
             assert resp.status == 200
             assert resp.headers["X-Sdproxy-Pod"] == cluster.urls[1].removeprefix("http://")
     await proxy.wait_idle()
+
+
+async def test_a_gate_started_while_its_sd_webui_generates_counts_that_job(
+    sim_pods: Any,
+) -> None:
+    """The gate container restarted, sd-webui did not: the generation already running
+    holds a slot, so the gate admits nothing beside it until sd-webui is idle."""
+    sims = await sim_pods(1)
+    async with aiohttp.ClientSession() as client:
+        running = asyncio.create_task(client.post(sims.urls[0] + TXT2IMG, json=gen_body(150)))
+
+        async def generating() -> bool:
+            async with client.get(sims.urls[0] + "/sdapi/v1/progress") as resp:
+                return bool((await resp.json())["state"]["job_count"] > 0)
+
+        await eventually(generating, what="sd-webui to generate")
+        ns = build_parser().parse_args(
+            ["gate", "--listen", "127.0.0.1:0", "--upstream", sims.urls[0]]
+        )
+        app = build_gate_app(settings.load_gate(ns, env={}).gate)
+        runner = web.AppRunner(app, handler_cancellation=True, shutdown_timeout=2.0)
+        await runner.setup()
+        try:
+            await web.TCPSite(runner, "127.0.0.1", 0).start()
+            gate = f"http://127.0.0.1:{runner.addresses[0][1]}"
+            async with client.get(gate + "/-/gate") as resp:
+                occupancy = await resp.json()
+            assert occupancy["inflight"] == 1
+            assert occupancy["running"][0]["request_id"] == "running-before-the-gate-started"
+            async with client.post(gate + TXT2IMG, json=gen_body(1)) as busy:
+                assert busy.status == 503 and busy.headers["X-Sdproxy-Gate"] == "busy"
+            (await running).release()
+
+            async def freed() -> bool:
+                async with client.get(gate + "/-/gate") as resp:
+                    return bool((await resp.json())["inflight"] == 0)
+
+            await eventually(freed, what="the adopted slot freed once sd-webui is idle")
+            async with client.post(gate + TXT2IMG, json=gen_body(1)) as resp:
+                assert resp.status == 200
+        finally:
+            await runner.cleanup()
+    assert (await sims.stats(0))["heavy_inflight_max"] == 1
