@@ -56,6 +56,8 @@ log = logging.getLogger("sdproxy.proxy")
 
 PEEK_BYTES = 256 * 1024  # enough for any txt2img body; img2img blobs are streamed past it
 LIGHT_ATTEMPTS = 3
+#: the status logged for a request whose client left before its answer (nginx's 499)
+CLIENT_CLOSED = 499
 #: Retry-After of 429 client_quota: a queued job of the caller may have started by then
 QUOTA_RETRY_S = 5.0
 
@@ -160,8 +162,14 @@ class Proxy:
             response = self._broke_off(request, ex, exc)
         except web.HTTPRequestEntityTooLarge:
             response = error_response(errors.BodyTooLarge("request body too large"), ex)
-        except (ConnectionError, asyncio.CancelledError):
-            raise  # the client went away: nothing to answer
+        except asyncio.CancelledError:
+            raise  # the client went away (handler cancellation): nothing to answer
+        except ConnectionError as exc:
+            # the client's connection broke while we wrote to it: nothing to answer, and
+            # nothing to log as an error (aiohttp would log a traceback for a re-raise);
+            # this placeholder's own write fails quietly in aiohttp's finish_response
+            log.debug("client of %s %s went away: %r", request.method, request.path, exc)
+            response = web.Response(status=CLIENT_CLOSED)
         except Exception as exc:
             if ex.answering:
                 raise
@@ -214,7 +222,7 @@ class Proxy:
     def _finish(
         self, request: web.Request, ex: Exchange, response: web.StreamResponse | None
     ) -> None:
-        status = response.status if response is not None else 499  # client closed request
+        status = response.status if response is not None else CLIENT_CLOSED
         duration = self.clock() - ex.started
         if response is not None and not response.prepared:
             response.headers["X-Request-Id"] = ex.request_id
