@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
@@ -28,6 +29,8 @@ from sdproxy.errors import (
     UpstreamReset,
     UpstreamTimeout,
 )
+
+log = logging.getLogger("sdproxy.forward")
 
 # RFC 9110 §7.6.1: connection-specific fields are not forwarded.
 HOP_BY_HOP = frozenset(
@@ -172,6 +175,25 @@ async def send(
             raise body.overflow from exc  # the client's fault, not the pod's
         sent = not isinstance(body, RequestBody) or body.started or body.complete
         raise UpstreamReset(f"{url}: {exc!r}", sent=sent) from exc
+
+
+#: sd-webui's interrupt: stops whatever that process generates (modules/api/api.py)
+INTERRUPT_PATH = "/sdapi/v1/interrupt"
+
+
+async def post_interrupt(
+    session: aiohttp.ClientSession, base_url: str, *, timeout_s: float
+) -> bool:
+    """Tell the sd-webui at ``base_url`` to interrupt its generation; False (logged) when
+    it could not be reached."""
+    timeout = aiohttp.ClientTimeout(total=timeout_s)
+    try:
+        async with session.post(base_url + INTERRUPT_PATH, timeout=timeout) as resp:
+            await resp.read()
+    except (aiohttp.ClientError, TimeoutError) as exc:
+        log.warning("could not interrupt %s: %r", base_url, exc)
+        return False
+    return True
 
 
 def response_headers(upstream: aiohttp.ClientResponse) -> CIMultiDict[str]:
