@@ -234,8 +234,10 @@ def build_app(
     app.router.add_get("/-/peer", _peer)
     app.router.add_get("/-/peer/job", _peer_job)
     app.router.add_post("/-/peer/job/cancel", _peer_cancel)
-    app.router.add_route("*", "/-/{tail:.*}", _unknown_operational)
-    app.router.add_route("*", "/{tail:.*}", _proxy)
+    # [\s\S]: "." would not match a newline, and a path with %0A would get aiohttp's
+    # plain-text 404 instead of our JSON answer
+    app.router.add_route("*", "/-/{tail:[\\s\\S]*}", _unknown_operational)
+    app.router.add_route("*", "/{tail:[\\s\\S]*}", _proxy)
     app.cleanup_ctx.append(_lifecycle)
     return app
 

@@ -91,7 +91,10 @@ class Exchange:
 
 def clean_path(path: str) -> bool:
     """No dot or empty segments: the pod would normalise them (``/x/../server-kill`` is
-    ``/server-kill`` to it) after the proxy classified the raw path — an admin bypass."""
+    ``/server-kill`` to it) after the proxy classified the raw path — an admin bypass.
+    No control characters either (a decoded %0A, %00): no sd-webui route has them."""
+    if any(ord(c) < 32 or ord(c) == 127 for c in path):
+        return False
     segments = path.split("/")[1:]
     return all(seg not in (".", "..") for seg in segments) and "" not in segments[:-1]
 
@@ -152,8 +155,8 @@ class Proxy:
         try:
             if not clean_path(request.path):
                 raise errors.BadRequest(
-                    "paths with '.', '..' or empty segments are refused: the proxy must "
-                    "classify the path the pod will route"
+                    "paths with '.', '..', empty segments or control characters are "
+                    "refused: the proxy must classify the path the pod will route"
                 )
             response = await self._route(request, ex)
         except errors.ClientFacingError as exc:
