@@ -78,6 +78,9 @@ class ProxySettings:
     #: own config is the group
     admission: AdmissionConfig = field(default_factory=AdmissionConfig)
     max_body_mb: float = option(64.0, "request body limit in MiB (then 413)", gt=0)
+    client_body_timeout_s: float = option(
+        60.0, "a heavy request's whole body must arrive within this (then 408)", gt=0
+    )
     drain_timeout_s: float = option(300.0, "on SIGTERM, how long running generations may take")
     allow_admin: bool = option(
         False, "forward admin routes (train/*, server-*, unload/reload-checkpoint)", switch=True
