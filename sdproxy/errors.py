@@ -17,6 +17,10 @@
         ├── QueueTimeout            503 queue_timeout
         ├── NoBackends              503 no_backends
         ├── JobCancelled            409 job_cancelled (interrupted while queued)
+        ├── ClientQuota             429 client_quota (the caller's queued jobs are at
+        │                           --max-queued-per-client; with Retry-After)
+        ├── RequestTooLarge         422 request_too_large (a field over --max-steps,
+        │                           --max-pixels or --max-batch; names field and bound)
         ├── ShuttingDown            503 shutting_down
         ├── PodBusy                 503 pod_busy (sdproxy gate: the pod runs its limit)
         ├── PodDown                 503 pod_down (sdproxy gate: its sd-webui is unreachable)
@@ -129,7 +133,7 @@ class ClientFacingError(SdproxyError):
         self.detail = detail
         self.retry_after_s = retry_after_s
 
-    def body(self) -> dict[str, str]:
+    def body(self) -> dict[str, Any]:
         """The JSON body sent to the client."""
         return {"error": self.code, "detail": self.detail}
 
@@ -152,6 +156,26 @@ class NoBackends(ClientFacingError):
 class JobCancelled(ClientFacingError):
     status = 409
     code = "job_cancelled"
+
+
+class ClientQuota(ClientFacingError):
+    status = 429
+    code = "client_quota"
+
+
+class RequestTooLarge(ClientFacingError):
+    """A request over the proxy's bounds; the body names the field and the bound too."""
+
+    status = 422
+    code = "request_too_large"
+
+    def __init__(self, detail: str, *, field: str, limit: int) -> None:
+        super().__init__(detail)
+        self.field = field
+        self.limit = limit
+
+    def body(self) -> dict[str, Any]:
+        return {**super().body(), "field": self.field, "limit": self.limit}
 
 
 class ShuttingDown(ClientFacingError):

@@ -29,6 +29,7 @@ from typing import Any, Literal, get_type_hints
 
 from sdproxy.core.admission import AdmissionConfig
 from sdproxy.core.autoscale import AutoscaleConfig
+from sdproxy.core.limits import RequestLimits
 from sdproxy.errors import ConfigError
 from sdproxy.options import (
     ENV_PREFIX,
@@ -81,6 +82,14 @@ class ProxySettings:
     client_body_timeout_s: float = option(
         60.0, "a heavy request's whole body must arrive within this (then 408)", gt=0
     )
+    #: the request bounds (max_steps, max_pixels, max_batch): the core's own config
+    limits: RequestLimits = field(default_factory=RequestLimits)
+    max_queued_per_client: int = option(
+        0, "most heavy requests one caller may have queued (then 429 client_quota; 0 = off)", min=0
+    )
+    address_identity: bool = option(
+        True, "a job sent with no identity (header, cookie) is reachable from its address"
+    )
     drain_timeout_s: float = option(300.0, "on SIGTERM, how long running generations may take")
     allow_admin: bool = option(
         False, "forward admin routes (train/*, server-*, unload/reload-checkpoint)", switch=True
@@ -125,6 +134,13 @@ class DiscoverySettings:
     service: str = option("sd-webui", "Service whose EndpointSlices list the pods")
     port_name: str = option("", "EndpointSlice port name to use ('' = the first port)")
     kubeconfig: str = option("", "kubeconfig path ('' = in-cluster account, else $KUBECONFIG)")
+    health_interval_s: float = option(
+        2.0, "active health check of every pod this often (0 turns them off)", min=0
+    )
+    health_timeout_s: float = option(2.0, "a health check not answered within this fails", gt=0)
+    light_timeout_s: float = option(
+        30.0, "a light or job-bound call a pod has not begun to answer by then: eject, retry", gt=0
+    )
     warmup_timeout_s: float = option(600.0, "how long one warm-up (model load included) may take")
 
 
@@ -295,7 +311,9 @@ def build(values: Mapping[str, Any]) -> Settings:
     # hold requests while no pod is ready when pods can still come: an autoscaler of ours,
     # or Kubernetes (KEDA/HPA scale the Deployment from our sdproxy_desired_pods)
     hold = values["discovery"] == "kubernetes" or values["scaler"] != "none"
-    return from_values(Settings, {**values, "hold_when_empty": hold})
+    # no job holds a slot longer than a pod may stay silent: the most one adds to an ETA
+    derived = {"hold_when_empty": hold, "max_job_s": values["backend_timeout_s"]}
+    return from_values(Settings, {**values, **derived})
 
 
 def load(namespace: argparse.Namespace, env: Mapping[str, str] | None = None) -> Settings:

@@ -73,6 +73,12 @@ class AdmissionConfig:
             "switch": True,
         },
     )
+    health_fall: int = field(
+        default=3, metadata={"help": "failed health checks in a row that take a pod out", "min": 1}
+    )
+    health_rise: int = field(
+        default=2, metadata={"help": "passed health checks in a row that bring it back", "min": 1}
+    )
     #: queue (rather than answer no_backends) while no pod is ready: pods may still come
     hold_when_empty: bool = field(
         default=False, metadata={"derived": "an autoscaler or Kubernetes discovery can add pods"}
@@ -81,6 +87,9 @@ class AdmissionConfig:
     eject_s: float = field(default=2.0, metadata={"derived": "a constant"})
     #: initial guess of seconds per cost unit (one 512x512 step on an A10: ~0.1 s)
     seconds_per_unit: float = field(default=0.1, metadata={"derived": "a constant"})
+    #: the longest one job can hold a slot, the most it adds to any ETA (sd-webui says
+    #: nothing until a generation is done, so a pod silent for --backend-timeout-s is cut)
+    max_job_s: float = field(default=1800.0, metadata={"derived": "--backend-timeout-s"})
 
 
 class Admission:
@@ -97,9 +106,11 @@ class Admission:
         self.queue: Queue = queue if queue is not None else FifoQueue()
         self.placement: Placement = placement if placement is not None else AffinityPlacement()
         self.book = SlotBook(limit=config.max_inflight)
-        self.health = Health(eject_s=config.eject_s)
+        self.health = Health(
+            eject_s=config.eject_s, fall=config.health_fall, rise=config.health_rise
+        )
         self.light = LeastLoadedLight()
-        self.eta = EwmaEta(seconds_per_unit=config.seconds_per_unit)
+        self.eta = EwmaEta(seconds_per_unit=config.seconds_per_unit, max_job_s=config.max_job_s)
         #: refuses new jobs (SIGTERM); what is queued still drains onto pods
         self.closed = False
         #: gave up on the queue too: nothing waits any more
@@ -248,6 +259,13 @@ class Admission:
             pod.limit = max(limit, len(pod.running))
             if checkpoint is not None:
                 pod.checkpoint = checkpoint
+        return self._settle(EffectsBuilder(), now)
+
+    def health_checked(self, pod_id: PodId, ok: bool, now: float) -> Effects:
+        """An active health check of the pod passed or failed (``sdproxy.core.health``)."""
+        pod = self.book.pods.get(pod_id)
+        if pod is not None:
+            self.health.checked(pod, ok)
         return self._settle(EffectsBuilder(), now)
 
     def gate_lost(self, pod_id: PodId, now: float) -> Effects:

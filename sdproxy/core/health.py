@@ -2,10 +2,13 @@
 
 The HEALTH policy, in one file:
 
-- ``usable``: the one predicate for "may take new work": READY, not ejected, not
-  cordoned, and — behind a pod-side gate — its gate in sight (a replica cut off from a
-  gate stops sending to it). A pod with a free slot that is usable takes heavy work; any
-  usable pod answers light calls.
+- ``usable``: the one predicate for "may take new work": READY and no reason to keep
+  it out (``Pod.out_reason``: its gate out of sight or its sd-webui down behind it,
+  failed health checks, ejected, cordoned). A pod with a free slot that is usable takes
+  heavy work; any usable pod answers light calls.
+- ``checked``: active health checks (HAProxy's defaults: every 2 s, out after ``fall``
+  = 3 failures in a row, back after ``rise`` = 2 passes) catch a pod that still accepts
+  connections but no longer answers (hung, SIGSTOPped), which ejection never sees.
 - ``eject``: a pod that refused a connection or broke an exchange rests for
   ``eject_s``, doubled per repeat up to 32x; a completed generation resets the count.
 - ``capacity_coming``: whether a waiting job can still expect a pod (a starting or
@@ -28,17 +31,24 @@ MAX_DOUBLINGS = 5
 class Health:
     """Ejection back-off and the usable / capacity-coming judgements."""
 
-    def __init__(self, *, eject_s: float) -> None:
+    def __init__(self, *, eject_s: float, fall: int = 3, rise: int = 2) -> None:
         self.eject_s = eject_s
+        self.fall = fall
+        self.rise = rise
 
     @staticmethod
     def usable(pod: Pod, now: float) -> bool:
-        return (
-            pod.state is PodState.READY
-            and not pod.ejected(now)
-            and not pod.cordoned(now)
-            and (not pod.gated or (pod.gate_live and pod.gate_healthy))
-        )
+        return pod.state is PodState.READY and pod.out_reason(now) is None
+
+    def checked(self, pod: Pod, ok: bool) -> None:
+        if ok:
+            pod.check_passes, pod.check_failures = pod.check_passes + 1, 0
+            if pod.checked_out and pod.check_passes >= self.rise:
+                pod.checked_out = False
+        else:
+            pod.check_failures, pod.check_passes = pod.check_failures + 1, 0
+            if pod.check_failures >= self.fall:
+                pod.checked_out = True
 
     def eject(self, pod: Pod, now: float) -> None:
         pod.ejected_until = now + self.eject_s * 2 ** min(pod.ejections, MAX_DOUBLINGS)

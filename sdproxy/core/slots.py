@@ -62,12 +62,31 @@ class Pod:
     foreign: int = 0
     #: the gate says its sd-webui answers (a pod whose sd-webui is down takes no work)
     gate_healthy: bool = True
+    #: active health checks: out after ``fall`` failures in a row, back after ``rise``
+    #: passes (sdproxy.core.health)
+    checked_out: bool = False
+    check_failures: int = 0
+    check_passes: int = 0
 
     def cordoned(self, now: float) -> bool:
         return now < self.cordoned_until
 
     def ejected(self, now: float) -> bool:
         return now < self.ejected_until
+
+    def out_reason(self, now: float) -> str | None:
+        """Why a READY pod takes no new work right now (None: it does)."""
+        if self.gated and not self.gate_live:
+            return "gate_lost"
+        if self.gated and not self.gate_healthy:
+            return "pod_down"
+        if self.checked_out:
+            return "health_check"
+        if self.ejected(now):
+            return "ejected"
+        if self.cordoned(now):
+            return "cordoned"
+        return None
 
     @property
     def has_slot(self) -> bool:

@@ -32,6 +32,7 @@ from sdproxy.runtime.autoscaler import Autoscaler
 from sdproxy.runtime.discovery import Discovery, StaticDiscovery
 from sdproxy.runtime.gate import Gate
 from sdproxy.runtime.gatewatch import GateWatch
+from sdproxy.runtime.healthcheck import HealthChecker
 from sdproxy.runtime.jobs import new_token
 from sdproxy.runtime.local import LocalPods
 from sdproxy.runtime.logs import log_event, setup_logging
@@ -87,6 +88,7 @@ class Services:
         self.proxy: Proxy | None = None
         self.warmer: Warmer | None = None
         self.gatewatch: GateWatch | None = None
+        self.checker: HealthChecker | None = None
         self.peers: Peers | None = None
         #: this replica's name at the pods' gates: its identity plus a token drawn at start,
         #: unique even for replicas sharing a host name (or restarted under the same one)
@@ -113,15 +115,18 @@ class Services:
             if new is None:
                 self._appeared.pop(pod_id, None)
                 self.metrics.forget_pod(pod_id)
-                if self.gatewatch is not None:
-                    self.gatewatch.forget(pod_id)
+                for tasks in (self.gatewatch, self.checker):
+                    if tasks is not None:
+                        tasks.forget(pod_id)
             elif new is PodState.WARMING and self.warmer is not None:
                 self.warmer.warm(pod_id)
 
     def _follow_gate(self, pod_id: PodId) -> None:
+        """Start following a new pod: its gate's occupancy, its health."""
         pod = self.admission.pods.get(pod_id)
-        if self.gatewatch is not None and pod is not None:
-            self.gatewatch.follow(pod_id, pod.url)
+        for tasks in (self.gatewatch, self.checker):
+            if tasks is not None and pod is not None:
+                tasks.follow(pod_id, pod.url)
 
     def on_peers(self, endpoints: Sequence[Endpoint]) -> None:
         """The proxy's own Service changed: every ready endpoint is a peer (this replica
@@ -255,6 +260,7 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
             metrics=services.metrics,
             clock=services.clock,
             replica=services.replica,
+            light_timeout_s=settings.discovery.light_timeout_s,
         )
         services.gatewatch = GateWatch(
             session=session,
@@ -262,6 +268,13 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
             replica=services.replica,
             connect_s=settings.proxy.connect_timeout_s,
         )
+        if settings.discovery.health_interval_s > 0:
+            services.checker = HealthChecker(
+                session=session,
+                gate=services.gate,
+                interval_s=settings.discovery.health_interval_s,
+                timeout_s=settings.discovery.health_timeout_s,
+            )
         for pod_id in list(services.admission.pods):  # pods known before the app started
             services._follow_gate(pod_id)
         services.peers = Peers(
@@ -298,6 +311,8 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
             await asyncio.gather(*tasks, return_exceptions=True)
             await services.warmer.close()
             await services.gatewatch.close()
+            if services.checker is not None:
+                await services.checker.close()
             await services.proxy.wait_background()
             await services.scaler.close()
 

@@ -109,13 +109,13 @@ class Spool:
 
 
 class ReceivedBody:
-    """A client's whole body: in memory, or in a ``Spool`` with its first bytes kept for
-    ``inspect_body``. ``close`` frees it (the spool's file); ``adopted`` says a background
-    task (an abandoned exchange still sending it) took that over."""
+    """A client's whole body: in memory (``data``), or in a ``Spool``. ``close`` frees it
+    (the spool's file); ``adopted`` says a background task (an abandoned exchange still
+    sending it) took that over."""
 
-    def __init__(self, *, head: bytes, size: int, spool: Spool | None) -> None:
-        #: the whole body (``spool`` None), else its first bytes until ``inspected``
-        self.head = head
+    def __init__(self, *, data: bytes, size: int, spool: Spool | None) -> None:
+        #: the whole body when ``spool`` is None (else empty: it is all in the spool)
+        self.data = data
         self.size = size
         self.spool = spool
         #: the body's first byte was handed to a pod connection (``payload(track=True)``;
@@ -128,14 +128,14 @@ class ReceivedBody:
         ``started`` when the first byte goes (after a ``100 Continue``, with Expect)."""
         if self.spool is None and not track:
             self.started = True
-            return self.head
+            return self.data
         self.started = False
         return self._stream()
 
     async def _stream(self) -> AsyncIterator[bytes | bytearray]:
         self.started = True
         if self.spool is None:
-            yield self.head
+            yield self.data
             return
         offset = 0
         while offset < self.size:
@@ -144,12 +144,6 @@ class ReceivedBody:
                 raise OSError(f"request body spool ended at {offset} of {self.size} bytes")
             offset += len(chunk)
             yield chunk
-
-    def inspected(self) -> None:
-        """The head was read for what the scheduler needs: a spooled body lets go of it
-        (its bytes are in the spool), so a queued request holds no body in memory."""
-        if self.spool is not None:
-            self.head = b""
 
     def close(self) -> None:
         if self.spool is not None:
@@ -162,18 +156,16 @@ async def receive(
     prefix: bytes,
     complete: bool,
     limit_bytes: int,
-    head_bytes: int,
 ) -> ReceivedBody:
     """Read the rest of the body after the ``prefix`` already read (``complete``: that
-    was all of it); keep ``head_bytes`` of a spooled body in memory. Raises
-    ``BodyTooLarge`` over ``limit_bytes``, ``MalformedBody`` when its framing breaks; the
-    caller bounds the time it takes."""
+    was all of it). Raises ``BodyTooLarge`` over ``limit_bytes``, ``MalformedBody`` when
+    its framing breaks; the caller bounds the time it takes."""
     if complete:
-        return ReceivedBody(head=prefix, size=len(prefix), spool=None)
+        return ReceivedBody(data=prefix, size=len(prefix), spool=None)
     length = request.content_length
     if length is not None and length > limit_bytes:
         raise BodyTooLarge(f"request body of {length} bytes is over the {limit_bytes} limit")
-    sink = _Sink(head_bytes=head_bytes)
+    sink = _Sink()
     try:
         if length is not None and length > MEMORY_BYTES:
             await sink.spill()  # it cannot stay in memory: to disk from the first byte
@@ -190,14 +182,12 @@ async def receive(
 
 class _Sink:
     """Where ``receive`` puts the body: memory until ``MEMORY_BYTES``, then a spool,
-    written ``SPOOL_CHUNK`` at a time (and its first ``head_bytes`` kept in memory)."""
+    written ``SPOOL_CHUNK`` at a time."""
 
-    def __init__(self, *, head_bytes: int) -> None:
-        self.head_bytes = head_bytes
+    def __init__(self) -> None:
         self.parts: list[bytes] = []
         self.pending = 0
         self.size = 0
-        self.head: bytes | None = None
         self.spool: Spool | None = None
 
     async def spill(self) -> None:
@@ -212,39 +202,22 @@ class _Sink:
         self.size += len(chunk)
         if self.spool is None and self.size > MEMORY_BYTES:
             await self.spill()
-        # the first write waits for the head: it is taken from the parts it writes
-        due = SPOOL_CHUNK if self.head is not None else max(SPOOL_CHUNK, self.head_bytes)
-        if self.spool is not None and self.pending >= due:
+        if self.spool is not None and self.pending >= SPOOL_CHUNK:
             await self._flush(self.spool)
 
     async def _flush(self, spool: Spool) -> None:
-        if self.head is None:
-            self.head = _first(self.parts, self.head_bytes)
         parts, self.parts, self.pending = self.parts, [], 0
         await _spooling(spool.write(parts))
 
     async def finish(self) -> ReceivedBody:
         if self.spool is None:
-            return ReceivedBody(head=b"".join(self.parts), size=self.size, spool=None)
+            return ReceivedBody(data=b"".join(self.parts), size=self.size, spool=None)
         await self._flush(self.spool)
-        assert self.head is not None
-        return ReceivedBody(head=self.head, size=self.size, spool=self.spool)
+        return ReceivedBody(data=b"", size=self.size, spool=self.spool)
 
     def close(self) -> None:
         if self.spool is not None:
             self.spool.close()
-
-
-def _first(parts: list[bytes], count: int) -> bytes:
-    """The first ``count`` bytes of ``parts``, copying no more than those."""
-    taken: list[bytes] = []
-    size = 0
-    for part in parts:
-        if size >= count:
-            break
-        taken.append(part[: count - size])
-        size += len(taken[-1])
-    return b"".join(taken)
 
 
 async def _read(request: web.Request) -> bytes:

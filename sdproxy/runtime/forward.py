@@ -17,22 +17,27 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 
 import aiohttp
 from aiohttp import web
+from aiohttp.web_protocol import RequestPayloadError
 from multidict import CIMultiDict
 
 from sdproxy.errors import (
     BodyTooLarge,
     ConnectFailed,
+    MalformedBody,
     ResponseBrokeOff,
     UpstreamReset,
     UpstreamTimeout,
 )
 from sdproxy.runtime.body import ReceivedBody
+
+log = logging.getLogger("sdproxy.forward")
 
 # RFC 9110 §7.6.1: connection-specific fields are not forwarded.
 HOP_BY_HOP = frozenset(
@@ -103,7 +108,10 @@ async def read_prefix(request: web.Request, *, peek_bytes: int, limit_bytes: int
     size = 0
     complete = False
     while size < peek_bytes:
-        chunk = await request.content.read(peek_bytes - size)
+        try:
+            chunk = await request.content.read(peek_bytes - size)
+        except RequestPayloadError as exc:  # aiohttp's parser: a broken chunk, a short body
+            raise MalformedBody(f"the request body is malformed: {exc}") from exc
         if not chunk:
             complete = True
             break
@@ -188,6 +196,25 @@ async def send(
         else:
             sent = not isinstance(body, RequestBody) or body.started or body.complete
         raise UpstreamReset(f"{url}: {exc!r}", sent=sent) from exc
+
+
+#: sd-webui's interrupt: stops whatever that process generates (modules/api/api.py)
+INTERRUPT_PATH = "/sdapi/v1/interrupt"
+
+
+async def post_interrupt(
+    session: aiohttp.ClientSession, base_url: str, *, timeout_s: float
+) -> bool:
+    """Tell the sd-webui at ``base_url`` to interrupt its generation; False (logged) when
+    it could not be reached."""
+    timeout = aiohttp.ClientTimeout(total=timeout_s)
+    try:
+        async with session.post(base_url + INTERRUPT_PATH, timeout=timeout) as resp:
+            await resp.read()
+    except (aiohttp.ClientError, TimeoutError) as exc:
+        log.warning("could not interrupt %s: %r", base_url, exc)
+        return False
+    return True
 
 
 def response_headers(upstream: aiohttp.ClientResponse) -> CIMultiDict[str]:

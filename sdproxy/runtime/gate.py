@@ -170,6 +170,9 @@ class Gate:
             )
         )
 
+    def health_checked(self, pod_id: PodId, ok: bool) -> None:
+        self.apply(self.admission.health_checked(pod_id, ok, self.now()))
+
     def gate_lost(self, pod_id: PodId) -> None:
         self.apply(self.admission.gate_lost(pod_id, self.now()))
 

@@ -25,6 +25,7 @@ from sdproxy.core.pods import PodId
 from sdproxy.runtime.gate import Gate
 from sdproxy.runtime.jobs import caller_keys_of
 from sdproxy.runtime.podgate import EVENTS_PATH
+from sdproxy.runtime.tasks import PodTasks
 
 log = logging.getLogger("sdproxy.gatewatch")
 
@@ -40,39 +41,23 @@ def foreign_claims(occupancy: dict[str, Any], replica: str) -> int:
     return sum(1 for claim in occupancy.get("running", []) if claim.get("replica") != replica)
 
 
-class GateWatch:
+class GateWatch(PodTasks):
     """The watchers of one front replica."""
 
     def __init__(
         self, *, session: aiohttp.ClientSession, gate: Gate, replica: str, connect_s: float
     ) -> None:
+        super().__init__(self._watch, kind="gatewatch")
         self.session = session
         self.gate = gate
         self.replica = replica
         self.connect_s = connect_s
-        self._tasks: dict[PodId, asyncio.Task[None]] = {}
         #: the last occupancy each gate published
         self.latest: dict[PodId, dict[str, Any]] = {}
 
-    def follow(self, pod_id: PodId, url: str) -> None:
-        if pod_id not in self._tasks:
-            task = asyncio.get_running_loop().create_task(
-                self._watch(pod_id, url), name=f"gatewatch-{pod_id}"
-            )
-            self._tasks[pod_id] = task
-
     def forget(self, pod_id: PodId) -> None:
-        task = self._tasks.pop(pod_id, None)
+        super().forget(pod_id)
         self.latest.pop(pod_id, None)
-        if task is not None:
-            task.cancel()
-
-    async def close(self) -> None:
-        tasks = list(self._tasks.values())
-        self._tasks.clear()
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
 
     async def _watch(self, pod_id: PodId, url: str) -> None:
         failures = 0

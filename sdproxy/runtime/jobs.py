@@ -2,17 +2,29 @@
 
 sd-webui's progress/interrupt/skip act on whatever runs on THAT pod (modules/progress.py,
 modules/shared_state.py), so the proxy sends them to the pod running the caller's job.
-The caller is the ``X-Sdproxy-Client`` header, else the ``sdproxy_client`` cookie the proxy
-sets, else the client address. A job is indexed under every identity the request had; a
-poll is matched by the most specific identity it carries only — a caller that names itself
-is never matched by an address it may share with other callers (NAT, a gateway), or it
-would read, or interrupt, someone else's generation.
+
+The trust model (README "Who can reach a job"). A caller names itself with the
+``X-Sdproxy-Client`` header or holds the ``sdproxy_client`` cookie the proxy gave it; a job
+started with such an identity is indexed under that one identity only, and reachable with
+it only. The client address identifies only the jobs sent with no identity at all
+(``--address-identity``, on by default; such a job is also indexed under the cookie its
+answer gives the caller): behind an ingress or a NAT every client has the same address,
+so a caller that shares one must name itself. A job-bound call may name the job itself
+(``X-Sdproxy-Job``: the id every heavy answer carries, or the heavy request proposed): it
+reaches exactly that job, whoever asks — an unguessable capability, indexed by a hash of
+the id so the key the pods' gates publish and peers are asked by does not give it away.
+A poll is matched by the one most specific key it carries (``Caller.own_key``).
+
+Keys are built in one place, ``_key``: when tenants come, a tenant prefix there scopes
+every identity (the index, the gates' occupancy, the peer queries) to its tenant.
 """
 
 from __future__ import annotations
 
 import base64
+import hashlib
 import os
+import re
 from dataclasses import dataclass
 from urllib.parse import quote, unquote
 
@@ -22,6 +34,12 @@ from sdproxy.core.queue import TicketId
 
 CLIENT_HEADER = "X-Sdproxy-Client"
 COOKIE = "sdproxy_client"
+#: names a job: on a heavy request its proposed id, on a job-bound call the job to reach;
+#: every heavy answer carries the job's id in it
+JOB_HEADER = "X-Sdproxy-Job"
+#: a proposed job id: URL-safe, and long enough not to be guessed (ours: 16 characters,
+#: 96 random bits)
+JOB_ID = re.compile(r"[A-Za-z0-9_-]{16,128}")
 
 
 #: random bytes drawn from the OS in batches: one getrandom() per request (a token, a
@@ -51,6 +69,17 @@ def new_request_id() -> str:
     return random_bytes(16).hex()
 
 
+def _key(kind: str, value: str) -> str:
+    """The index key of one identity (the seam for tenants: prefix it with the tenant)."""
+    return f"{kind}:{value}"
+
+
+def job_key(job_id: str) -> str:
+    """The key of a job named by its id: a hash, so what gates and peers see of it is
+    not the capability itself."""
+    return _key("j", hashlib.blake2b(job_id.encode(), digest_size=16).hexdigest())
+
+
 @dataclass(frozen=True, kw_only=True, slots=True)
 class Caller:
     """The identities of one request, most specific first."""
@@ -60,25 +89,40 @@ class Caller:
     address: str
     #: a cookie value to set on the response (the request had none)
     new_cookie: str | None
+    #: the X-Sdproxy-Job header: the job a job-bound call names, a heavy request's proposal
+    job: str | None = None
+    #: whether the address identifies a caller that gives no identity (--address-identity)
+    by_address: bool = True
+
+    @property
+    def named(self) -> str | None:
+        """The key of the identity the caller gave: its header, else its cookie."""
+        if self.header:
+            return _key("h", self.header)
+        return _key("c", self.cookie) if self.cookie else None
 
     @property
     def keys(self) -> list[str]:
-        keys = []
-        if self.header:
-            keys.append("h:" + self.header)
-        if self.cookie or self.new_cookie:
-            keys.append("c:" + (self.cookie or self.new_cookie or ""))
-        keys.append("a:" + self.address)
-        return keys
+        """The keys a heavy job of this caller is indexed under: the identity it gave,
+        else the cookie its answer gives it and (with address identity) its address."""
+        if self.named:
+            return [self.named]
+        keys = [_key("c", self.new_cookie)] if self.new_cookie else []
+        return [*keys, _key("a", self.address)] if self.by_address else keys
 
     @property
-    def own_key(self) -> str:
-        """The one key a poll is matched by: the name the caller gave, else its address."""
-        if self.header:
-            return "h:" + self.header
-        if self.cookie:
-            return "c:" + self.cookie
-        return "a:" + self.address
+    def own_key(self) -> str | None:
+        """The one key a job-bound call is matched by: the job it names, else the identity
+        it gave, else (with address identity) its address; None: it reaches nothing."""
+        if self.job:
+            return job_key(self.job)
+        return self.quota_key if self.named or self.by_address else None
+
+    @property
+    def quota_key(self) -> str:
+        """Whose queue places a heavy job takes (--max-queued-per-client): the identity the
+        caller gave, else its address (a caller without one gets a new cookie each time)."""
+        return self.named or _key("a", self.address)
 
     @property
     def id(self) -> str:
@@ -91,22 +135,25 @@ class Caller:
 CALLER_KEYS_HEADER = "X-Sdproxy-Caller"
 
 
-def caller_keys_header(caller: Caller) -> str:
-    return ",".join(quote(key, safe=":") for key in caller.keys)
+def caller_keys_header(keys: list[str]) -> str:
+    return ",".join(quote(key, safe=":") for key in keys)
 
 
 def caller_keys_of(value: str | None) -> list[str]:
     return [unquote(k) for k in value.split(",")] if value else []
 
 
-def identify(request: web.Request) -> Caller:
+def identify(request: web.Request, *, by_address: bool = True) -> Caller:
     header = request.headers.get(CLIENT_HEADER) or None
     cookie = request.cookies.get(COOKIE) or None
+    job = request.headers.get(JOB_HEADER) or None
     return Caller(
         header=header[:128] if header else None,
         cookie=cookie[:128] if cookie else None,
         address=request.remote or "unknown",
         new_cookie=None if (cookie or header) else new_token(),
+        job=job,
+        by_address=by_address,
     )
 
 
@@ -125,38 +172,57 @@ def set_cookie(response: web.StreamResponse, caller: Caller) -> None:
 
 
 class JobIndex:
-    """caller identity -> their heavy jobs still in the proxy, oldest first.
+    """identity key -> the heavy jobs indexed under it still in the proxy, oldest first.
 
     A caller may have several (UI tabs, batch scripts sharing one X-Sdproxy-Client):
     job-bound calls go to the newest, and when it ends the next newest is found again.
+    Each job is also listed under its owner (``Caller.quota_key``), for the per-caller cap.
     """
 
     def __init__(self) -> None:
         self._by_key: dict[str, list[TicketId]] = {}
-        self._keys: dict[TicketId, list[str]] = {}
+        self._by_owner: dict[str, list[TicketId]] = {}
+        self._keys: dict[TicketId, tuple[list[str], str]] = {}
 
-    def add(self, caller: Caller, ticket: TicketId) -> None:
-        keys = caller.keys
-        self._keys[ticket] = keys
+    def add(self, caller: Caller, ticket: TicketId, *, job_id: str) -> list[str]:
+        """Index a new job; returns its keys (for the pod's gate: X-Sdproxy-Caller)."""
+        keys = [*caller.keys, job_key(job_id)]
+        self._keys[ticket] = (keys, caller.quota_key)
         for key in keys:
             self._by_key.setdefault(key, []).append(ticket)
+        self._by_owner.setdefault(caller.quota_key, []).append(ticket)
+        return keys
 
     def remove(self, ticket: TicketId) -> None:
-        for key in self._keys.pop(ticket, []):
-            tickets = self._by_key.get(key)
-            if tickets is None:
-                continue
-            tickets.remove(ticket)
-            if not tickets:
-                del self._by_key[key]
+        found = self._keys.pop(ticket, None)
+        if found is None:
+            return
+        keys, owner = found
+        for key in keys:
+            _drop(self._by_key, key, ticket)
+        _drop(self._by_owner, owner, ticket)
 
     def find(self, caller: Caller) -> TicketId | None:
-        return self.find_key(caller.own_key)
+        key = caller.own_key
+        return None if key is None else self.find_key(key)
 
     def find_key(self, key: str) -> TicketId | None:
         """The newest job indexed under ``key`` (a peer replica asks by key)."""
         tickets = self._by_key.get(key)
         return tickets[-1] if tickets else None
 
+    def owned(self, caller: Caller) -> list[TicketId]:
+        """The jobs the caller owns (``Caller.quota_key``), oldest first."""
+        return list(self._by_owner.get(caller.quota_key, ()))
+
     def __len__(self) -> int:
         return len(self._keys)
+
+
+def _drop(index: dict[str, list[TicketId]], key: str, ticket: TicketId) -> None:
+    tickets = index.get(key)
+    if tickets is None:
+        return
+    tickets.remove(ticket)
+    if not tickets:
+        del index[key]

@@ -39,6 +39,7 @@ from sdproxy.core.sdapi import body_keys, inspect_body
 from sdproxy.runtime import forward
 from sdproxy.runtime.jobs import CALLER_KEYS_HEADER, new_request_id
 from sdproxy.runtime.logs import setup_logging
+from sdproxy.runtime.tasks import Background
 from sdproxy.settings import GateOptions, GateSettings
 
 log = logging.getLogger("sdproxy.gate")
@@ -52,7 +53,6 @@ WRITE_TIMEOUT_S = 3 * HEARTBEAT_S
 #: how often an unreachable sd-webui is asked again
 PROBE_S = 1.0
 PEEK_BYTES = 256 * 1024
-INTERRUPT_PATH = "/sdapi/v1/interrupt"
 
 
 def occupancy_json(
@@ -122,7 +122,8 @@ class GateServer:
         self._probe: asyncio.Task[None] | None = None
         #: stopping: the occupancy streams end (their followers reconnect elsewhere)
         self.closing = False
-        self._background: set[asyncio.Task[None]] = set()
+        self._adopted: asyncio.Task[None] | None = None
+        self._background = Background()
 
     # ---- change notification ------------------------------------------------------------
 
@@ -321,14 +322,9 @@ class GateServer:
 
     async def _interrupt(self) -> None:
         assert self.session is not None
-        timeout = aiohttp.ClientTimeout(total=self.config.connect_timeout_s + 5)
-        url = self.config.upstream + INTERRUPT_PATH
-        try:
-            async with self.session.post(url, timeout=timeout) as resp:
-                await resp.read()
+        timeout_s = self.config.connect_timeout_s + 5
+        if await forward.post_interrupt(self.session, self.config.upstream, timeout_s=timeout_s):
             log.info("sender gone: interrupted the generation")
-        except (aiohttp.ClientError, TimeoutError) as exc:
-            log.warning("could not interrupt %s: %r", url, exc)
 
     async def _pass(
         self, request: web.Request, body: forward.RequestBody | None = None
@@ -392,14 +388,63 @@ class GateServer:
             return web.json_response({"status": "upstream_unreachable"}, status=503)
         return web.json_response({"status": "ready"})
 
+    async def _busy_jobs(self) -> int | None:
+        """How many jobs sd-webui says it is processing (None: it does not answer)."""
+        assert self.session is not None
+        timeout = aiohttp.ClientTimeout(total=self.config.connect_timeout_s)
+        try:
+            async with self.session.get(
+                self.config.upstream + "/sdapi/v1/progress?skip_current_image=true",
+                timeout=timeout,
+            ) as resp:
+                data = await resp.json(content_type=None)
+        except (aiohttp.ClientError, TimeoutError, ValueError):
+            return None
+        state = data.get("state") if isinstance(data, dict) else None
+        count = state.get("job_count") if isinstance(state, dict) else None
+        return count if isinstance(count, int) else None
+
+    async def adopt_running(self) -> None:
+        """A gate that (re)starts while its sd-webui still generates (the gate container
+        restarted, the pod did not) must not admit a second job beside it: the running
+        job holds a slot, as an unknown claim, until sd-webui reports it idle."""
+        if not await self._busy_jobs():
+            return
+        claim = Claim(
+            request_id="running-before-the-gate-started",
+            replica=None,
+            caller=None,
+            route="(unknown)",
+            started_at=self.clock(),
+        )
+        ticket = self.core.claim(claim)
+        if ticket is None:
+            return
+        log.warning("sd-webui was already generating: holding a slot until it is idle")
+        self._adopted = asyncio.get_running_loop().create_task(
+            self._release_when_idle(ticket), name="gate-adopted"
+        )
+
+    async def _release_when_idle(self, ticket: TicketId) -> None:
+        """Free the adopted slot once sd-webui is idle (or has not answered three times
+        in a row: a dead sd-webui runs nothing)."""
+        silent = 0
+        try:
+            while silent < 3:  # an outside process: nothing to wait on but its answer
+                busy = await self._busy_jobs()
+                if busy == 0:
+                    break
+                silent = silent + 1 if busy is None else 0
+                await asyncio.sleep(PROBE_S)
+        finally:
+            self.core.release(ticket)
+            self.changed()
+
     def _spawn(self, coro: Any, *, name: str) -> None:
-        task: asyncio.Task[None] = asyncio.get_running_loop().create_task(coro, name=name)
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
+        self._background.spawn(coro, name=name)
 
     async def wait_background(self) -> None:
-        if self._background:
-            await asyncio.gather(*self._background, return_exceptions=True)
+        await self._background.wait()
 
 
 GATE_KEY: web.AppKey[GateServer] = web.AppKey("gate", GateServer)
@@ -430,10 +475,12 @@ async def _session(app: web.Application) -> Any:
         cookie_jar=aiohttp.DummyCookieJar(),
     ) as session:
         gate.session = session
+        await gate.adopt_running()  # before the gate listens: nothing slips in meanwhile
         yield
+        for task in (gate._probe, gate._adopted):
+            if task is not None:
+                task.cancel()
         await gate.wait_background()
-        if gate._probe is not None:
-            gate._probe.cancel()
 
 
 async def serve_gate(settings: GateSettings, *, ready: asyncio.Event | None = None) -> int:

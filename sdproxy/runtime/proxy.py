@@ -6,6 +6,7 @@ heavy  -> the whole body received first (``runtime.body``: memory, then a spool 
           released only when its response ends
 light  -> least loaded ready pod at once (retried on another pod if the connect fails)
 job    -> the pod running the caller's job; answered by the proxy while it is queued
+          (which job is whose, and who may reach it: sdproxy.runtime.jobs)
 admin  -> 403 unless --allow-admin (then treated as heavy)
 Errors answer ``{"error": code, "detail": text}`` with the status from sdproxy.errors.
 """
@@ -27,33 +28,42 @@ from sdproxy import errors
 from sdproxy.core.admission import Job, TicketId
 from sdproxy.core.cost import estimate_steps
 from sdproxy.core.effects import InterruptReason, Outcome
+from sdproxy.core.limits import check_request
 from sdproxy.core.pods import PodId
 from sdproxy.core.routing import RouteClass, RouteTable, classify_options
-from sdproxy.core.sdapi import body_keys, inspect_body
+from sdproxy.core.sdapi import BodyInfo, body_keys, inspect_body
+from sdproxy.errors import UpstreamKind
 from sdproxy.runtime import body as bodies
 from sdproxy.runtime import forward
 from sdproxy.runtime.gate import Gate, Slot
 from sdproxy.runtime.gatewatch import GateWatch
 from sdproxy.runtime.jobs import (
     CALLER_KEYS_HEADER,
+    JOB_HEADER,
+    JOB_ID,
     Caller,
     JobIndex,
     caller_keys_header,
     identify,
     new_request_id,
+    new_token,
     set_cookie,
 )
 from sdproxy.runtime.logs import AccessRecord, access_log_enabled, log_access
 from sdproxy.runtime.metrics import Metrics
 from sdproxy.runtime.peers import Peers
 from sdproxy.runtime.podgate import GATE_HEADER, REPLICA_HEADER
+from sdproxy.runtime.tasks import Background
 from sdproxy.settings import ProxySettings
 
 log = logging.getLogger("sdproxy.proxy")
 
 PEEK_BYTES = 256 * 1024  # enough for any txt2img body; img2img blobs are streamed past it
-INTERRUPT_PATH = "/sdapi/v1/interrupt"
 LIGHT_ATTEMPTS = 3
+#: the status logged for a request whose client left before its answer (nginx's 499)
+CLIENT_CLOSED = 499
+#: Retry-After of 429 client_quota: a queued job of the caller may have started by then
+QUOTA_RETRY_S = 5.0
 
 
 @dataclass(kw_only=True, slots=True)
@@ -72,6 +82,9 @@ class Exchange:
     error: str | None = None
     #: a relayed head went (or is going) to the client: no error response can follow
     answering: bool = False
+    #: a heavy request's job: its id (X-Sdproxy-Job) and the keys it is indexed under
+    job_id: str | None = None
+    job_keys: list[str] | None = None
 
     def before_prepare(self, response: web.StreamResponse) -> None:
         """A relayed response's head is sent before ``_finish``: give a new caller its
@@ -91,6 +104,8 @@ def error_response(exc: errors.ClientFacingError, ex: Exchange | None = None) ->
     headers = {"X-Request-Id": ex.request_id} if ex else {}
     if ex is not None and ex.pod is not None:
         headers["X-Sdproxy-Pod"] = ex.pod
+    if ex is not None and ex.job_id is not None:
+        headers[JOB_HEADER] = ex.job_id
     if exc.retry_after_s is not None:
         headers["Retry-After"] = str(max(1, round(exc.retry_after_s)))
     if ex is not None:
@@ -110,9 +125,11 @@ class Proxy:
         metrics: Metrics,
         clock: Callable[[], float],
         replica: str = "",
+        light_timeout_s: float = 30.0,
     ) -> None:
         self.settings = settings
         self.replica = replica
+        self.light_timeout_s = light_timeout_s
         #: set by the composition root once the app runs (gates' occupancy, peers)
         self.gatewatch: GateWatch | None = None
         self.peers: Peers | None = None
@@ -123,12 +140,12 @@ class Proxy:
         self.table = RouteTable.from_strings(settings.route)
         self.jobs = JobIndex()
         self.limit_bytes = int(settings.max_body_mb * 1024 * 1024)
-        self._background: set[asyncio.Task[None]] = set()
+        self._background = Background()
 
     # ---- entry ------------------------------------------------------------------------
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
-        caller = identify(request)
+        caller = identify(request, by_address=self.settings.address_identity)
         ex = Exchange(
             request_id=request.headers.get("X-Request-Id") or new_request_id(),
             caller=caller,
@@ -159,8 +176,14 @@ class Proxy:
             response = self._broke_off(request, ex, exc)
         except web.HTTPRequestEntityTooLarge:
             response = error_response(errors.BodyTooLarge("request body too large"), ex)
-        except (ConnectionError, asyncio.CancelledError):
-            raise  # the client went away: nothing to answer
+        except asyncio.CancelledError:
+            raise  # the client went away (handler cancellation): nothing to answer
+        except ConnectionError as exc:
+            # the client's connection broke while we wrote to it: nothing to answer, and
+            # nothing to log as an error (aiohttp would log a traceback for a re-raise);
+            # this placeholder's own write fails quietly in aiohttp's finish_response
+            log.debug("client of %s %s went away: %r", request.method, request.path, exc)
+            response = web.Response(status=CLIENT_CLOSED)
         except Exception as exc:
             if ex.answering:
                 raise
@@ -216,7 +239,7 @@ class Proxy:
     def _finish(
         self, request: web.Request, ex: Exchange, response: web.StreamResponse | None
     ) -> None:
-        status = response.status if response is not None else 499  # client closed request
+        status = response.status if response is not None else CLIENT_CLOSED
         duration = self.clock() - ex.started
         if response is not None and not response.prepared:
             response.headers["X-Request-Id"] = ex.request_id
@@ -251,21 +274,28 @@ class Proxy:
     async def _heavy(
         self, request: web.Request, ex: Exchange, prefix: forward.RequestBody | None
     ) -> web.StreamResponse:
-        """Receive the whole body, then queue: a slot never waits for a client's upload
-        (a stalled or slow one kept a GPU idle), and a body at hand can go again to
-        another pod when a gate answers pod_busy."""
+        """Check what the body's first bytes say, receive the whole body, then queue: a
+        slot never waits for a client's upload (a stalled or slow one kept a GPU idle),
+        and a body at hand can go again to another pod when a gate answers pod_busy."""
+        if prefix is None:
+            async with self._body_deadline(ex):
+                prefix = await forward.read_prefix(
+                    request, peek_bytes=PEEK_BYTES, limit_bytes=self.limit_bytes
+                )
+        info = inspect_body(prefix.prefix, complete=prefix.complete)
+        self._check_admissible(request, ex, info)  # before a refused body is uploaded
         body = await self._receive(request, ex, prefix)
         try:
-            peek = body.head[:PEEK_BYTES]
-            info = inspect_body(peek, complete=len(peek) == body.size)
-            body.inspected()
+            # again: the caller's queue may have filled while this body uploaded
+            self._check_admissible(request, ex, info)
             job = Job(
                 ticket=self.gate.new_ticket(),
                 enqueued_at=self.clock(),
                 cost=estimate_steps(info.fields, route=request.path.rsplit("/", 1)[-1]),
                 checkpoint=info.checkpoint,
             )
-            self.jobs.add(ex.caller, job.ticket)
+            ex.job_id = ex.caller.job or new_token()
+            ex.job_keys = self.jobs.add(ex.caller, job.ticket, job_id=ex.job_id)
             try:
                 slot = await self.gate.acquire(job)
                 self.metrics.observe_queue_wait(slot.dispatch.queued_s)
@@ -278,15 +308,14 @@ class Proxy:
                 body.close()
 
     async def _receive(
-        self, request: web.Request, ex: Exchange, prefix: forward.RequestBody | None
+        self, request: web.Request, ex: Exchange, prefix: forward.RequestBody
     ) -> bodies.ReceivedBody:
         async with self._body_deadline(ex):
             body = await bodies.receive(
                 request,
-                prefix=prefix.prefix if prefix is not None else b"",
-                complete=prefix is not None and prefix.complete,
+                prefix=prefix.prefix,
+                complete=prefix.complete,
                 limit_bytes=self.limit_bytes,
-                head_bytes=PEEK_BYTES,
             )
         ex.bytes_in = body.size
         return body
@@ -301,6 +330,31 @@ class Proxy:
                 yield
         except TimeoutError as exc:
             raise errors.BodyTimeout(f"the request body did not arrive within {limit:g} s") from exc
+
+    def _check_admissible(self, request: web.Request, ex: Exchange, info: BodyInfo) -> None:
+        """Refuse a heavy request before it takes a queue place: a guessable job id it
+        proposes (400), a body over the request bounds (422), a caller whose queued jobs
+        are at --max-queued-per-client (429; running ones do not count)."""
+        proposed = ex.caller.job
+        if proposed is not None and not JOB_ID.fullmatch(proposed):
+            raise errors.BadRequest(
+                f"{JOB_HEADER} must be 16 to 128 characters of A-Z a-z 0-9 _ - (a random id)"
+            )
+        route = request.path.rsplit("/", 1)[-1]
+        excess = check_request(info.fields, route=route, limits=self.settings.limits)
+        if excess is not None:
+            raise errors.RequestTooLarge(excess.detail, field=excess.field, limit=excess.limit)
+        cap = self.settings.max_queued_per_client
+        if cap and self.queued_of(ex.caller) >= cap:
+            raise errors.ClientQuota(
+                f"{cap} requests of this caller already wait in the queue "
+                "(--max-queued-per-client); retry when one has started",
+                retry_after_s=QUOTA_RETRY_S,
+            )
+
+    def queued_of(self, caller: Caller) -> int:
+        """How many of the caller's jobs wait in this replica's queue."""
+        return sum(1 for t in self.jobs.owned(caller) if self.gate.admission.is_queued(t))
 
     async def _run_heavy(
         self, request: web.Request, ex: Exchange, body: bodies.ReceivedBody, slot: Slot
@@ -364,6 +418,7 @@ class Proxy:
             "X-Sdproxy-Pod": slot.pod_id,
             "X-Sdproxy-Queue-Ms": f"{slot.dispatch.queued_s * 1000:.0f}",
             "X-Request-Id": ex.request_id,
+            JOB_HEADER: ex.job_id or "",
         }
 
         def pod_done(failed: bool) -> None:
@@ -424,22 +479,14 @@ class Proxy:
             slot.release(outcome)
 
     async def _post_interrupt(self, base_url: str) -> None:
-        timeout = aiohttp.ClientTimeout(total=self.settings.connect_timeout_s + 5)
-        try:
-            async with self.session.post(base_url + INTERRUPT_PATH, timeout=timeout) as resp:
-                await resp.read()
-        except (aiohttp.ClientError, TimeoutError) as exc:
-            log.warning("could not interrupt %s: %r", base_url, exc)
+        timeout_s = self.settings.connect_timeout_s + 5
+        await forward.post_interrupt(self.session, base_url, timeout_s=timeout_s)
 
     def spawn(self, coro: Any, *, name: str) -> None:
-        """Start a background task with a strong reference (see asyncio.create_task)."""
-        task: asyncio.Task[None] = asyncio.get_running_loop().create_task(coro, name=name)
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
+        self._background.spawn(coro, name=name)
 
     async def wait_background(self) -> None:
-        if self._background:
-            await asyncio.gather(*self._background, return_exceptions=True)
+        await self._background.wait()
 
     def _send(
         self,
@@ -455,7 +502,7 @@ class Proxy:
         extra = {
             "X-Request-Id": ex.request_id,
             REPLICA_HEADER: self.replica,
-            CALLER_KEYS_HEADER: caller_keys_header(ex.caller),
+            CALLER_KEYS_HEADER: caller_keys_header(ex.job_keys or ex.caller.keys),
         }
         headers = forward.upstream_headers(request, extra)
         url = base_url + request.path_qs
@@ -498,10 +545,12 @@ class Proxy:
             tried.append(pod.pod_id)
             ex.pod = pod.pod_id
             try:
-                upstream = await self._send(request, ex, pod.url, body)
+                upstream = await self._send_light(request, ex, pod.pod_id, pod.url, body)
             except errors.UpstreamError as exc:
                 self.metrics.backend_error(pod=pod.pod_id, kind=exc.kind)
-                if exc.sent or (body is not None and not body.retryable):
+                replayable = body is None or body.retryable
+                # a light call has no side effect: one a pod sat on may go elsewhere too
+                if not replayable or (exc.sent and exc.kind is not UpstreamKind.TIMEOUT):
                     raise errors.BackendError(f"pod {pod.pod_id}: {exc.detail}") from exc
                 self.gate.eject(pod.pod_id)
                 continue
@@ -529,13 +578,31 @@ class Proxy:
             self.gate.cancel_queued(ticket)  # counted as rejected{job_cancelled}
         return web.json_response({})  # sd-webui answers {} (modules/api/api.py interruptapi)
 
+    async def _send_light(
+        self,
+        request: web.Request,
+        ex: Exchange,
+        pod_id: str,
+        url: str,
+        body: forward.RequestBody | bytes | None,
+    ) -> aiohttp.ClientResponse:
+        """Send a light or job-bound call; a pod that has not begun to answer within
+        --light-timeout-s is ejected (it hangs: health checks will confirm)."""
+        try:
+            return await asyncio.wait_for(self._send(request, ex, url, body), self.light_timeout_s)
+        except TimeoutError as exc:
+            self.gate.eject(PodId(pod_id))
+            raise errors.UpstreamTimeout(
+                f"{url} did not begin to answer within {self.light_timeout_s:g} s", sent=True
+            ) from exc
+
     async def _to_job_pod(
         self, request: web.Request, ex: Exchange, pod_id: str, url: str
     ) -> web.StreamResponse:
         ex.pod = pod_id
         body = await request.read() if request.can_read_body else None
         try:
-            upstream = await self._send(request, ex, url, body)
+            upstream = await self._send_light(request, ex, pod_id, url, body)
         except errors.UpstreamError as exc:
             self.metrics.backend_error(pod=pod_id, kind=exc.kind)
             raise errors.BackendError(f"pod {pod_id}: {exc.detail}") from exc
@@ -547,6 +614,8 @@ class Proxy:
         # the newest job first, as locally: one still queued at a peer is newer than one
         # already running
         key = ex.caller.own_key
+        if key is None:
+            return None  # no identity, and the address identifies nobody
         if self.peers is not None and self.peers.live():
             if request.path.endswith("/interrupt") and await self.peers.cancel_queued(key):
                 return web.json_response({})

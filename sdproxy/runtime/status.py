@@ -43,6 +43,9 @@ class PodStatus:
     mode: str
     #: heavy requests its gate runs for other senders
     foreign: int
+    #: why a ready pod takes no new work: gate_lost, pod_down, health_check, ejected,
+    #: cordoned (None: it takes work)
+    out: str | None
 
     @classmethod
     def of(cls, pod: Pod, now: float) -> PodStatus:
@@ -59,6 +62,7 @@ class PodStatus:
             cordoned=pod.cordoned(now),
             mode=_mode(pod),
             foreign=pod.foreign,
+            out=pod.out_reason(now),
         )
 
 
@@ -166,6 +170,7 @@ def _pod_json(pod: PodStatus) -> dict[str, Any]:
         "cordoned": pod.cordoned,
         "mode": pod.mode,
         "foreign": pod.foreign,
+        "out": pod.out,
     }
 
 

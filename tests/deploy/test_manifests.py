@@ -220,6 +220,17 @@ def test_proxy_replicas_drain_within_their_grace_period(
 
 
 @pytest.mark.parametrize("overlay", OVERLAY_PARAMS)
+def test_the_proxy_bounds_what_one_request_may_ask(
+    rendered: dict[str, list[Obj]], overlay: str
+) -> None:
+    """steps 1e9 or width 1e6 must not reach a GPU: the bounds are off by default, the
+    manifests set them."""
+    _, _, args = _proxy(rendered[overlay])
+    limits = settings.build(args).proxy.limits
+    assert (limits.max_steps, limits.max_pixels, limits.max_batch) == (150, 2048 * 2048, 8)
+
+
+@pytest.mark.parametrize("overlay", OVERLAY_PARAMS)
 def test_proxy_probes_and_security(rendered: dict[str, list[Obj]], overlay: str) -> None:
     deployment, container, _ = _proxy(rendered[overlay])
     assert container["livenessProbe"]["httpGet"]["path"] == "/-/healthz"

@@ -14,8 +14,12 @@ import json
 from typing import Any
 
 import aiohttp
+from aiohttp import web
 
+from sdproxy import settings
+from sdproxy.cli import build_parser
 from sdproxy.core.pods import Endpoint, PodId
+from sdproxy.runtime.podgate import build_gate_app
 from tests.integration.conftest import (
     TXT2IMG,
     GatedFactory,
@@ -232,6 +236,50 @@ async def test_a_job_sent_through_one_replica_is_followed_and_stopped_through_an
         await proxy.wait_idle()
 
 
+async def test_a_job_named_by_its_id_is_reached_through_another_replica_whoever_asks(
+    gated_pods: GatedFactory, proxy_factory: ProxyFactory
+) -> None:
+    """X-Sdproxy-Job works across replicas: the job queued at A is found through B's peer
+    query, the one running through the gate's occupancy, both by the id's hash (the gate
+    never publishes the id itself); the caller at B names itself otherwise (bob)."""
+    cluster = await gated_pods(1)
+    a, b = await peered(proxy_factory, cluster.urls, 2)
+    run_id, wait_id = "run-" + "r" * 16, "wait-" + "w" * 16
+
+    async def generate(steps: int, job_id: str) -> tuple[int, Any]:
+        headers = {"X-Sdproxy-Client": "alice", "X-Sdproxy-Job": job_id}
+        async with a.client.post(TXT2IMG, json=gen_body(steps), headers=headers) as resp:
+            return resp.status, await resp.json()
+
+    running = asyncio.create_task(generate(2000, run_id))
+    await a.wait_inflight(1)
+    queued = asyncio.create_task(generate(5, wait_id))
+    await a.wait_queue(1)
+
+    async def via_b(method: str, path: str, job_id: str) -> tuple[Any, Any]:
+        headers = {"X-Sdproxy-Job": job_id, "X-Sdproxy-Client": "bob"}
+        async with b.client.request(method, path, headers=headers) as resp:
+            assert resp.status == 200
+            return await resp.json(), resp.headers
+
+    seen, _ = await via_b("GET", "/sdapi/v1/progress", wait_id)
+    assert seen["sdproxy"]["queued"] is True and seen["sdproxy"]["queue_position"] == 1
+    await via_b("POST", "/sdapi/v1/interrupt", wait_id)
+    status, data = await queued
+    assert status == 409 and data["error"] == "job_cancelled", data
+    occupancy = await cluster.occupancy(0)
+    assert run_id not in json.dumps(occupancy), "the gate publishes the id's hash only"
+    seen, headers = await via_b("GET", "/sdapi/v1/progress", run_id)
+    assert "sdproxy" not in seen, "the pod's own answer"
+    _, headers = await via_b("POST", "/sdapi/v1/interrupt", run_id)
+    assert headers["X-Sdproxy-Pod"] == cluster.urls[0].removeprefix("http://")
+    status, _data = await running
+    assert status == 200
+    assert (await cluster.sims.stats(0))["interrupts_received"] == 1
+    for proxy in (a, b):
+        await proxy.wait_idle()
+
+
 async def test_every_replica_exports_the_same_global_desired_pods(
     gated_pods: GatedFactory, proxy_factory: ProxyFactory
 ) -> None:
@@ -284,3 +332,46 @@ async def test_a_gate_whose_sd_webui_died_takes_no_work_and_says_so(
             assert resp.status == 200
             assert resp.headers["X-Sdproxy-Pod"] == cluster.urls[1].removeprefix("http://")
     await proxy.wait_idle()
+
+
+async def test_a_gate_started_while_its_sd_webui_generates_counts_that_job(
+    sim_pods: Any,
+) -> None:
+    """The gate container restarted, sd-webui did not: the generation already running
+    holds a slot, so the gate admits nothing beside it until sd-webui is idle."""
+    sims = await sim_pods(1)
+    async with aiohttp.ClientSession() as client:
+        running = asyncio.create_task(client.post(sims.urls[0] + TXT2IMG, json=gen_body(150)))
+
+        async def generating() -> bool:
+            async with client.get(sims.urls[0] + "/sdapi/v1/progress") as resp:
+                return bool((await resp.json())["state"]["job_count"] > 0)
+
+        await eventually(generating, what="sd-webui to generate")
+        ns = build_parser().parse_args(
+            ["gate", "--listen", "127.0.0.1:0", "--upstream", sims.urls[0]]
+        )
+        app = build_gate_app(settings.load_gate(ns, env={}).gate)
+        runner = web.AppRunner(app, handler_cancellation=True, shutdown_timeout=2.0)
+        await runner.setup()
+        try:
+            await web.TCPSite(runner, "127.0.0.1", 0).start()
+            gate = f"http://127.0.0.1:{runner.addresses[0][1]}"
+            async with client.get(gate + "/-/gate") as resp:
+                occupancy = await resp.json()
+            assert occupancy["inflight"] == 1
+            assert occupancy["running"][0]["request_id"] == "running-before-the-gate-started"
+            async with client.post(gate + TXT2IMG, json=gen_body(1)) as busy:
+                assert busy.status == 503 and busy.headers["X-Sdproxy-Gate"] == "busy"
+            (await running).release()
+
+            async def freed() -> bool:
+                async with client.get(gate + "/-/gate") as resp:
+                    return bool((await resp.json())["inflight"] == 0)
+
+            await eventually(freed, what="the adopted slot freed once sd-webui is idle")
+            async with client.post(gate + TXT2IMG, json=gen_body(1)) as resp:
+                assert resp.status == 200
+        finally:
+            await runner.cleanup()
+    assert (await sims.stats(0))["heavy_inflight_max"] == 1

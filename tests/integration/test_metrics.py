@@ -63,6 +63,7 @@ def _pod(pod_id: str, *, state: str, inflight: int, completed: int) -> dict[str,
         "cordoned": False,
         "mode": "direct",
         "foreign": 0,
+        "out": None,
     }
 
 

@@ -272,3 +272,110 @@ async def test_job_bound_call_to_a_pod_that_went_away_answers_json_502(
     status, data = await job
     assert status == 502 and data["error"] == "backend_error"
     await proxy.wait_idle()
+
+
+def anonymous_session(address: str = "127.0.0.1") -> aiohttp.ClientSession:
+    """A caller that names itself nowhere: no header, and it keeps no cookie."""
+    return aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(local_addr=(address, 0)),
+        cookie_jar=aiohttp.DummyCookieJar(),
+    )
+
+
+@pytest.mark.parametrize(
+    "named",
+    [pytest.param(client("alice"), id="header"), pytest.param(cookie("c0ffee"), id="cookie")],
+)
+async def test_a_caller_without_identity_never_reaches_a_named_callers_job_at_its_address(
+    sim_pods: SimFactory, proxy_factory: ProxyFactory, named: dict[str, str]
+) -> None:
+    """Behind an ingress or a NAT every client has the same address: a job started with a
+    name (header or cookie) is reachable with that name only, never by the address."""
+    sims = await sim_pods(1)
+    proxy = await proxy_factory(sims.urls)
+    s = proxy.client
+    async with anonymous_session() as stranger:  # 127.0.0.1, as the named caller
+        running = asyncio.create_task(generate(s, proxy.url, 300, named))
+        await running_progress(proxy, named)
+        queued = asyncio.create_task(generate(s, proxy.url, 5, named))
+        await proxy.wait_queue(1)
+        data, resp = await get_progress(stranger, proxy.url, {})
+        assert "X-Sdproxy-Pod" not in resp.headers, "not the pod running the named job"
+        assert data["sdproxy"]["queued"] is False, "not the named caller's queued job"
+        async with stranger.post(proxy.url + INTERRUPT) as resp:
+            assert resp.status == 200 and "X-Sdproxy-Pod" not in resp.headers
+        data, _ = await get_progress(s, proxy.url, named)
+        assert data["sdproxy"]["queued"] is True, "the named caller still finds its job"
+    assert (await running)[0] == 200
+    assert (await queued)[0] == 200, "the queued job was not cancelled by the stranger"
+    stats = await sims.stats(0)
+    assert stats["interrupts_received"] == 0 and stats["completed"] == 2
+    await proxy.wait_idle()
+
+
+@pytest.mark.parametrize(
+    ("flags", "reachable"),
+    [
+        pytest.param((), True, id="address-identity"),
+        pytest.param(("--address-identity", "false"), False, id="no-address-identity"),
+    ],
+)
+async def test_a_job_sent_without_identity_is_reachable_by_its_address_unless_switched_off(
+    sim_pods: SimFactory, proxy_factory: ProxyFactory, flags: tuple[str, ...], reachable: bool
+) -> None:
+    sims = await sim_pods(1)
+    proxy = await proxy_factory(sims.urls, *flags)
+    async with anonymous_session("127.0.0.2") as anon:
+        first, mine = await running_and_queued(proxy, (proxy.client, client("first")), (anon, {}))
+        data, _ = await get_progress(anon, proxy.url, {})
+        assert data["sdproxy"]["queued"] is reachable
+        async with anon.post(proxy.url + INTERRUPT) as resp:
+            assert resp.status == 200
+        status, _ = await mine
+    assert status == (409 if reachable else 200)
+    assert (await first)[0] == 200
+    await proxy.wait_idle()
+
+
+async def test_a_job_named_by_its_id_is_reached_by_whoever_names_it(
+    sim_pods: SimFactory, proxy_factory: ProxyFactory
+) -> None:
+    """X-Sdproxy-Job is a capability: a job-bound call naming the job reaches exactly that
+    job, queued or running, whatever identity the call carries (or none); the heavy
+    request may propose the id, its response always carries it."""
+    sims = await sim_pods(1)
+    proxy = await proxy_factory(sims.urls)
+    s = proxy.client
+    first_id, second_id = "first-" + "x" * 16, "second-" + "y" * 16
+    first, second = await running_and_queued(
+        proxy,
+        (s, {**client("alice"), "X-Sdproxy-Job": first_id}),
+        (s, {**client("alice"), "X-Sdproxy-Job": second_id}),
+    )
+    async with anonymous_session("127.0.0.3") as bob:
+        data, _ = await get_progress(bob, proxy.url, {"X-Sdproxy-Job": second_id})
+        assert_queued_progress(data, position=1)
+        running = await running_progress(proxy, {"X-Sdproxy-Job": first_id, **client("bob")})
+        assert running["pod"] == sims.urls[0].removeprefix("http://")
+        wrong = {"X-Sdproxy-Job": "nobody-" + "z" * 16, **client("alice")}
+        data, resp = await get_progress(bob, proxy.url, wrong)
+        assert data["sdproxy"]["queued"] is False and "X-Sdproxy-Pod" not in resp.headers, (
+            "an id that names no job reaches nothing, not the caller's own jobs"
+        )
+        async with bob.post(proxy.url + INTERRUPT, headers={"X-Sdproxy-Job": second_id}) as r:
+            assert r.status == 200 and "X-Sdproxy-Pod" not in r.headers
+    status, data = await second
+    assert status == 409 and data["error"] == "job_cancelled"
+    assert (await first)[0] == 200
+    assert (await sims.stats(0))["interrupts_received"] == 0
+    ids = []
+    for _ in range(2):  # no proposal: the proxy draws an unguessable id per job
+        async with s.post(TXT2IMG, json=gen_body(1)) as resp:
+            assert resp.status == 200
+            ids.append(resp.headers["X-Sdproxy-Job"])
+    assert ids[0] != ids[1] and all(len(i) >= 16 for i in ids)
+    async with s.post(TXT2IMG, json=gen_body(1), headers={"X-Sdproxy-Job": first_id}) as resp:
+        assert resp.headers["X-Sdproxy-Job"] == first_id
+    async with s.post(TXT2IMG, json=gen_body(1), headers={"X-Sdproxy-Job": "short"}) as resp:
+        assert resp.status == 400, "a guessable id is refused"
+    await proxy.wait_idle()

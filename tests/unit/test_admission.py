@@ -25,6 +25,7 @@ from hypothesis.stateful import (
 )
 
 from sdproxy.core.admission import Admission, AdmissionConfig, Running
+from sdproxy.core.cost import estimate_steps
 from sdproxy.core.effects import (
     Dispatch,
     Effects,
@@ -661,6 +662,19 @@ def test_eta_spreads_work_over_every_ready_slot() -> None:
         d.submit(n, cost=2.0)
     assert d.adm.position(T(5)) == 1
     assert d.adm.eta_s(T(5)) == ((0 + 8.0 / 2) / 4 + 2.0) * 1.0
+
+
+def test_an_absurd_job_ahead_adds_at_most_the_longest_a_job_may_run_to_an_eta() -> None:
+    """steps 1e9, width and height 1e6, batch_size 1e9: even clamped, the cost model's
+    plan is ~10^11 units; uncapped, every job behind it would wait 10^10 s (and show it)."""
+    d = Driver(ep("a"), seconds_per_unit=0.1, max_job_s=1800.0)
+    absurd = estimate_steps({"steps": 1e9, "width": 1e6, "height": 1e6, "batch_size": 1e9})
+    assert absurd * 0.1 > 1e9
+    d.submit(1, cost=absurd)  # runs
+    d.submit(2, cost=absurd)  # waits
+    d.submit(3, cost=10.0)  # waits behind it
+    assert d.adm.eta_s(T(2)) == 1800.0 / 2 + 1800.0
+    assert d.adm.eta_s(T(3)) == (1800.0 + 1800.0 / 2) + 10.0 * 0.1
 
 
 # ---- property: a random storm of events -----------------------------------------------

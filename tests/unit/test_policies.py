@@ -95,6 +95,14 @@ def test_eta_moving_average_and_formula() -> None:
     assert eta.eta_s(ahead=[], running=[], slots=0, own=1.0) == pytest.approx(2.0)
 
 
+def test_no_job_counts_for_more_than_the_longest_a_job_may_run() -> None:
+    eta = EwmaEta(seconds_per_unit=0.1, max_job_s=1800.0)
+    assert eta.job_s(1e13) == 1800.0 and eta.job_s(10.0) == pytest.approx(1.0)
+    assert eta.eta_s(ahead=[1e13], running=[1e13], slots=2, own=10.0) == pytest.approx(
+        (1800 + 1800 / 2) / 2 + 1.0
+    )
+
+
 def test_scale_in_order_not_ready_first_then_longest_idle_never_busy() -> None:
     pods = [
         pod("busy", running=1, idle_since=0.0),

@@ -16,6 +16,7 @@ from sdproxy import settings
 from sdproxy.cli import build_parser
 from sdproxy.core.admission import AdmissionConfig
 from sdproxy.core.autoscale import AutoscaleConfig
+from sdproxy.core.limits import RequestLimits
 from sdproxy.errors import ConfigError
 from sdproxy.options import from_values, options
 from sdproxy.settings import HostPort, Settings
@@ -461,6 +462,26 @@ def test_the_admission_knobs_are_the_cores_own_config() -> None:
     assert s.proxy.admission == AdmissionConfig(
         max_inflight=2, max_queue=3, queue_timeout_s=600.0, warmup=True
     )
+
+
+def test_request_bounds_quota_and_address_identity_are_settings() -> None:
+    defaults = load(*BACKEND, env={}).proxy
+    assert defaults.limits == RequestLimits(max_steps=0, max_pixels=0, max_batch=0), "off"
+    assert (defaults.max_queued_per_client, defaults.address_identity) == (0, True)
+    s = load(
+        *BACKEND,
+        *("--max-steps", "150", "--max-pixels", "4194304", "--max-batch", "8"),
+        *("--max-queued-per-client", "3", "--address-identity", "false"),
+        env={},
+    ).proxy
+    assert s.limits == RequestLimits(max_steps=150, max_pixels=4194304, max_batch=8)
+    assert (s.max_queued_per_client, s.address_identity) == (3, False)
+    with pytest.raises(ConfigError, match=r"^--max-pixels must be >= 0"):
+        load(*BACKEND, "--max-pixels", "-1", env={})
+
+
+def test_no_job_adds_more_to_an_eta_than_a_pod_may_stay_silent() -> None:
+    assert load(*BACKEND, "--backend-timeout-s", "60", env={}).proxy.admission.max_job_s == 60.0
 
 
 def test_gate_settings_have_their_own_flags_with_the_same_rules(tmp_path: Path) -> None:
