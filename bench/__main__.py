@@ -1,6 +1,6 @@
 """Bench CLI: ``python -m bench <scenario|all> [--quick] [--out DIR]``.
 
-Scenarios: overload, overhead, bigbody, queue (bench/scenarios/) and autoscale
+Scenarios: overload, overhead, bigbody, queue, replicas (bench/scenarios/) and autoscale
 (bench/autoscale.py, imported only when asked for). Each writes ``<scenario>.json``,
 ``<scenario>.md`` and PNG plots into DIR (default ``bench/out/<timestamp>``); ``all``
 also writes ``summary.md``. Exit status: 0 when every scenario produced its JSON with
@@ -37,7 +37,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def run_one(name: str, *, quick: bool, out_dir: Path, seed: int) -> dict[str, Any]:
+def run_one(
+    name: str, *, quick: bool, out_dir: Path, seed: int, command: str = ""
+) -> dict[str, Any]:
     """Run one scenario to its result dict (written to ``out_dir`` by the caller)."""
     started = time.time()
     t = time.perf_counter()
@@ -54,6 +56,8 @@ def run_one(name: str, *, quick: bool, out_dir: Path, seed: int) -> dict[str, An
     result["duration_s"] = round(time.perf_counter() - t, 1)
     result["machine"] = report.machine_info()
     result["peers"] = versions()
+    if command:
+        result["command"] = command
     report.write(result, out_dir)
     return result
 
@@ -117,12 +121,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     out_dir: Path = args.out or Path("bench/out") / time.strftime("%Y%m%d-%H%M%S")
     out_dir.mkdir(parents=True, exist_ok=True)
     names = ALL if args.scenario == "all" else (args.scenario,)
+    argv_list = sys.argv[1:] if argv is None else list(argv)
+    command = " ".join(["python -m bench", *argv_list])
     results: list[dict[str, Any]] = []
     failed = False
     try:
         for name in names:
             print(f"== {name}{' (quick)' if args.quick else ''}", file=sys.stderr, flush=True)
-            result = run_one(name, quick=args.quick, out_dir=out_dir, seed=args.seed)
+            result = run_one(
+                name, quick=args.quick, out_dir=out_dir, seed=args.seed, command=command
+            )
             results.append(result)
             _print_brief(result)
             if missing_targets(result):
@@ -131,9 +139,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("interrupted; every started process was stopped", file=sys.stderr)
         return 130
     if args.scenario == "all":
-        (out_dir / "summary.md").write_text(
-            summary_markdown(results, argv=sys.argv[1:] if argv is None else list(argv))
-        )
+        (out_dir / "summary.md").write_text(summary_markdown(results, argv=argv_list))
     print(f"results in {out_dir}", file=sys.stderr)
     return 1 if failed else 0
 

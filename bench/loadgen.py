@@ -50,6 +50,8 @@ class Sample:
     error: str = ""
     pod: str = ""
     queue_ms: float | None = None
+    #: which of an open loop's base URLs it went to (0 with one)
+    base: int = 0
 
     @property
     def latency(self) -> float:
@@ -169,7 +171,10 @@ async def send(
         ) as resp:
             async for chunk in resp.content.iter_chunked(CHUNK):
                 nbytes += len(chunk)
-            queue_ms = resp.headers.get("X-Sdproxy-Queue-Ms")
+            # sdproxy's own queue wait, or HAProxy's %Tw when the bench config adds it
+            queue_ms = resp.headers.get("X-Sdproxy-Queue-Ms") or resp.headers.get(
+                "X-Haproxy-Queue-Ms"
+            )
             return Sample(
                 t_send=t_send,
                 t_done=time.perf_counter() - t0,
@@ -204,7 +209,7 @@ class RunResult:
 
 async def open_loop(
     session: aiohttp.ClientSession,
-    base_url: str,
+    base_url: str | Sequence[str],
     *,
     arrivals: Sequence[float],
     make_spec: Callable[[int], RequestSpec],
@@ -212,16 +217,22 @@ async def open_loop(
     progress: Progress | None = None,
     t0: float | None = None,
 ) -> RunResult:
-    """Send request ``i`` at ``arrivals[i]`` seconds; wait for all up to ``deadline_s``."""
+    """Send request ``i`` at ``arrivals[i]`` seconds; wait for all up to ``deadline_s``.
+
+    With several base URLs request ``i`` goes to ``base_url[i % len(base_url)]``
+    (round-robin over front replicas, as a Service spreads connections)."""
     t0 = time.perf_counter() if t0 is None else t0
+    bases = [base_url] if isinstance(base_url, str) else list(base_url)
     samples: list[Sample] = []
     tasks: dict[asyncio.Task[Sample], float] = {}
+    base_of: dict[asyncio.Task[Sample], int] = {}
     errors = 0
 
     def done(task: asyncio.Task[Sample]) -> None:
         nonlocal errors
         if not task.cancelled() and task.exception() is None:
             sample = task.result()
+            sample.base = base_of.pop(task, 0)
             samples.append(sample)
             errors += not sample.ok
         tasks.pop(task, None)
@@ -232,7 +243,8 @@ async def open_loop(
             break
         if at > now:
             await asyncio.sleep(at - now)
-        task = asyncio.create_task(send(session, base_url, make_spec(i), t0=t0))
+        task = asyncio.create_task(send(session, bases[i % len(bases)], make_spec(i), t0=t0))
+        base_of[task] = i % len(bases)
         tasks[task] = at
         task.add_done_callback(done)
         if progress is not None:

@@ -18,7 +18,7 @@ from typing import Any
 
 from bench.targets import Target, TargetUnavailable, start_system
 
-SCENARIOS = ("overload", "overhead", "bigbody", "queue")
+SCENARIOS = ("overload", "overhead", "bigbody", "queue", "replicas")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -36,17 +36,27 @@ def load(name: str) -> ModuleType:
 
 
 Measure = Callable[[Target], Awaitable[dict[str, Any]]]
+Start = Callable[[contextlib.ExitStack, str], Target]
 
 
 async def for_each_system(
-    names: Sequence[str], *, backends: Sequence[str], work_dir: Path, measure: Measure
+    names: Sequence[str],
+    *,
+    backends: Sequence[str],
+    work_dir: Path,
+    measure: Measure,
+    start: Start | None = None,
 ) -> dict[str, dict[str, Any]]:
-    """Start each system, ``measure`` it, stop it; a row per system, errors included."""
+    """Start each system (``start``, else ``start_system``), ``measure`` it, stop it; a
+    row per system, errors included."""
     rows: dict[str, dict[str, Any]] = {}
     for name in names:
         with contextlib.ExitStack() as stack:
             try:
-                target = start_system(stack, name, backends=backends, work_dir=work_dir)
+                if start is not None:
+                    target = start(stack, name)
+                else:
+                    target = start_system(stack, name, backends=backends, work_dir=work_dir)
             except TargetUnavailable as exc:
                 rows[name] = {"skipped": str(exc).splitlines()[0], "detail": str(exc)}
                 continue

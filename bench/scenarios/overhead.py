@@ -10,6 +10,14 @@ exact baseline. Two phases per system:
 - added latency: one connection, requests back to back (no queueing anywhere), p50/p99;
   added = the system's p50 minus direct's p50.
 
+- heavy latency: the same on one connection with the smallest generation (txt2img, 1
+  step, 64x64: ~0.2 ms of simulated sampling), so the heavy path's own cost shows
+  (admission, a pod slot; with a gate also its claim and ``Expect: 100-continue``).
+
+``gated`` is sdproxy in front of ``sdproxy gate`` in front of the pod (client -> sdproxy
+-> gate -> pod, the replicas set-up): its added p50 against direct and against plain
+sdproxy is the cost of the gate's hop.
+
 All of it shares 2 cores with the pod (Python) and the client, so requests/s are bounded
 by the pod as much as by the proxy; the ratio to HAProxy is what the target reads.
 """
@@ -18,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import re
 import shutil
 import subprocess
@@ -29,14 +38,34 @@ from bench.loadgen import Progress, RequestSpec, closed_loop, new_session
 from bench.scenarios import Context, for_each_system
 from bench.targets import Target, start_sim
 
-SYSTEMS = ("direct", "haproxy", "nginx", "sdproxy")
+SYSTEMS = ("direct", "haproxy", "nginx", "sdproxy", "gated")
 PATH = "/sdapi/v1/sd-models"
 
 
 def params(quick: bool) -> dict[str, Any]:
     if quick:
-        return {"concurrency": 16, "duration_s": 2.0, "sequential": 300, "warmup": 50}
-    return {"concurrency": 32, "duration_s": 10.0, "sequential": 3000, "warmup": 200}
+        return {
+            "concurrency": 16,
+            "duration_s": 2.0,
+            "sequential": 300,
+            "warmup": 50,
+            "heavy_sequential": 100,
+        }
+    return {
+        "concurrency": 32,
+        "duration_s": 10.0,
+        "sequential": 3000,
+        "warmup": 200,
+        "heavy_sequential": 1000,
+    }
+
+
+HEAVY = RequestSpec(
+    method="POST",
+    path="/sdapi/v1/txt2img",
+    body=json.dumps({"prompt": "bench overhead", "steps": 1, "width": 64, "height": 64}).encode(),
+    headers={"Content-Type": "application/json"},
+)
 
 
 def _wrk(url: str, *, concurrency: int, duration_s: float) -> dict[str, Any] | None:
@@ -78,10 +107,30 @@ async def measure(target: Target, *, p: dict[str, Any]) -> dict[str, Any]:
             progress=progress,
         )
         progress.close()
+        await closed_loop(
+            one, target.url, spec=HEAVY, concurrency=1, duration_s=30, max_requests=10
+        )
+        progress = Progress(f"overhead {target.name} heavy", total=p["heavy_sequential"])
+        heavy = await closed_loop(
+            one,
+            target.url,
+            spec=HEAVY,
+            concurrency=1,
+            duration_s=60,
+            max_requests=p["heavy_sequential"],
+            progress=progress,
+        )
+        progress.close()
     lat = report.latency_ms(seq.samples)
     row.update(
         {f"seq_{k}": v for k, v in lat.items()},
         seq_errors=sum(not s.ok for s in seq.samples),
+    )
+    heavy_lat = report.latency_ms(heavy.samples)
+    row.update(
+        heavy_p50_ms=heavy_lat["p50_ms"],
+        heavy_p99_ms=heavy_lat["p99_ms"],
+        heavy_errors=sum(not s.ok for s in heavy.samples),
     )
     wrk = await asyncio.to_thread(
         _wrk, target.url + PATH, concurrency=p["concurrency"], duration_s=p["duration_s"]
@@ -115,6 +164,9 @@ COLUMNS: list[report.Column] = [
     ("seq_p50_ms", "p50 ms (1 conn)", ".3f"),
     ("seq_p99_ms", "p99 ms (1 conn)", ".3f"),
     ("added_p50_ms", "added p50 ms", ".3f"),
+    ("added_vs_sdproxy_p50_ms", "added p50 ms vs sdproxy", ".3f"),
+    ("heavy_p50_ms", "txt2img 64² p50 ms", ".3f"),
+    ("heavy_added_p50_ms", "txt2img added p50 ms", ".3f"),
     ("errors", "errors", "d"),
 ]
 
@@ -131,13 +183,23 @@ async def run(ctx: Context) -> dict[str, Any]:
             SYSTEMS, backends=sim.urls, work_dir=ctx.work_dir, measure=one
         )
     base = systems.get("direct", {}).get("seq_p50_ms")
+    heavy_base = systems.get("direct", {}).get("heavy_p50_ms")
     ha = systems.get("haproxy", {}).get("rps")
     for row in systems.values():
         if row.get("seq_p50_ms") is not None and base is not None:
             row["added_p50_ms"] = round(row["seq_p50_ms"] - base, 3)
+        if row.get("heavy_p50_ms") is not None and heavy_base is not None:
+            row["heavy_added_p50_ms"] = round(row["heavy_p50_ms"] - heavy_base, 3)
         if row.get("rps") is not None and ha:
             row["rps_vs_haproxy"] = round(row["rps"] / ha, 3)
     sd = systems.get("sdproxy", {})
+    gated = systems.get("gated", {})
+    if gated.get("seq_p50_ms") is not None and sd.get("seq_p50_ms") is not None:
+        gated["added_vs_sdproxy_p50_ms"] = round(gated["seq_p50_ms"] - sd["seq_p50_ms"], 3)
+    if gated.get("heavy_p50_ms") is not None and sd.get("heavy_p50_ms") is not None:
+        gated["heavy_added_vs_sdproxy_p50_ms"] = round(
+            gated["heavy_p50_ms"] - sd["heavy_p50_ms"], 3
+        )
     targets = {
         "rps_vs_haproxy": report.target(
             sd.get("rps_vs_haproxy"), text=">= 0.40 of HAProxy's requests/s", ok=lambda v: v >= 0.40
@@ -152,15 +214,29 @@ async def run(ctx: Context) -> dict[str, Any]:
         "description": (
             f"GET {PATH} to 1 pod; requests/s at concurrency {p['concurrency']} for "
             f"{p['duration_s']:.0f} s ({generator}); latency over {p['sequential']} "
-            "back-to-back requests on one connection."
+            "back-to-back requests on one connection, and over "
+            f"{p['heavy_sequential']} back-to-back txt2img (1 step, 64x64)."
         ),
         "params": p,
         "systems": systems,
         "targets": targets,
         "table_md": report.markdown_table(systems, COLUMNS),
+        "notes": [
+            "gated: client -> sdproxy -> sdproxy gate -> pod (the replicas set-up). GET "
+            "sd-models (light, passed straight through by the gate): "
+            f"{_ms(gated.get('added_vs_sdproxy_p50_ms'))} p50 over plain sdproxy, "
+            f"{_ms(gated.get('added_p50_ms'))} over direct. txt2img 64x64, 1 step (heavy: "
+            "the gate's claim and Expect: 100-continue): "
+            f"{_ms(gated.get('heavy_added_vs_sdproxy_p50_ms'))} p50 over plain sdproxy, "
+            f"{_ms(gated.get('heavy_added_p50_ms'))} over direct.",
+        ],
     }
     result["plots"] = plots(result, ctx.out_dir)
     return result
+
+
+def _ms(value: float | None) -> str:
+    return "? (not measured)" if value is None else f"{value:+.3f} ms"
 
 
 def plots(result: dict[str, Any], out_dir: Path) -> list[str]:

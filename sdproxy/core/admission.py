@@ -257,8 +257,24 @@ class Admission:
             pod.gate_healthy = healthy
             pod.foreign = max(0, foreign)
             pod.limit = max(limit, len(pod.running))
-            if checkpoint is not None:
+            if checkpoint is not None and pod.lists(checkpoint):
                 pod.checkpoint = checkpoint
+        return self._settle(EffectsBuilder(), now)
+
+    def observe_catalog(
+        self,
+        pod_id: PodId,
+        *,
+        catalog: Iterable[str],
+        loaded: str | None,
+        asked_at: float,
+        now: float,
+    ) -> Effects:
+        """The pod said (asked at ``asked_at``) which checkpoint keys it lists and which
+        it has ``loaded``: from now on only a listed name is recorded as its checkpoint."""
+        pod = self.book.pods.get(pod_id)
+        if pod is not None:
+            pod.observe_catalog(frozenset(catalog), loaded=loaded, asked_at=asked_at)
         return self._settle(EffectsBuilder(), now)
 
     def health_checked(self, pod_id: PodId, ok: bool, now: float) -> Effects:

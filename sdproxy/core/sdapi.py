@@ -8,6 +8,14 @@ options), keyed by file name (``checkpoint_key``). A complete body is parsed wit
 a truncated one with a tokenizer that skips long strings in C (the regex engine) and tracks
 nesting, so a 10 MB base64 value costs one regex match, and keys nested in scripts' args are
 never mistaken for top-level ones.
+
+Bounded, never recursive: Python's ``json`` parser recurses once per level of nesting and
+raises RecursionError near a thousand (``[`` × 1500 is a 1.5 KB body), so a complete body
+nested deeper than ``MAX_DEPTH`` (no sd-webui request comes near it: alwayson_scripts →
+script → args → a unit is four) is not handed to it: the tokenizer reads it instead, in
+constant state whatever the depth, and the body is forwarded unchanged — sd-webui answers
+such a body with its own error (FastAPI's 400); the proxy only schedules it with what it
+could read. A checkpoint name over ``MAX_CHECKPOINT_CHARS`` is no checkpoint.
 """
 
 from __future__ import annotations
@@ -15,13 +23,24 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from itertools import accumulate
 from typing import Any
 
 # Strings (with escapes), punctuation, bare literals (numbers, true/false/null), and a lone
 # quote: the opening of a string the prefix cut off (the string alternative failed on it).
 _TOKEN = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"|[{}\[\]:,]|[^\s{}\[\]:,"]+|"', re.DOTALL)
 _NESTED_OF_INTEREST = "override_settings"
+#: deepest nesting of arrays and objects a complete body may have to be parsed by ``json``
+MAX_DEPTH = 64
+#: longest checkpoint name (title, file name, model_name) the proxy tracks: a file name is
+#: at most 255 bytes on Linux, a title adds " [shorthash]"; a longer one is no checkpoint
+#: (it comes from the client and would end up in /-/status and a metric label)
+MAX_CHECKPOINT_CHARS = 256
+#: a string (a cut one runs to the end) and anything but brackets: what ``_too_deep`` drops
+_STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"?', re.DOTALL)
+_NOT_BRACKET = re.compile(r"[^\[\]{}]+")
+_DEPTH_STEP = {"[": 1, "{": 1, "]": -1, "}": -1}
 #: modules/sd_models.py re_strip_checksum: a title's trailing " [hash]"
 _CHECKSUM = re.compile(r"\s*\[[^]]+]\s*$")
 #: the checkpoint files sd-webui lists (modules/sd_models.py list_models ext_filter)
@@ -59,12 +78,22 @@ def _key(token: str) -> str | None:
     return key
 
 
-def _scan_truncated(text: str) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Top-level scalars and override_settings scalars from a JSON prefix."""
-    top: dict[str, Any] = {}
-    nested: dict[str, Any] = {}
+@dataclass(kw_only=True)
+class _Scanned:
+    #: top-level scalars, and override_settings' scalars
+    top: dict[str, Any] = field(default_factory=dict)
+    nested: dict[str, Any] = field(default_factory=dict)
+    #: every top-level key, whatever its value
+    keys: set[str] = field(default_factory=set)
+
+
+def _scan(text: str) -> _Scanned:
+    """What a JSON text (whole or a prefix) says at the top level and in override_settings,
+    one token at a time in constant state: nesting is a counter, not a stack, so no depth
+    costs more than its bytes."""
+    out = _Scanned()
     depth = 0
-    path: list[str | None] = []  # key that opened each container
+    inner: str | None = None  # the key whose value is the depth-2 container being read
     key: str | None = None
     expect_value = False
     for match in _TOKEN.finditer(text):
@@ -72,28 +101,39 @@ def _scan_truncated(text: str) -> tuple[dict[str, Any], dict[str, Any]]:
         if tok == '"' or (match.end() == len(text) and tok[0] not in '"{}[]:,'):
             break  # the rest is inside a cut string, or a literal the cut shortened (12 of 120)
         if tok in "{[":
-            path.append(key if expect_value else None)
             depth += 1
+            if depth == 2:
+                inner = key if expect_value else None
             key, expect_value = None, False
         elif tok in "}]":
             depth -= 1
-            if path:
-                path.pop()
             key, expect_value = None, False
         elif tok == ":":
             expect_value = key is not None
+            if key is not None and depth == 1:
+                out.keys.add(key)
         elif tok == ",":
             key, expect_value = None, False
         elif expect_value and key is not None:
             ok, value = _scalar(tok)
-            in_override = depth == 2 and path[-1] == _NESTED_OF_INTEREST
-            target = top if depth == 1 else nested if in_override else None
+            in_override = depth == 2 and inner == _NESTED_OF_INTEREST
+            target = out.top if depth == 1 else out.nested if in_override else None
             if ok and target is not None:
                 target.setdefault(key, value)
             key, expect_value = None, False
         elif tok.startswith('"') and depth in (1, 2):
             key = _key(tok)
-    return top, nested
+    return out
+
+
+def _too_deep(text: str) -> bool:
+    """Whether a JSON text nests arrays and objects deeper than ``MAX_DEPTH`` (outside
+    strings), found without recursion: the brackets left once strings are cut out, summed
+    as +1/-1 (the loops run in C; most bodies need only the two counts)."""
+    if text.count("[") + text.count("{") <= MAX_DEPTH:
+        return False
+    brackets = _NOT_BRACKET.sub("", _STRING.sub("", text))
+    return max(accumulate(map(_DEPTH_STEP.__getitem__, brackets)), default=0) > MAX_DEPTH
 
 
 def checkpoint_key(name: str) -> str | None:
@@ -105,8 +145,12 @@ def checkpoint_key(name: str) -> str | None:
     "/" and "\\" as "_"). All of those map to the ``model_name``: "sub/m.safetensors
     [0123abcd45]", "sub/m.safetensors" and "sub_m" give "sub_m". A bare hash, or the
     basename stem of a file in a sub-folder, cannot be mapped without the pod's list and
-    stays a key of its own. None for a blank name.
+    stays a key of its own. None for a blank name, and for one over
+    ``MAX_CHECKPOINT_CHARS`` (checked first: the checksum pattern is quadratic on a long
+    run of "[").
     """
+    if len(name) > MAX_CHECKPOINT_CHARS:
+        return None
     stem = _CHECKSUM.sub("", name).strip().lstrip("/\\")
     if stem.lower().endswith(_CHECKPOINT_EXTENSIONS):
         stem = stem.rsplit(".", 1)[0]
@@ -120,9 +164,12 @@ def _checkpoint(top: Mapping[str, Any], nested: Mapping[str, Any]) -> str | None
 
 
 def inspect_body(data: bytes, *, complete: bool) -> BodyInfo:
-    """Inspect a request body (whole, or a bounded prefix when ``complete`` is False)."""
+    """Inspect a request body (whole, or a bounded prefix when ``complete`` is False).
+
+    A whole body nested deeper than ``MAX_DEPTH`` is read like a prefix (``complete`` is
+    False in the answer: it was not parsed as JSON); nothing here raises on any input."""
     text = data.decode("utf-8", errors="replace")
-    if complete:
+    if complete and not _too_deep(text):
         try:
             doc = json.loads(text) if text.strip() else {}
         except ValueError:
@@ -133,12 +180,17 @@ def inspect_body(data: bytes, *, complete: bool) -> BodyInfo:
         over = doc.get(_NESTED_OF_INTEREST)
         nested = over if isinstance(over, dict) else {}
         return BodyInfo(fields=top, checkpoint=_checkpoint(top, nested), complete=True)
-    top, nested = _scan_truncated(text)
-    return BodyInfo(fields=top, checkpoint=_checkpoint(top, nested), complete=False)
+    scanned = _scan(text)
+    checkpoint = _checkpoint(scanned.top, scanned.nested)
+    return BodyInfo(fields=scanned.top, checkpoint=checkpoint, complete=False)
 
 
 def body_keys(data: bytes) -> frozenset[str]:
-    """Top-level keys of a small, complete JSON object body (empty if not one)."""
+    """Top-level keys of a small, complete JSON object body (empty if not one); those of
+    a body nested deeper than ``MAX_DEPTH`` are read by the tokenizer."""
+    text = data.decode("utf-8", errors="replace")
+    if _too_deep(text):
+        return frozenset(_scan(text).keys)
     try:
         doc = json.loads(data) if data.strip() else {}
     except ValueError:

@@ -10,8 +10,9 @@ the runtime call it too):
 - the ticket index and the pods' running sets hold the same bindings;
 - a pod no longer listed by discovery is kept only while it runs something.
 
-The per-pod facts the policies read (ejection, cordon, counters, loaded checkpoint) live
-on the one ``Pod`` record, so there is one truth per pod.
+The per-pod facts the policies read (ejection, cordon, counters, loaded checkpoint and
+the checkpoints the pod lists) live on the one ``Pod`` record, so there is one truth per
+pod.
 """
 
 from __future__ import annotations
@@ -41,8 +42,12 @@ class Pod:
     limit: int
     #: bound tickets (written by SlotBook only)
     running: dict[TicketId, Running] = field(default_factory=dict)
-    #: checkpoint of the last job sent (sd-webui keeps it loaded until another is needed)
+    #: checkpoint of the last job sent (sd-webui keeps it loaded until another is needed),
+    #: or the one the pod said it had loaded; only ever one the pod lists (``catalog``)
     checkpoint: str | None = None
+    #: the checkpoint keys the pod lists (GET sd-models, read when it became ready); None
+    #: until read: then any name counts (checkpoint keys are length-capped)
+    catalog: frozenset[str] | None = None
     ejected_until: float = 0.0
     ejections: int = 0
     completed: int = 0
@@ -70,6 +75,23 @@ class Pod:
 
     def cordoned(self, now: float) -> bool:
         return now < self.cordoned_until
+
+    def lists(self, checkpoint: str) -> bool:
+        """Whether ``checkpoint`` is one this pod has: a name it does not list (a typo, a
+        client's garbage) is never recorded as its checkpoint — sd-webui generates with
+        its default instead — so it keeps no state and sets no metric label."""
+        return self.catalog is None or checkpoint in self.catalog
+
+    def observe_catalog(
+        self, catalog: frozenset[str], *, loaded: str | None, asked_at: float
+    ) -> None:
+        """The pod's own word, asked at ``asked_at``: what it lists and has ``loaded``
+        (None: nothing yet). A job bound since then is newer news than the answer."""
+        self.catalog = catalog
+        if self.last_used <= asked_at:
+            self.checkpoint = loaded if loaded is not None and self.lists(loaded) else None
+        elif self.checkpoint is not None and not self.lists(self.checkpoint):
+            self.checkpoint = None
 
     def ejected(self, now: float) -> bool:
         return now < self.ejected_until
@@ -164,7 +186,7 @@ class SlotBook:
         run = Running(ticket=job.ticket, pod_id=pod.pod_id, url=pod.url, dispatched_at=now)
         pod.running[job.ticket] = run
         pod.last_used = now
-        if job.checkpoint is not None:
+        if job.checkpoint is not None and pod.lists(job.checkpoint):
             pod.checkpoint = job.checkpoint
         self._bound[job.ticket] = (run, job)
         return run

@@ -1,12 +1,12 @@
 """Runtime: the composition root — build the proxy from settings, run it, stop it cleanly.
 
 Wires the admission core (through the Gate), a discovery source, a scaler, the autoscaler
-loop, warm-up gating, metrics and the operational endpoints (/-/healthz, /-/readyz,
-/-/status). Background tasks start in ``_lifecycle`` (an aiohttp cleanup context), so
-they are cancelled exactly when the app stops. ``serve`` handles SIGTERM: turn unready,
-stop accepting connections and new jobs, keep serving the queued and running ones until
-done or the drain timeout, then answer what still waits 503 shutting_down, exit 0. The
-monotonic clock is chosen here, once (``CLOCK``).
+loop, warm-up gating, each ready pod's checkpoints, metrics and the operational endpoints
+(/-/healthz, /-/readyz, /-/status). Background tasks start in ``_lifecycle`` (an aiohttp
+cleanup context), so they are cancelled exactly when the app stops. ``serve`` handles
+SIGTERM: turn unready, stop accepting connections and new jobs, keep serving the queued
+and running ones until done or the drain timeout, then answer what still waits 503
+shutting_down, exit 0. The monotonic clock is chosen here, once (``CLOCK``).
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from sdproxy.core.effects import RejectReason, Transition
 from sdproxy.core.pods import Endpoint, PodId, PodState
 from sdproxy.errors import ConfigError, NotFound
 from sdproxy.runtime.autoscaler import Autoscaler
+from sdproxy.runtime.catalog import Catalogs
 from sdproxy.runtime.discovery import Discovery, StaticDiscovery
 from sdproxy.runtime.gate import Gate
 from sdproxy.runtime.gatewatch import GateWatch
@@ -87,6 +88,7 @@ class Services:
         )
         self.proxy: Proxy | None = None
         self.warmer: Warmer | None = None
+        self.catalogs: Catalogs | None = None
         self.gatewatch: GateWatch | None = None
         self.checker: HealthChecker | None = None
         self.peers: Peers | None = None
@@ -112,6 +114,8 @@ class Services:
                 self._follow_gate(pod_id)
             if new is PodState.READY and pod_id in self._appeared:
                 self.autoscaler.note_cold_start(self.clock() - self._appeared.pop(pod_id))
+            if new is PodState.READY and self.catalogs is not None:
+                self.catalogs.learn(pod_id)
             if new is None:
                 self._appeared.pop(pod_id, None)
                 self.metrics.forget_pod(pod_id)
@@ -230,8 +234,10 @@ def build_app(
     app.router.add_get("/-/peer", _peer)
     app.router.add_get("/-/peer/job", _peer_job)
     app.router.add_post("/-/peer/job/cancel", _peer_cancel)
-    app.router.add_route("*", "/-/{tail:.*}", _unknown_operational)
-    app.router.add_route("*", "/{tail:.*}", _proxy)
+    # [\s\S]: "." would not match a newline, and a path with %0A would get aiohttp's
+    # plain-text 404 instead of our JSON answer
+    app.router.add_route("*", "/-/{tail:[\\s\\S]*}", _unknown_operational)
+    app.router.add_route("*", "/{tail:[\\s\\S]*}", _proxy)
     app.cleanup_ctx.append(_lifecycle)
     return app
 
@@ -289,6 +295,12 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
         services.warmer = Warmer(
             session=session, gate=services.gate, timeout_s=settings.discovery.warmup_timeout_s
         )
+        services.catalogs = Catalogs(
+            session=session, gate=services.gate, timeout_s=settings.proxy.connect_timeout_s + 10
+        )
+        for pod in list(services.admission.pods.values()):  # ready before the app started
+            if pod.state is PodState.READY:
+                services.catalogs.learn(pod.pod_id)
         tasks = [
             asyncio.create_task(services.discovery.run(services.on_snapshot), name="discovery"),
             asyncio.create_task(services.gate.run_ticker(), name="admission-ticker"),
@@ -310,6 +322,7 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
             await services.warmer.close()
+            await services.catalogs.close()
             await services.gatewatch.close()
             if services.checker is not None:
                 await services.checker.close()

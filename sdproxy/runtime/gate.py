@@ -170,6 +170,15 @@ class Gate:
             )
         )
 
+    def observe_catalog(
+        self, pod_id: PodId, *, catalog: Iterable[str], loaded: str | None, asked_at: float
+    ) -> None:
+        self.apply(
+            self.admission.observe_catalog(
+                pod_id, catalog=catalog, loaded=loaded, asked_at=asked_at, now=self.now()
+            )
+        )
+
     def health_checked(self, pod_id: PodId, ok: bool) -> None:
         self.apply(self.admission.health_checked(pod_id, ok, self.now()))
 

@@ -10,16 +10,30 @@ field may be called anything (``extra={"name": ...}`` would clash with LogRecord
 Loggers: ``sdproxy.access`` (one line per request, disabled by ``access_log=false``)
 and ``sdproxy.events`` (scale decisions, pod state changes, discovery).
 The proxy should run aiohttp with ``access_log=None``: ``log_access`` replaces it.
+
+Clients choose much of what is logged (paths arrive percent-decoded: ``%0D``, ``%1B``,
+``%00`` are raw control bytes by then), so a text line shows every control character as
+an escape (``\r``, ``\x1b``, ``\u202e``) and a JSON line escapes those ``json`` leaves raw
+(DEL, C1, line separators, bidi overrides): a request cannot forge a line or drive the
+reader's terminal. A request aiohttp cannot parse is the client's fault: aiohttp logs
+each at ERROR with a traceback (~570 B); ``BadRequestFilter`` makes it one WARNING line,
+at most ``BAD_REQUEST_LINES_PER_S`` a second, the next line counting those left out.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
+import re
 import sys
+import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from typing import Any, TextIO
+
+from aiohttp.http_exceptions import HttpProcessingError
 
 from sdproxy.errors import ConfigError
 from sdproxy.settings import LogSettings
@@ -37,6 +51,31 @@ FIELDS_ATTR = "sdproxy_fields"
 _CORE_KEYS = ("ts", "level", "logger", "msg")
 #: attributes every LogRecord has; anything else on a record came from ``extra=``
 _RECORD_ATTRS = frozenset(vars(logging.makeLogRecord({}))) | {"message", "asctime", "taskName"}
+#: what a log line may not carry raw: C0 controls (CR, ESC, NUL… rewrite a terminal line or
+#: forge a new one), DEL, C1 controls, the Unicode line and paragraph separators, and the
+#: bidi embeddings, overrides and isolates (they reorder what a reader sees)
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
+#: the subset ``json.dumps(..., ensure_ascii=False)`` leaves unescaped
+_JSON_RAW = re.compile("[\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
+_NAMED = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+#: the aiohttp logger that reports requests it could not parse (aiohttp.log.server_logger)
+SERVER_LOGGER = "aiohttp.server"
+#: lines a second for requests aiohttp could not parse (a flood must not fill the disk)
+BAD_REQUEST_LINES_PER_S = 10
+#: characters of aiohttp's description of a bad request kept on its line
+_BAD_REQUEST_CHARS = 160
+
+
+def escape_controls(text: str) -> str:
+    """``text`` with every control character shown as an escape: ``\\r``, ``\\x1b``,
+    ``\\u202e``."""
+    return _CONTROL.sub(_escape, text)
+
+
+def _escape(match: re.Match[str]) -> str:
+    char = match.group()
+    code = ord(char)
+    return _NAMED.get(char) or (f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -92,26 +131,87 @@ class JsonFormatter(logging.Formatter):
             doc["exc"] = self.formatException(record.exc_info)
         if record.stack_info:
             doc["stack"] = self.formatStack(record.stack_info)
-        return json.dumps(doc, default=str, ensure_ascii=False)
+        line = json.dumps(doc, default=str, ensure_ascii=False)
+        return _JSON_RAW.sub(lambda m: f"\\u{ord(m.group()):04x}", line)
 
 
 class TextFormatter(logging.Formatter):
     """``ts LEVEL logger msg key=value ...``: readable in a terminal, still greppable."""
 
     def format(self, record: logging.LogRecord) -> str:
-        parts = [_timestamp(record), f"{record.levelname:<7}", record.name, record.getMessage()]
+        message = escape_controls(record.getMessage())
+        parts = [_timestamp(record), f"{record.levelname:<7}", record.name, message]
         for key, val in record_fields(record).items():
             if val is not None:
                 text = str(val)
-                parts.append(f"{key}={json.dumps(text) if _needs_quotes(text) else text}")
+                # json.dumps escapes C0 and non-ASCII; DEL is left to escape_controls
+                value = escape_controls(json.dumps(text)) if _needs_quotes(text) else text
+                parts.append(f"{key}={value}")
         line = " ".join(parts)
-        if record.exc_info:
-            line += "\n" + self.formatException(record.exc_info)
+        if record.exc_info:  # a traceback keeps its lines, each escaped
+            trace = self.formatException(record.exc_info).split("\n")
+            line += "\n" + "\n".join(escape_controls(part) for part in trace)
         return line
 
 
 def _needs_quotes(text: str) -> bool:
-    return not text or any(c.isspace() or c in "\"='" for c in text)
+    return (
+        not text
+        or _CONTROL.search(text) is not None
+        or any(c.isspace() or c in "\"='" for c in text)
+    )
+
+
+class BadRequestFilter(logging.Filter):
+    """On ``aiohttp.server``: a request aiohttp could not parse — an invalid request line,
+    header or chunk (``HttpProcessingError``: BadHttpMessage, LineTooLong, …) — is logged
+    by aiohttp at ERROR with a traceback (web_protocol ``RequestHandler.handle_error``).
+    It is the client's fault, so here it becomes one line without a traceback, at WARNING
+    (aiohttp's DEBUG for non-HTTP traffic stays DEBUG), and at most ``per_second`` of them
+    in each one-second window; the first line written after some were left out carries
+    ``suppressed=N`` (as the kernel's printk_ratelimit prints "N callbacks suppressed").
+    Every other record passes unchanged: a handler's own exception is still an error."""
+
+    def __init__(
+        self,
+        *,
+        per_second: int = BAD_REQUEST_LINES_PER_S,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        super().__init__()
+        self.per_second = per_second
+        self.clock = clock
+        self._window_start = -math.inf
+        self._written = 0
+        #: lines left out since the last one written
+        self.suppressed = 0
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if isinstance(record.exc_info, tuple) else None
+        if not isinstance(exc, HttpProcessingError):
+            return True
+        level = min(record.levelno, logging.WARNING)
+        if not logging.getLogger(record.name).isEnabledFor(level):
+            return False
+        now = self.clock()
+        if now - self._window_start >= 1.0:
+            self._window_start, self._written = now, 0
+        if self._written >= self.per_second:
+            self.suppressed += 1
+            return False
+        self._written += 1
+        remote = record.args[0] if isinstance(record.args, tuple) and record.args else None
+        what = " ".join(exc.message.split()).rstrip(" ^")  # one line, no caret under it
+        if len(what) > _BAD_REQUEST_CHARS:
+            what = what[: _BAD_REQUEST_CHARS - 1] + "…"
+        record.msg, record.args = "bad request: %s", (what,)
+        record.exc_info, record.exc_text, record.stack_info = None, None, None
+        record.levelno, record.levelname = level, logging.getLevelName(level)
+        fields: dict[str, Any] = {"client": remote, "status": exc.code}
+        if self.suppressed:
+            fields["suppressed"], self.suppressed = self.suppressed, 0
+        setattr(record, FIELDS_ATTR, fields)
+        return True
 
 
 class _SdproxyHandler(logging.StreamHandler[TextIO]):
@@ -141,6 +241,10 @@ def setup_logging(settings: LogSettings, *, stream: TextIO | None = None) -> Non
     access.setLevel(logging.INFO)
     access.disabled = not settings.access_log
     logging.getLogger("aiohttp.access").disabled = True  # replaced by log_access
+    server = logging.getLogger(SERVER_LOGGER)
+    for old_filter in [f for f in server.filters if isinstance(f, BadRequestFilter)]:
+        server.removeFilter(old_filter)
+    server.addFilter(BadRequestFilter())
 
 
 _ACCESS = logging.getLogger(ACCESS_LOGGER)

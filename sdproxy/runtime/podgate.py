@@ -458,7 +458,7 @@ def build_gate_app(config: GateOptions, *, clock: Any = time.monotonic) -> web.A
     app.router.add_get(EVENTS_PATH, gate.events)
     app.router.add_get("/-/healthz", gate.healthz)
     app.router.add_get("/-/readyz", gate.readyz)
-    app.router.add_route("*", "/{tail:.*}", gate.handle, expect_handler=gate.expect)
+    app.router.add_route("*", "/{tail:[\\s\\S]*}", gate.handle, expect_handler=gate.expect)
     app.cleanup_ctx.append(_session)
     return app
 

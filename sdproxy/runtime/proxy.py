@@ -60,6 +60,8 @@ log = logging.getLogger("sdproxy.proxy")
 
 PEEK_BYTES = 256 * 1024  # enough for any txt2img body; img2img blobs are streamed past it
 LIGHT_ATTEMPTS = 3
+#: heavy bodies above this go to gated pods with Expect: 100-continue (img2img uploads)
+EXPECT_OVER_BYTES = 64 * 1024
 #: the status logged for a request whose client left before its answer (nginx's 499)
 CLIENT_CLOSED = 499
 #: Retry-After of 429 client_quota: a queued job of the caller may have started by then
@@ -95,7 +97,10 @@ class Exchange:
 
 def clean_path(path: str) -> bool:
     """No dot or empty segments: the pod would normalise them (``/x/../server-kill`` is
-    ``/server-kill`` to it) after the proxy classified the raw path — an admin bypass."""
+    ``/server-kill`` to it) after the proxy classified the raw path — an admin bypass.
+    No control characters either (a decoded %0A, %00): no sd-webui route has them."""
+    if any(ord(c) < 32 or ord(c) == 127 for c in path):
+        return False
     segments = path.split("/")[1:]
     return all(seg not in (".", "..") for seg in segments) and "" not in segments[:-1]
 
@@ -157,8 +162,8 @@ class Proxy:
         try:
             if not clean_path(request.path):
                 raise errors.BadRequest(
-                    "paths with '.', '..' or empty segments are refused: the proxy must "
-                    "classify the path the pod will route"
+                    "paths with '.', '..', empty segments or control characters are "
+                    "refused: the proxy must classify the path the pod will route"
                 )
             response = await self._route(request, ex)
         except errors.BodyTimeout as exc:
@@ -363,11 +368,13 @@ class Proxy:
         out frees the slot through ``slot.release`` with what happened."""
         while True:
             ex.pod = slot.pod_id
-            # a pod behind a gate is asked with Expect: 100-continue, so a pod another
-            # replica just filled refuses before the body is uploaded
-            gated = self._gated(slot.pod_id)
+            # a large body goes to a pod behind a gate with Expect: 100-continue, so a pod
+            # another replica just filled refuses before the body is uploaded; a small one
+            # goes at once (one round trip less per job): a gate refuses it all the same
+            # before anything reaches sd-webui
+            expect = self._gated(slot.pod_id) and body.size > EXPECT_OVER_BYTES
             exchange = asyncio.ensure_future(
-                self._send(request, ex, slot.url, body, expect100=gated)
+                self._send(request, ex, slot.url, body, expect100=expect)
             )
             try:
                 upstream = await asyncio.shield(exchange)

@@ -237,7 +237,9 @@ def validate(raw_body: object, spec: Spec) -> dict[str, object]:
 def parse_json(raw: bytes) -> object:
     """The request body as JSON, or a 422 like FastAPI's ``value_error.jsondecode``
     (pydantic v1 adds the JSONDecodeError's attributes as ``ctx``); a body that is not
-    text is FastAPI's HTTPException 400; an empty body is no body (None)."""
+    text, or nested too deep for ``json`` (RecursionError), is FastAPI's HTTPException 400
+    (fastapi/routing.py get_request_handler turns any other error of ``request.json()``
+    into it); an empty body is no body (None)."""
     if not raw:
         return None
     try:
@@ -247,7 +249,7 @@ def parse_json(raw: bytes) -> object:
                "colno": exc.colno}  # fmt: skip
         item = {"loc": ["body", exc.pos], "msg": str(exc), "type": "value_error.jsondecode"}
         raise unprocessable([{**item, "ctx": ctx}]) from exc
-    except UnicodeDecodeError as exc:
+    except (UnicodeDecodeError, RecursionError) as exc:
         raise http_exception(400, "There was an error parsing the body") from exc
 
 

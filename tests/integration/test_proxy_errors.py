@@ -3,6 +3,8 @@
 queue_full, queue_timeout, no_backends, a refused pod retried elsewhere, a pod that dies
 after the request was sent (502), bodies over --max-body-mb (413, with Content-Length and
 chunked) and admin routes (403 unless --allow-admin). After each, no slot is left held.
+A body nested too deep to parse is not the proxy's error: it is forwarded, and the pod
+answers it.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import io
+import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -19,6 +22,7 @@ import pytest
 from tests.conftest import free_port
 from tests.integration.conftest import (
     TXT2IMG,
+    GatedFactory,
     ProxyFactory,
     ProxyUnderTest,
     SimFactory,
@@ -26,6 +30,8 @@ from tests.integration.conftest import (
 )
 
 pytestmark = pytest.mark.timeout(60)
+
+OPTIONS = "/sdapi/v1/options"
 
 
 async def post(
@@ -272,3 +278,59 @@ async def test_a_pod_that_broke_an_exchange_rests_before_it_gets_work_again(
         assert statuses.count(502) == 1, statuses
         assert statuses[statuses.index(502) + 1 :] == [200] * (5 - statuses.index(502))
         await proxy.wait_idle()
+
+
+DEEP_BODIES = [
+    pytest.param(b"[" * 1500, id="arrays"),
+    pytest.param(b'{"a":' * 1500, id="objects"),  # json.loads: RecursionError at ~1000
+]
+DEEP_PATHS = [pytest.param(TXT2IMG, id="txt2img"), pytest.param(OPTIONS, id="options")]
+
+
+async def post_raw(proxy: ProxyUnderTest, path: str, body: bytes) -> tuple[int, Any, str | None]:
+    headers = {"Content-Type": "application/json"}
+    async with proxy.client.post(path, data=body, headers=headers) as resp:
+        return resp.status, await resp.json(), resp.headers.get("X-Sdproxy-Pod")
+
+
+def assert_forwarded_to_the_pod(answer: tuple[int, Any, str | None], pods: list[str]) -> None:
+    """The pod's own answer (FastAPI's 400 for a body json cannot parse), not the proxy's."""
+    status, data, pod = answer
+    assert (status, data["detail"]) == (400, "There was an error parsing the body"), data
+    assert pod in [url.removeprefix("http://") for url in pods]
+
+
+def assert_nothing_logged_as_an_error(caplog: pytest.LogCaptureFixture) -> None:
+    bad = [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info]
+    assert not bad, [r.getMessage() for r in bad]
+
+
+@pytest.mark.parametrize("body", DEEP_BODIES)
+@pytest.mark.parametrize("path", DEEP_PATHS)
+async def test_a_deeply_nested_body_is_forwarded_not_a_500(
+    sim_pods: SimFactory,
+    proxy_factory: ProxyFactory,
+    caplog: pytest.LogCaptureFixture,
+    path: str,
+    body: bytes,
+) -> None:
+    sims = await sim_pods(1)
+    proxy = await proxy_factory(sims.urls)
+    assert_forwarded_to_the_pod(await post_raw(proxy, path, body), sims.urls)
+    assert_nothing_logged_as_an_error(caplog)
+    await proxy.wait_idle()
+
+
+@pytest.mark.parametrize("body", DEEP_BODIES)
+async def test_a_deeply_nested_options_body_passes_a_pod_gate(
+    gated_pods: GatedFactory,
+    proxy_factory: ProxyFactory,
+    caplog: pytest.LogCaptureFixture,
+    body: bytes,
+) -> None:
+    """The gate reads POST options bodies too (a checkpoint change takes a slot)."""
+    cluster = await gated_pods(1)
+    proxy = await proxy_factory(cluster.urls)
+    assert_forwarded_to_the_pod(await post_raw(proxy, OPTIONS, body), cluster.urls)
+    assert_nothing_logged_as_an_error(caplog)
+    await proxy.wait_idle()

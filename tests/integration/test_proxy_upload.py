@@ -447,7 +447,9 @@ async def test_a_gated_pod_that_never_sends_100_keeps_no_slot_once_the_client_le
 ) -> None:
     async with fake_gate("hang") as fake:
         proxy = await gated_proxy(proxy_factory, fake)
-        client = asyncio.create_task(_post(proxy, TXT2IMG, gen_body(2)))
+        # over 64 KiB: a body the proxy sends to a gated pod with Expect: 100-continue
+        body = gen_body(2, prompt="x" * 100_000)
+        client = asyncio.create_task(_post(proxy, TXT2IMG, body))
 
         async def asked() -> bool:
             return len(fake.expect_heads) == 1

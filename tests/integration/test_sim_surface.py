@@ -117,6 +117,9 @@ async def test_malformed_json_and_missing_fields(url: str) -> None:
         "HTTPException",
         "There was an error parsing the body",
     )
+    for deep in (b"[" * 1500, b'{"a":' * 1500):  # json.loads raises RecursionError
+        status, data, _ = await call(url, TXT2IMG, raw=deep)
+        assert (status, data["detail"]) == (400, "There was an error parsing the body")
     status, data, _ = await call(url, "/sdapi/v1/png-info", json={})
     assert status == 422 and data["detail"][0]["msg"] == "field required"
     status, data, _ = await call(url, "/sdapi/v1/img2img", json={"steps": 1})

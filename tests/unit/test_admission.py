@@ -91,13 +91,13 @@ def tr(pod: str, old: PodState | None, new: PodState | None) -> Transition:
 
 def takes_work(pod: Any, now: float) -> bool:
     """Independently of the core: ready, a slot free (counting the gate's other senders),
-    not ejected, not cordoned, its gate (if any) in sight."""
+    not ejected, not cordoned, its gate (if any) in sight and its sd-webui up."""
     return (
         pod.state is PodState.READY
         and len(pod.running) + pod.foreign < pod.limit
         and now >= pod.ejected_until
         and now >= pod.cordoned_until
-        and (pod.gate_live or not pod.gated)
+        and (not pod.gated or (pod.gate_live and pod.gate_healthy))
     )
 
 
@@ -186,6 +186,14 @@ class Driver:
     def cordon(self, *names: str, for_s: float) -> list[PodId]:
         fx = self._checked(self.adm.cordon([P(n) for n in names], self.now, for_s=for_s))
         return list(fx.cordoned)
+
+    def observe_catalog(
+        self, name: str, catalog: set[str], *, loaded: str | None, asked_at: float
+    ) -> None:
+        fx = self.adm.observe_catalog(
+            P(name), catalog=catalog, loaded=loaded, asked_at=asked_at, now=self.now
+        )
+        self._checked(fx)
 
     def pod(self, name: str) -> Any:
         return self.adm.pods[P(name)]
@@ -560,6 +568,54 @@ def test_affinity_never_holds_a_job_back_from_a_free_pod() -> None:
     assert d.at(1).submit(3, checkpoint="sdxl") == queued(3, 1)
     assert d.at(2).release(1) == [dispatch(3, "a", queued_s=1.0)]  # b would have sdxl
     assert d.pod("a").checkpoint == "sdxl"
+
+
+def test_a_checkpoint_the_pod_does_not_list_is_never_recorded() -> None:
+    d = Driver(ep("a"), ep("b"), max_inflight=2)
+    assert d.at(1).submit(1, checkpoint="typo") == dispatch(1, "a")
+    assert d.pod("a").checkpoint == "typo"  # the pod's list is not known yet: it counts
+    d.at(2).observe_catalog("a", {"sd15", "sdxl"}, loaded="sd15", asked_at=1.5)
+    assert d.pod("a").checkpoint == "sd15"  # the pod's word, asked after the job was sent
+    assert d.at(2.5).release(1) == []
+    assert d.at(3).submit(2, checkpoint="nope") == dispatch(2, "a")  # most recently used
+    assert d.pod("a").checkpoint == "sd15"  # a name it does not list: no state, no label
+    assert d.at(4).submit(3, checkpoint="sdxl") == dispatch(3, "b")  # a is fuller
+    assert d.pod("b").checkpoint == "sdxl"  # b's list is not known: any name counts
+    d.adm.observe_gate(P("a"), foreign=0, limit=2, checkpoint="zzz", now=d.now)
+    assert d.pod("a").checkpoint == "sd15"  # a gate's word is held to the same list
+    d.adm.observe_gate(P("a"), foreign=0, limit=2, checkpoint="sdxl", now=d.now)
+    assert d.pod("a").checkpoint == "sdxl"
+
+
+@pytest.mark.parametrize(
+    ("recorded", "loaded", "expected"),
+    [
+        pytest.param("sdxl", "sd15", "sdxl", id="a-newer-job-wins"),
+        pytest.param("gone", "sd15", None, id="a-recorded-name-it-does-not-list-goes"),
+    ],
+)
+def test_a_job_sent_after_the_question_keeps_its_checkpoint_if_listed(
+    recorded: str, loaded: str, expected: str | None
+) -> None:
+    """The pod answered what it had loaded before the job reached it: the job is newer."""
+    d = Driver(ep("a"))
+    assert d.at(2).submit(1, checkpoint=recorded) == dispatch(1, "a")
+    d.at(3).observe_catalog("a", {"sd15", "sdxl"}, loaded=loaded, asked_at=1.0)
+    assert d.pod("a").checkpoint == expected
+
+
+@pytest.mark.parametrize(
+    ("loaded", "expected"),
+    [
+        pytest.param("sd15", "sd15", id="listed"),
+        pytest.param(None, None, id="nothing-loaded-yet"),
+        pytest.param("elsewhere", None, id="not-in-its-own-list"),
+    ],
+)
+def test_what_the_pod_says_it_has_loaded(loaded: str | None, expected: str | None) -> None:
+    d = Driver(ep("a"))
+    d.at(1).observe_catalog("a", {"sd15", "sdxl"}, loaded=loaded, asked_at=0.5)
+    assert d.pod("a").checkpoint == expected
 
 
 def pick_light_driver() -> Driver:

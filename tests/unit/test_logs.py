@@ -5,14 +5,23 @@ from __future__ import annotations
 import io
 import json
 import logging
+import re
 from collections.abc import Iterator
 from dataclasses import FrozenInstanceError
 from typing import Any
 
 import pytest
+from aiohttp.http_exceptions import BadHttpMessage, LineTooLong
 
 from sdproxy.errors import ConfigError
-from sdproxy.runtime.logs import AccessRecord, log_access, log_event, setup_logging
+from sdproxy.runtime.logs import (
+    SERVER_LOGGER,
+    AccessRecord,
+    BadRequestFilter,
+    log_access,
+    log_event,
+    setup_logging,
+)
 from sdproxy.settings import LogSettings
 
 
@@ -23,7 +32,9 @@ def restore_logging() -> Iterator[None]:
     handlers, level = list(root.handlers), root.level
     names = ("sdproxy.access", "aiohttp.access")
     saved = {n: (logging.getLogger(n).level, logging.getLogger(n).disabled) for n in names}
+    server_filters = list(logging.getLogger(SERVER_LOGGER).filters)
     yield
+    logging.getLogger(SERVER_LOGGER).filters[:] = server_filters
     for handler in [h for h in root.handlers if h not in handlers]:
         root.removeHandler(handler)
         handler.close()
@@ -158,3 +169,96 @@ def test_access_record_is_frozen() -> None:
     with pytest.raises(FrozenInstanceError):
         # mypy rightly refuses this assignment; the test proves it fails at run time too
         record.status = 500  # type: ignore[misc]
+
+
+# ---- what clients control: control characters, unparseable requests ----------------------
+
+#: CR, ESC (a colour), NUL, DEL, a C1 CSI, a line separator, a right-to-left override
+HOSTILE = "/a\rb\x1b[31m\x00\x7f\x9b\u2028\u202e"
+RAW = re.compile("[\x00-\x09\x0b-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
+
+
+def test_text_lines_escape_control_characters() -> None:
+    stream = configure(fmt="text")
+    log_access(access_record(path=HOSTILE, client_id="x\x1bq"))
+    try:
+        raise RuntimeError("in a traceback too: \x1b[2J")
+    except RuntimeError:
+        logging.getLogger("sdproxy").exception("failed on %s", HOSTILE)
+    text = stream.getvalue()
+    assert not RAW.search(text), repr(text)
+    escaped = "/a\\rb\\x1b[31m\\x00\\x7f\\x9b\\u2028\\u202e"
+    assert f"sdproxy.access GET {escaped} 200 " in text.replace("POST", "GET")
+    assert 'client_id="x\\u001bq"' in text  # a value with a control char is quoted
+    assert f"failed on {escaped}" in text
+    assert "RuntimeError: in a traceback too: \\x1b[2J" in text
+    access, failed, traceback = text.splitlines()[:3]  # no line split by a client's CR
+    assert "sdproxy.access" in access and "bytes_out=" in access
+    assert "failed on" in failed and traceback == "Traceback (most recent call last):"
+
+
+def test_json_lines_escape_what_json_leaves_raw() -> None:
+    stream = configure()
+    log_access(access_record(path=HOSTILE))
+    text = stream.getvalue()
+    assert not RAW.search(text.rstrip("\n")), repr(text)
+    [line] = json_lines(stream)
+    assert line["path"] == line["msg"].split(" ")[1] == HOSTILE  # the same string, escaped
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def log_bad_request(exc: Exception, *, level: int = logging.ERROR) -> None:
+    """What aiohttp's RequestHandler.handle_error logs for a request it could not parse."""
+    server = logging.getLogger(SERVER_LOGGER)
+    server.log(level, "Error handling request from %s", "10.1.2.3", exc_info=exc)
+
+
+def test_a_bad_request_is_one_warning_line_rate_limited() -> None:
+    stream = configure()
+    clock = FakeClock()
+    server = logging.getLogger(SERVER_LOGGER)
+    server.filters[:] = [BadRequestFilter(per_second=3, clock=clock)]
+    for _ in range(5):  # 3 written, 2 left out
+        log_bad_request(BadHttpMessage("Invalid character in Content-Length:\n\n  b'zz'\n  ^"))
+        clock.now += 0.1
+    clock.now = 101.0  # the next second: written again, counting what was left out
+    log_bad_request(LineTooLong(b"x" * 10_000, 8190))
+    lines = json_lines(stream)
+    assert [(d["level"], d["logger"]) for d in lines] == [("warning", SERVER_LOGGER)] * 4
+    assert all("exc" not in d for d in lines)  # no traceback
+    first = lines[0]
+    assert first["msg"] == "bad request: Invalid character in Content-Length: b'zz'"
+    assert (first["client"], first["status"], "suppressed" in first) == ("10.1.2.3", 400, False)
+    assert lines[3]["suppressed"] == 2
+    assert lines[3]["msg"].startswith("bad request: Got more than 8190 bytes when reading")
+    assert len(lines[3]["msg"]) <= len("bad request: ") + 160
+
+
+def test_the_rate_limit_leaves_other_records_alone() -> None:
+    stream = configure(level="debug")
+    server = logging.getLogger(SERVER_LOGGER)
+    server.filters[:] = [BadRequestFilter(per_second=1, clock=FakeClock())]
+    log_bad_request(BadHttpMessage("bad"))
+    log_bad_request(BadHttpMessage("left out"))
+    try:
+        raise RuntimeError("a bug in a handler")
+    except RuntimeError:  # not a bad request: an error with its traceback, never limited
+        server.exception("Error handling request from %s", "10.1.2.3")
+    log_bad_request(BadHttpMessage("non-HTTP traffic"), level=logging.DEBUG)  # limited
+    lines = json_lines(stream)
+    assert [(d["level"], "exc" in d) for d in lines] == [("warning", False), ("error", True)]
+    assert "RuntimeError: a bug in a handler" in lines[1]["exc"]
+
+
+def test_setup_installs_the_bad_request_filter_once() -> None:
+    configure()
+    configure()
+    server = logging.getLogger(SERVER_LOGGER)
+    assert [type(f) for f in server.filters].count(BadRequestFilter) == 1

@@ -9,7 +9,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sdproxy.core.sdapi import BodyInfo, body_keys, checkpoint_key, inspect_body
+from sdproxy.core.sdapi import (
+    MAX_CHECKPOINT_CHARS,
+    MAX_DEPTH,
+    BodyInfo,
+    body_keys,
+    checkpoint_key,
+    inspect_body,
+)
 
 TXT2IMG: dict[str, Any] = {
     "prompt": 'a lighthouse at dusk, {oil painting}: [detailed], "golden" light',
@@ -139,6 +146,11 @@ def test_checkpoint_key_names_a_file_whatever_the_title(name: str) -> None:
         pytest.param("", None, id="empty"),
         pytest.param(" [6ce0161689] ", None, id="only-a-checksum"),
         pytest.param(".safetensors", None, id="only-an-extension"),
+        pytest.param("m" * MAX_CHECKPOINT_CHARS, "m" * MAX_CHECKPOINT_CHARS, id="longest"),
+        pytest.param("m" * (MAX_CHECKPOINT_CHARS + 1), None, id="too-long"),
+        pytest.param("x" * 250_000 + ".safetensors", None, id="a-250-kb-name"),
+        # the checksum pattern backtracks quadratically on "[" runs: ~3 s for this one
+        pytest.param("[" * 100_000, None, id="quadratic-for-the-checksum-pattern"),
     ],
 )
 def test_checkpoint_key(name: str, key: str | None) -> None:
@@ -253,3 +265,90 @@ def test_every_prefix_yields_only_true_fields(doc: dict[str, Any]) -> None:
 )  # fmt: skip
 def test_body_keys(data: bytes, expected: set[str]) -> None:
     assert body_keys(data) == frozenset(expected)
+
+
+# ---- nesting: bounded and iterative, whatever the depth ------------------------------------
+
+DEEP = 1500  # json.loads raises RecursionError near 1000 levels
+
+
+def nested_text(openers: list[str], leaf: str = "1") -> str:
+    """JSON text of ``leaf`` wrapped in arrays ("[") and objects ("{"), outermost first,
+    built as text: json.dumps itself recurses."""
+    head = "".join("[" if o == "[" else '{"k[{":' for o in openers)
+    tail = "".join("]" if o == "[" else "}" for o in reversed(openers))
+    return head + leaf + tail
+
+
+@pytest.mark.parametrize(
+    ("data", "fields", "checkpoint", "keys"),
+    [
+        pytest.param(b"[" * DEEP, {}, None, set(), id="open-arrays"),
+        pytest.param(b'{"a":' * DEEP, {}, None, {"a"}, id="open-objects"),
+        pytest.param(nested_text(["["] * DEEP).encode(), {}, None, set(), id="closed-arrays"),
+        pytest.param(
+            ('{"steps": 5, "x": ' + nested_text(["[", "{"] * (DEEP // 2)) + ', "width": 9, '
+             '"override_settings": {"sd_model_checkpoint": "m.safetensors"}}').encode(),
+            {"steps": 5, "width": 9}, "m", {"steps", "x", "width", "override_settings"},
+            id="fields-around-a-deep-value",
+        ),
+    ],
+)  # fmt: skip
+@pytest.mark.parametrize(
+    "complete", [pytest.param(True, id="complete"), pytest.param(False, id="truncated")]
+)
+def test_a_deeply_nested_body_is_read_without_recursion(
+    data: bytes, fields: dict[str, Any], checkpoint: str | None, keys: set[str], complete: bool
+) -> None:
+    """Not handed to json (RecursionError): read by the tokenizer, not parsed (complete is
+    False in the answer), the scheduling fields around the deep value still found."""
+    assert inspect_body(data, complete=complete) == BodyInfo(
+        fields=fields, checkpoint=checkpoint, complete=False
+    )
+    assert body_keys(data) == frozenset(keys)
+
+
+@pytest.mark.parametrize(
+    ("levels", "parsed"),
+    [pytest.param(MAX_DEPTH - 1, True, id="at-the-limit"),
+     pytest.param(MAX_DEPTH, False, id="one-over")],
+)  # fmt: skip
+def test_json_parses_only_bodies_within_the_depth_limit(levels: int, parsed: bool) -> None:
+    """The top-level object is level one: a value wrapped ``MAX_DEPTH - 1`` times is at the
+    limit. Brackets inside strings do not count."""
+    text = '{"p": "[[[[{{{{", "steps": 3, "deep": ' + nested_text(["["] * levels) + "}"
+    assert inspect_body(text.encode(), complete=True) == BodyInfo(
+        fields={"p": "[[[[{{{{", "steps": 3}, checkpoint=None, complete=parsed
+    )
+
+
+# a depth around the limit or far beyond json's, drawn as a number (hypothesis keeps lists
+# short), filled with a repeated pattern of arrays and objects
+depths = st.one_of(st.integers(0, MAX_DEPTH + 2), st.integers(900, 2 * DEEP))
+patterns = st.lists(st.sampled_from(["[", "{"]), min_size=1, max_size=4)
+openers = st.tuples(depths, patterns).map(lambda dp: (dp[1] * dp[0])[: dp[0]])
+
+
+@settings(max_examples=60, deadline=None)
+@given(documents, openers, st.sampled_from(["1", '"]}[{"', "null", "[]", "{}"]), st.data())
+def test_any_nesting_yields_the_true_top_level_fields(
+    doc: dict[str, Any], wrap: list[str], leaf: str, data: st.DataObject
+) -> None:
+    """A value nested to any depth (0 to 3000) among ordinary fields: inspection never
+    raises, reads every top-level scalar from the whole body and nothing false from a
+    prefix, and body_keys names the top-level keys."""
+    head = encode(doc)[:-1] if doc else b"{"
+    sep = b", " if doc else b""
+    body = head + sep + b'"deep": ' + nested_text(wrap, leaf).encode() + b', "tail": 7}'
+    truth = {k: v for k, v in doc.items() if not isinstance(v, dict | list)} | {"tail": 7}
+    if not wrap and leaf in ("1", "null", '"]}[{"'):
+        truth["deep"] = json.loads(leaf)
+    depth = 1 + len(wrap) + (leaf in ("[]", "{}"))  # the top-level object is level one
+    info = inspect_body(body, complete=True)
+    assert dict(info.fields) == truth
+    assert info.complete is (depth <= MAX_DEPTH)
+    assert dict(inspect_body(body, complete=False).fields) == truth
+    assert body_keys(body) == frozenset(doc) | {"deep", "tail"}
+    end = data.draw(st.integers(0, len(body)), label="cut")
+    fields = inspect_body(body[:end], complete=False).fields
+    assert {k: truth.get(k, "<absent>") for k in fields} == dict(fields)
