@@ -26,8 +26,11 @@
         ├── PodDown                 503 pod_down (sdproxy gate: its sd-webui is unreachable)
         ├── BackendError            502 backend_error (failure after the request was sent)
         ├── BodyTooLarge            413 body_too_large
+        ├── BodyTimeout             408 body_timeout (the upload took over
+        │                           --client-body-timeout-s)
         ├── Forbidden               403 forbidden_route
         ├── BadRequest              400 bad_request
+        │   └── MalformedBody       400 bad_request (the body's framing broke mid-upload)
         ├── NotFound                404 not_found (unknown /-/ endpoint)
         └── InternalError           500 internal_error (a bug; logged with its traceback)
 
@@ -200,6 +203,11 @@ class BodyTooLarge(ClientFacingError):
     code = "body_too_large"
 
 
+class BodyTimeout(ClientFacingError):
+    status = 408
+    code = "body_timeout"
+
+
 class Forbidden(ClientFacingError):
     status = 403
     code = "forbidden_route"
@@ -208,6 +216,11 @@ class Forbidden(ClientFacingError):
 class BadRequest(ClientFacingError):
     status = 400
     code = "bad_request"
+
+
+class MalformedBody(BadRequest):
+    """The client's body broke off or its chunked framing is malformed: the connection
+    cannot carry another request."""
 
 
 class NotFound(ClientFacingError):

@@ -79,6 +79,9 @@ class ProxySettings:
     #: own config is the group
     admission: AdmissionConfig = field(default_factory=AdmissionConfig)
     max_body_mb: float = option(64.0, "request body limit in MiB (then 413)", gt=0)
+    client_body_timeout_s: float = option(
+        60.0, "a heavy request's whole body must arrive within this (then 408)", gt=0
+    )
     #: the request bounds (max_steps, max_pixels, max_batch): the core's own config
     limits: RequestLimits = field(default_factory=RequestLimits)
     max_queued_per_client: int = option(

@@ -1,10 +1,14 @@
 """Runtime: move one HTTP exchange between a client and a pod, streaming both ways.
 
-Large bodies are never buffered whole: the request is sent as the already-read prefix
-followed by the rest of the client's stream, and the response is copied chunk by chunk
-(one of at most ``SMALL_BODY`` bytes with a known length is read whole and answered in one
-write, the cheap path for the many small light calls). aiohttp's
-client is built with ``auto_decompress=False`` so encoded bodies pass through untouched.
+Large bodies are never buffered whole in memory. A light call's request is sent as the
+already-read prefix followed by the rest of the client's stream; a heavy one was received
+whole before it took a slot (``sdproxy.runtime.body``) and is sent from there, as often as
+a retry needs. The response is copied chunk by chunk (one of at most ``SMALL_BODY`` bytes
+with a known length is read whole and answered in one write, the cheap path for the many
+small light calls). ``Expect`` is never forwarded: the proxy answers its client's itself
+(aiohttp's expect handler) and asks a gated pod with its own (``send(expect100=True)``).
+aiohttp's client is built with ``auto_decompress=False`` so encoded bodies pass through
+untouched.
 aiohttp's client errors are translated here, at the boundary, into the ``UpstreamError``
 classes of sdproxy.errors (connect failed, timeout, reset, broke off mid-answer).
 """
@@ -20,15 +24,18 @@ from dataclasses import dataclass
 
 import aiohttp
 from aiohttp import web
+from aiohttp.web_protocol import RequestPayloadError
 from multidict import CIMultiDict
 
 from sdproxy.errors import (
     BodyTooLarge,
     ConnectFailed,
+    MalformedBody,
     ResponseBrokeOff,
     UpstreamReset,
     UpstreamTimeout,
 )
+from sdproxy.runtime.body import ReceivedBody
 
 log = logging.getLogger("sdproxy.forward")
 
@@ -46,8 +53,10 @@ HOP_BY_HOP = frozenset(
         "upgrade",
     }
 )
-#: not forwarded to the pod: the hop-by-hop fields, and Host (the pod's own is sent)
-NOT_UPSTREAM = HOP_BY_HOP | {"host"}
+#: not forwarded to the pod: the hop-by-hop fields, Host (the pod's own is sent) and
+#: Expect (RFC 9110 §10.1.1: the proxy answered its client's 100-continue; forwarded, it
+#: would make the exchange wait for a pod's 100 the client no longer needs)
+NOT_UPSTREAM = HOP_BY_HOP | {"host", "expect"}
 #: aiohttp's client adds ``Accept-Encoding: gzip, deflate`` to a request without one; the
 #: pod must see the client's own (none → none): sd-webui gzips whatever the request allows
 NO_AUTO_ENCODING = ("Accept-Encoding",)
@@ -99,7 +108,10 @@ async def read_prefix(request: web.Request, *, peek_bytes: int, limit_bytes: int
     size = 0
     complete = False
     while size < peek_bytes:
-        chunk = await request.content.read(peek_bytes - size)
+        try:
+            chunk = await request.content.read(peek_bytes - size)
+        except RequestPayloadError as exc:  # aiohttp's parser: a broken chunk, a short body
+            raise MalformedBody(f"the request body is malformed: {exc}") from exc
         if not chunk:
             complete = True
             break
@@ -140,16 +152,22 @@ async def send(
     method: str,
     url: str,
     headers: CIMultiDict[str],
-    body: RequestBody | bytes | None,
+    body: RequestBody | ReceivedBody | bytes | None,
     expect100: bool = False,
 ) -> aiohttp.ClientResponse:
     """Send the request and return once the pod's response headers arrived.
 
     ``Accept-Encoding`` goes exactly as the client sent it, absent included.
     ``expect100``: send the head with ``Expect: 100-continue`` and the body only after the
-    pod's ``100 Continue`` (a pod-side gate refuses a busy pod before any body byte).
+    pod's ``100 Continue`` (a pod-side gate refuses a busy pod before any body byte); a
+    received body then records in ``started`` whether its first byte went.
     """
-    data = body.payload() if isinstance(body, RequestBody) else body
+    data: bytes | AsyncIterator[bytes] | AsyncIterator[bytes | bytearray] | None
+    if isinstance(body, ReceivedBody):
+        data = body.payload(track=expect100)
+        headers["Content-Length"] = str(body.size)  # known now, even for a chunked upload
+    else:
+        data = body.payload() if isinstance(body, RequestBody) else body
     skip = None if "Accept-Encoding" in headers else NO_AUTO_ENCODING
     try:
         return await session.request(
@@ -173,7 +191,10 @@ async def send(
     except aiohttp.ClientError as exc:
         if isinstance(body, RequestBody) and body.overflow is not None:
             raise body.overflow from exc  # the client's fault, not the pod's
-        sent = not isinstance(body, RequestBody) or body.started or body.complete
+        if isinstance(body, ReceivedBody):
+            sent = body.started
+        else:
+            sent = not isinstance(body, RequestBody) or body.started or body.complete
         raise UpstreamReset(f"{url}: {exc!r}", sent=sent) from exc
 
 

@@ -1,7 +1,9 @@
 """Runtime: the aiohttp handler that classifies, admits and forwards every client request.
 
-heavy  -> a slot from the Gate (queue if none) -> pod; on client disconnect mid-generation
-          the pod is told to interrupt and the slot is released only when its response ends
+heavy  -> the whole body received first (``runtime.body``: memory, then a spool file;
+          --client-body-timeout-s), then a slot from the Gate (queue if none) -> pod; on
+          client disconnect mid-generation the pod is told to interrupt and the slot is
+          released only when its response ends
 light  -> least loaded ready pod at once (retried on another pod if the connect fails)
 job    -> the pod running the caller's job; answered by the proxy while it is queued
           (which job is whose, and who may reach it: sdproxy.runtime.jobs)
@@ -12,9 +14,10 @@ Errors answer ``{"error": code, "detail": text}`` with the status from sdproxy.e
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,6 +33,7 @@ from sdproxy.core.pods import PodId
 from sdproxy.core.routing import RouteClass, RouteTable, classify_options
 from sdproxy.core.sdapi import BodyInfo, body_keys, inspect_body
 from sdproxy.errors import UpstreamKind
+from sdproxy.runtime import body as bodies
 from sdproxy.runtime import forward
 from sdproxy.runtime.gate import Gate, Slot
 from sdproxy.runtime.gatewatch import GateWatch
@@ -154,6 +158,7 @@ class Proxy:
             started=self.clock(),
         )
         response: web.StreamResponse | None = None
+        malformed = False
         try:
             if not clean_path(request.path):
                 raise errors.BadRequest(
@@ -161,6 +166,15 @@ class Proxy:
                     "refused: the proxy must classify the path the pod will route"
                 )
             response = await self._route(request, ex)
+        except errors.BodyTimeout as exc:
+            response = error_response(exc, ex)
+            # no keep-alive: aiohttp reads (and drops) what still comes for a while, then
+            # closes; closing at once could reset the connection before the 408 is read
+            response.force_close()
+        except errors.MalformedBody as exc:
+            response = error_response(exc, ex)
+            response.force_close()
+            malformed = True
         except errors.ClientFacingError as exc:
             response = error_response(exc, ex)
         except errors.ResponseBrokeOff as exc:
@@ -182,6 +196,8 @@ class Proxy:
             response = error_response(errors.InternalError(f"internal error: {exc!r}"), ex)
         finally:
             self._finish(request, ex, response)
+        if malformed:
+            await _answer_and_close(request, response)
         return response
 
     def _broke_off(
@@ -204,9 +220,10 @@ class Proxy:
         return self._dispatch(request, ex, None)
 
     async def _route_by_body(self, request: web.Request, ex: Exchange) -> web.StreamResponse:
-        body = await forward.read_prefix(
-            request, peek_bytes=PEEK_BYTES, limit_bytes=self.limit_bytes
-        )
+        async with self._body_deadline(ex):
+            body = await forward.read_prefix(
+                request, peek_bytes=PEEK_BYTES, limit_bytes=self.limit_bytes
+            )
         ex.route_class = classify_options(body_keys(body.prefix), complete=body.complete)
         return await self._dispatch(request, ex, body)
 
@@ -260,29 +277,64 @@ class Proxy:
     # ---- heavy ------------------------------------------------------------------------
 
     async def _heavy(
-        self, request: web.Request, ex: Exchange, body: forward.RequestBody | None
+        self, request: web.Request, ex: Exchange, prefix: forward.RequestBody | None
     ) -> web.StreamResponse:
-        if body is None:
-            body = await forward.read_prefix(
-                request, peek_bytes=PEEK_BYTES, limit_bytes=self.limit_bytes
-            )
-        info = inspect_body(body.prefix, complete=body.complete)
-        self._check_admissible(request, ex, info)
-        job = Job(
-            ticket=self.gate.new_ticket(),
-            enqueued_at=self.clock(),
-            cost=estimate_steps(info.fields, route=request.path.rsplit("/", 1)[-1]),
-            checkpoint=info.checkpoint,
-        )
-        ex.job_id = ex.caller.job or new_token()
-        ex.job_keys = self.jobs.add(ex.caller, job.ticket, job_id=ex.job_id)
+        """Check what the body's first bytes say, receive the whole body, then queue: a
+        slot never waits for a client's upload (a stalled or slow one kept a GPU idle),
+        and a body at hand can go again to another pod when a gate answers pod_busy."""
+        if prefix is None:
+            async with self._body_deadline(ex):
+                prefix = await forward.read_prefix(
+                    request, peek_bytes=PEEK_BYTES, limit_bytes=self.limit_bytes
+                )
+        info = inspect_body(prefix.prefix, complete=prefix.complete)
+        self._check_admissible(request, ex, info)  # before a refused body is uploaded
+        body = await self._receive(request, ex, prefix)
         try:
-            slot = await self.gate.acquire(job)
-            self.metrics.observe_queue_wait(slot.dispatch.queued_s)
-            ex.queue_ms = slot.dispatch.queued_s * 1000
-            return await self._run_heavy(request, ex, body, slot)
+            # again: the caller's queue may have filled while this body uploaded
+            self._check_admissible(request, ex, info)
+            job = Job(
+                ticket=self.gate.new_ticket(),
+                enqueued_at=self.clock(),
+                cost=estimate_steps(info.fields, route=request.path.rsplit("/", 1)[-1]),
+                checkpoint=info.checkpoint,
+            )
+            ex.job_id = ex.caller.job or new_token()
+            ex.job_keys = self.jobs.add(ex.caller, job.ticket, job_id=ex.job_id)
+            try:
+                slot = await self.gate.acquire(job)
+                self.metrics.observe_queue_wait(slot.dispatch.queued_s)
+                ex.queue_ms = slot.dispatch.queued_s * 1000
+                return await self._run_heavy(request, ex, body, slot)
+            finally:
+                self.jobs.remove(job.ticket)
         finally:
-            self.jobs.remove(job.ticket)
+            if not body.adopted:  # else the abandoned exchange still sends it
+                body.close()
+
+    async def _receive(
+        self, request: web.Request, ex: Exchange, prefix: forward.RequestBody
+    ) -> bodies.ReceivedBody:
+        async with self._body_deadline(ex):
+            body = await bodies.receive(
+                request,
+                prefix=prefix.prefix,
+                complete=prefix.complete,
+                limit_bytes=self.limit_bytes,
+            )
+        ex.bytes_in = body.size
+        return body
+
+    @contextlib.asynccontextmanager
+    async def _body_deadline(self, ex: Exchange) -> AsyncIterator[None]:
+        """The client's upload must be whole within --client-body-timeout-s of its
+        request's arrival: a total, so a trickle of bytes cannot keep it open."""
+        limit = self.settings.client_body_timeout_s
+        try:
+            async with asyncio.timeout(max(0.0, ex.started + limit - self.clock())):
+                yield
+        except TimeoutError as exc:
+            raise errors.BodyTimeout(f"the request body did not arrive within {limit:g} s") from exc
 
     def _check_admissible(self, request: web.Request, ex: Exchange, info: BodyInfo) -> None:
         """Refuse a heavy request before it takes a queue place: a guessable job id it
@@ -310,7 +362,7 @@ class Proxy:
         return sum(1 for t in self.jobs.owned(caller) if self.gate.admission.is_queued(t))
 
     async def _run_heavy(
-        self, request: web.Request, ex: Exchange, body: forward.RequestBody, slot: Slot
+        self, request: web.Request, ex: Exchange, body: bodies.ReceivedBody, slot: Slot
     ) -> web.StreamResponse:
         """Send to the bound pod; retry elsewhere only if nothing reached it. Every way
         out frees the slot through ``slot.release`` with what happened."""
@@ -320,20 +372,18 @@ class Proxy:
             # another replica just filled refuses before the body is uploaded; a small one
             # goes at once (one round trip less per job): a gate refuses it all the same
             # before anything reaches sd-webui
-            expect = self._gated(slot.pod_id) and not (
-                body.complete and len(body.prefix) <= EXPECT_OVER_BYTES
-            )
+            expect = self._gated(slot.pod_id) and body.size > EXPECT_OVER_BYTES
             exchange = asyncio.ensure_future(
                 self._send(request, ex, slot.url, body, expect100=expect)
             )
             try:
                 upstream = await asyncio.shield(exchange)
             except asyncio.CancelledError:
-                self._abandon(slot, exchange)
+                self._abandon(slot, exchange, body)
                 raise
             except errors.UpstreamError as exc:
                 self.metrics.backend_error(pod=slot.pod_id, kind=exc.kind)
-                if exc.sent or not body.retryable:
+                if exc.sent:
                     # the pod broke the exchange: FAILED rests it briefly (it may be
                     # restarting) rather than hand it the next job as the most recently used
                     slot.release(Outcome.FAILED)
@@ -341,18 +391,13 @@ class Proxy:
                 log.warning("pod %s refused: %s; retrying elsewhere", slot.pod_id, exc.detail)
                 slot = await slot.refused()
                 continue
-            except errors.BodyTooLarge:
-                slot.release(Outcome.UNUSED)  # the client's fault: the pod is fine
-                raise
             except BaseException:
                 slot.release(Outcome.FAILED)
                 raise
             verdict = upstream.headers.get(GATE_HEADER)
             if upstream.status == 503 and verdict in ("busy", "upstream_down"):
                 upstream.close()  # its body may be unsent: the connection is not reusable
-                if not body.retryable:
-                    slot.release(Outcome.UNUSED)
-                    raise errors.BackendError(f"pod {slot.pod_id}: {verdict}; body not replayable")
+                # the whole body is here: it goes again, to whichever pod frees next
                 # busy: another replica won the slot, back to the head of the queue;
                 # upstream_down: nothing reached sd-webui, rest the pod and try another
                 slot = await (slot.busy() if verdict == "busy" else slot.refused())
@@ -401,14 +446,30 @@ class Proxy:
             # relaying never started (client gone at once): the pod answered, it is done
             slot.release(Outcome.FAILED if pod_failed else Outcome.COMPLETED)
 
-    def _abandon(self, slot: Slot, exchange: asyncio.Future[aiohttp.ClientResponse]) -> None:
-        """The client left mid-generation: interrupt the pod, keep the slot until the
-        pod's response has ended (releasing earlier would put two jobs on one pod)."""
+    def _abandon(
+        self,
+        slot: Slot,
+        exchange: asyncio.Future[aiohttp.ClientResponse],
+        body: bodies.ReceivedBody,
+    ) -> None:
+        """The client left. Before its body's first byte went (a gated pod that has not
+        sent ``100 Continue``) the pod runs nothing of it: drop the exchange, free the
+        slot. Else mid-generation: interrupt the pod, keep the slot until the pod's
+        response has ended (releasing earlier would put two jobs on one pod)."""
+        if not body.started:
+            exchange.cancel()
+            exchange.add_done_callback(_close_dropped)
+            slot.release(Outcome.UNUSED)
+            return
         self.metrics.interrupt(InterruptReason.CLIENT_GONE)
-        self.spawn(self._finish_abandoned(slot, exchange), name=f"abandon-{slot.ticket}")
+        body.adopted = True  # the exchange may still be sending it
+        self.spawn(self._finish_abandoned(slot, exchange, body), name=f"abandon-{slot.ticket}")
 
     async def _finish_abandoned(
-        self, slot: Slot, exchange: asyncio.Future[aiohttp.ClientResponse]
+        self,
+        slot: Slot,
+        exchange: asyncio.Future[aiohttp.ClientResponse],
+        body: bodies.ReceivedBody,
     ) -> None:
         outcome = Outcome.INTERRUPTED  # not a completion, and no sample for the ETA
         try:
@@ -418,10 +479,10 @@ class Proxy:
                 async for _ in upstream.content.iter_chunked(forward.CHUNK):
                     pass  # drain: the pod is done only when its response is
         except Exception as exc:  # a background task: whatever ended it, free the slot
-            if not isinstance(exc, errors.BodyTooLarge):
-                outcome = Outcome.FAILED
+            outcome = Outcome.FAILED
             log.info("abandoned job on %s ended with %r", slot.pod_id, exc)
         finally:
+            body.close()
             slot.release(outcome)
 
     async def _post_interrupt(self, base_url: str) -> None:
@@ -439,7 +500,7 @@ class Proxy:
         request: web.Request,
         ex: Exchange,
         base_url: str,
-        body: forward.RequestBody | bytes | None,
+        body: forward.RequestBody | bodies.ReceivedBody | bytes | None,
         *,
         expect100: bool = False,
     ) -> Coroutine[Any, Any, aiohttp.ClientResponse]:
@@ -600,6 +661,20 @@ class Proxy:
         position = adm.position(ticket) if ticket is not None else None
         eta = adm.eta_s(ticket) if ticket is not None else 0.0
         return progress_document(position, len(adm.queue), eta)
+
+
+async def _answer_and_close(request: web.Request, response: web.StreamResponse) -> None:
+    """Send the answer, then close: the rest of a malformed body cannot be read, and
+    aiohttp's lingering read of it would only log the parse error again."""
+    await response.prepare(request)
+    await response.write_eof()
+    request.protocol.force_close()  # the transport sends what it holds, then closes
+
+
+def _close_dropped(exchange: asyncio.Future[aiohttp.ClientResponse]) -> None:
+    """A dropped exchange's end: a response that came anyway is closed, unread."""
+    if not exchange.cancelled() and exchange.exception() is None:
+        exchange.result().close()
 
 
 def progress_document(position: int | None, depth: int, eta: float) -> dict[str, Any]:

@@ -238,6 +238,14 @@ def test_proxy_probes_and_security(rendered: dict[str, list[Obj]], overlay: str)
     assert container["securityContext"]["readOnlyRootFilesystem"] is True
     assert "memory" in container["resources"]["limits"]
     assert deployment["spec"]["template"]["spec"]["serviceAccountName"] == "sdproxy"
+    # large heavy bodies are spooled to $TMPDIR (else /tmp): writable, on disk
+    env = {e["name"]: e.get("value") for e in container.get("env", [])}
+    tmp = env.get("TMPDIR") or "/tmp"
+    (mount,) = [m for m in container.get("volumeMounts", []) if m["mountPath"] == tmp]
+    volumes = {v["name"]: v for v in deployment["spec"]["template"]["spec"]["volumes"]}
+    spool = volumes[mount["name"]]["emptyDir"]
+    assert spool.get("medium") != "Memory", "a tmpfs spool would count against the memory limit"
+    assert not mount.get("readOnly")
 
 
 def test_sim_pods_run_sdproxy_sim(rendered: dict[str, list[Obj]]) -> None:
