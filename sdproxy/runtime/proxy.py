@@ -454,12 +454,18 @@ class Proxy:
     ) -> None:
         """The client left. Before its body's first byte went (a gated pod that has not
         sent ``100 Continue``) the pod runs nothing of it: drop the exchange, free the
-        slot. Else mid-generation: interrupt the pod, keep the slot until the pod's
-        response has ended (releasing earlier would put two jobs on one pod)."""
-        if not body.started:
+        slot. Behind a gate: drop the exchange too — the gate interrupts its sd-webui
+        itself when our connection closes, and holds its slot until that job ended (an
+        interrupt sent from here could reach sd-webui while it runs ANOTHER sender's job,
+        the gate having refused ours). Else mid-generation: interrupt the pod, keep the
+        slot until the pod's response has ended (releasing earlier would put two jobs on
+        one pod)."""
+        if not body.started or self._gated(slot.pod_id):
             exchange.cancel()
             exchange.add_done_callback(_close_dropped)
-            slot.release(Outcome.UNUSED)
+            if body.started:  # the gate interrupts it for us
+                self.metrics.interrupt(InterruptReason.CLIENT_GONE)
+            slot.release(Outcome.INTERRUPTED if body.started else Outcome.UNUSED)
             return
         self.metrics.interrupt(InterruptReason.CLIENT_GONE)
         body.adopted = True  # the exchange may still be sending it

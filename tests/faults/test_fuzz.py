@@ -33,7 +33,11 @@ PATHS = st.one_of(
     st.sampled_from(["/sdapi/v1/txt2img", "/sdapi/v1/options", "/sdapi/v1/progress", "/-/x"]),
 )
 JSON = st.recursive(
-    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(max_size=20),
     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=12), inner),
     max_leaves=30,
 )

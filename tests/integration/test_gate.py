@@ -375,3 +375,26 @@ async def test_a_gate_started_while_its_sd_webui_generates_counts_that_job(
         finally:
             await runner.cleanup()
     assert (await sims.stats(0))["heavy_inflight_max"] == 1
+
+
+async def test_a_client_leaving_through_a_replica_is_interrupted_by_the_gate_alone(
+    gated_pods: GatedFactory, proxy_factory: ProxyFactory
+) -> None:
+    """Behind a gate the replica only drops its exchange: the gate interrupts its sd-webui
+    (an interrupt from the replica could land on another sender's job)."""
+    cluster = await gated_pods(1)
+    (proxy,) = await peered(proxy_factory, cluster.urls, 1)
+    job = asyncio.create_task(proxy.client.post(TXT2IMG, json=gen_body(2000)))
+    await eventually(lambda: _inflight(cluster, 0, 1), what="the generation started")
+    job.cancel()
+
+    async def interrupted_once() -> bool:
+        stats = await cluster.sims.stats(0)
+        return bool(stats["interrupts_received"] == 1)
+
+    await eventually(interrupted_once, what="the gate to interrupt sd-webui")
+    await eventually(lambda: _inflight(cluster, 0, 0), what="the gate's slot freed")
+    async with proxy.client.post(TXT2IMG, json=gen_body(2)) as resp:
+        assert resp.status == 200
+    assert (await cluster.sims.stats(0))["interrupts_received"] == 1, "only the gate's"
+    await proxy.wait_idle()
