@@ -418,10 +418,7 @@ async def serve(
         metrics_runner = await _start_metrics(settings, services.metrics)
         log.info("sdproxy %s listening on http://%s", __version__, listen)
         if stop is None:
-            stop = asyncio.Event()
-            loop = asyncio.get_running_loop()
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                loop.add_signal_handler(sig, stop.set)
+            stop = stop_on_signals()
         if ready is not None:
             ready.set()
         await stop.wait()
@@ -436,6 +433,15 @@ async def serve(
             await metrics_runner.cleanup()
         await runner.cleanup()
     return 0
+
+
+def stop_on_signals() -> asyncio.Event:
+    """An event SIGTERM or SIGINT sets (serve, the gate and the demo stop on it)."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    return stop
 
 
 async def listen_on(runner: web.AppRunner, where: HostPort, *, backlog: int = 128) -> web.TCPSite:

@@ -14,13 +14,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
-import signal
 from typing import Any
 
 from sdproxy import settings as settings_mod
 from sdproxy.errors import ConfigError
 from sdproxy.options import HostPort
-from sdproxy.runtime.app import serve
+from sdproxy.runtime.app import serve, stop_on_signals
 from sdproxy.runtime.discovery import FanOut
 from sdproxy.runtime.local import LocalPods
 from sdproxy.runtime.scaling import NoScaler
@@ -156,10 +155,7 @@ async def _run_replicas(all_settings: list[settings_mod.Settings]) -> int:
     discovery fanned out to all, one Ctrl-C for all."""
     pods = LocalPods(all_settings[0].scaler)
     shared = FanOut(pods)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+    stop = stop_on_signals()
     readies = [asyncio.Event() for _ in all_settings]
     servers = [
         asyncio.create_task(

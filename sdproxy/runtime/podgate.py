@@ -24,7 +24,6 @@ import asyncio
 import contextlib
 import json
 import logging
-import signal
 import time
 from typing import Any
 
@@ -486,7 +485,8 @@ async def _session(app: web.Application) -> Any:
 async def serve_gate(settings: GateSettings, *, ready: asyncio.Event | None = None) -> int:
     """Run ``sdproxy gate`` until SIGTERM/SIGINT. Running generations finish first: the
     pod is being stopped anyway, and sd-webui goes down with it."""
-    from sdproxy.runtime.app import listen_on  # the composition root's listener helper
+    # the composition root's listener and signal helpers
+    from sdproxy.runtime.app import listen_on, stop_on_signals
 
     setup_logging(settings.log)
     app = build_gate_app(settings.gate)
@@ -501,10 +501,7 @@ async def serve_gate(settings: GateSettings, *, ready: asyncio.Event | None = No
             settings.gate.upstream,
             settings.gate.max_inflight,
         )
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
+        stop = stop_on_signals()
         if ready is not None:
             ready.set()
         await stop.wait()
