@@ -32,6 +32,10 @@
         ├── BadRequest              400 bad_request
         │   └── MalformedBody       400 bad_request (the body's framing broke mid-upload)
         ├── NotFound                404 not_found (unknown /-/ endpoint)
+        ├── UiSessionEnded          410 ui_session_ended (--ui: the browser's session
+        │                           idled out, was left or lost its pod)
+        ├── UiNoSession             409 ui_no_session (--ui: a UI call from a browser
+        │                           that has no session yet; the page opens one)
         └── InternalError           500 internal_error (a bug; logged with its traceback)
 
 Kubernetes and aiohttp client errors are translated at the runtime boundary with
@@ -226,6 +230,16 @@ class MalformedBody(BadRequest):
 class NotFound(ClientFacingError):
     status = 404
     code = "not_found"
+
+
+class UiSessionEnded(ClientFacingError):
+    status = 410
+    code = "ui_session_ended"
+
+
+class UiNoSession(ClientFacingError):
+    status = 409
+    code = "ui_no_session"
 
 
 class InternalError(ClientFacingError):

@@ -30,6 +30,7 @@ from typing import Any, Literal, get_type_hints
 from sdproxy.core.admission import AdmissionConfig
 from sdproxy.core.autoscale import AutoscaleConfig
 from sdproxy.core.limits import RequestLimits
+from sdproxy.core.uisessions import UiConfig
 from sdproxy.errors import ConfigError
 from sdproxy.options import (
     ENV_PREFIX,
@@ -114,6 +115,8 @@ class ProxySettings:
     peer_service: str = option(
         "", "with --discovery kubernetes: the proxy's own Service, whose endpoints are the peers"
     )
+    #: the browser UI (--ui, --ui-sessions-per-pod, --ui-idle-s): the core's own config
+    ui: UiConfig = field(default_factory=UiConfig)
 
 
 @dataclass(frozen=True, kw_only=True)

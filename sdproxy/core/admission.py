@@ -233,10 +233,20 @@ class Admission:
         fx = EffectsBuilder()
         for pod_id in pod_ids:
             pod = self.book.pods.get(pod_id)
-            if pod is not None and pod.listed and not pod.running:
+            if pod is not None and pod.listed and not pod.running and not pod.ui_held:
                 pod.cordoned_until = now + for_s
                 fx.cordoned.append(pod_id)
         return self._settle(fx, now)
+
+    def hold_for_ui(self, pod_ids: Iterable[PodId], now: float) -> Effects:
+        """Exactly ``pod_ids`` are held by browser UI sessions (sdproxy.core.uisessions):
+        they take no new API jobs (what they run finishes) and are not scaled in."""
+        held = set(pod_ids)
+        for pod in self.book.pods.values():
+            if pod.ui_held and pod.pod_id not in held and not pod.running:
+                pod.idle_since = now  # idle from now: the UI used it until now
+            pod.ui_held = pod.pod_id in held
+        return self._settle(EffectsBuilder(), now)
 
     def observe_gate(
         self,
@@ -341,7 +351,7 @@ class Admission:
 
     def idle_pods(self, now: float) -> list[PodId]:
         """The scale-in candidates, first to remove first (``sdproxy.core.scalein``)."""
-        return scale_in_order(self.book.pods.values(), now)
+        return scale_in_order((p for p in self.book.pods.values() if not p.ui_held), now)
 
     def pick_light(self, now: float, *, exclude: Sequence[PodId] = ()) -> Pod | None:
         """A pod for a light call (``sdproxy.core.light``)."""
@@ -365,7 +375,12 @@ class Admission:
     # ---- internals --------------------------------------------------------------------
 
     def _free(self, now: float) -> list[Pod]:
-        return [p for p in self.book.pods.values() if p.has_slot and self.health.usable(p, now)]
+        """Pods that take a new API job: a slot free, usable, not held by the UI."""
+        return [
+            p
+            for p in self.book.pods.values()
+            if p.has_slot and not p.ui_held and self.health.usable(p, now)
+        ]
 
     def _bind(self, job: Job, pod: Pod, now: float) -> Dispatch:
         self.book.bind(job, pod, now)

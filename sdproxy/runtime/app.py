@@ -27,7 +27,7 @@ from sdproxy import __version__
 from sdproxy.core.admission import Admission
 from sdproxy.core.effects import RejectReason, Transition
 from sdproxy.core.pods import Endpoint, PodId, PodState
-from sdproxy.errors import ConfigError, NotFound
+from sdproxy.errors import ClientFacingError, ConfigError, NotFound
 from sdproxy.runtime.autoscaler import Autoscaler
 from sdproxy.runtime.catalog import Catalogs
 from sdproxy.runtime.discovery import Discovery, StaticDiscovery
@@ -47,8 +47,10 @@ from sdproxy.runtime.status import (
     PodStatus,
     QueueStatus,
     Status,
+    UiStatus,
 )
 from sdproxy.runtime.status_page import status_response
+from sdproxy.runtime.ui import UiFront
 from sdproxy.runtime.warmup import Warmer
 from sdproxy.settings import HostPort, Settings
 
@@ -102,6 +104,8 @@ class Services:
         self.metrics.rejected(reason)
 
     def _on_transitions(self, transitions: Sequence[Transition]) -> None:
+        if transitions and self.proxy is not None and self.proxy.ui is not None:
+            self.proxy.ui.poke()  # a pod came or went: the lobby and sessions follow
         for pod_id, old, new in transitions:
             log_event(
                 "pod_state",
@@ -147,7 +151,21 @@ class Services:
             len(p.running) + (p.foreign if p.gated and p.gate_live else 0)
             for p in adm.pods.values()
         )
-        return inflight + peers_direct, len(adm.queue) + peers_queued
+        ui_inflight, ui_queued = self.ui_demand()
+        return inflight + peers_direct + ui_inflight, len(adm.queue) + peers_queued + ui_queued
+
+    def ui_demand(self) -> tuple[int, int]:
+        """(in flight, queued) of the browser UI in slots: a held pod is a whole pod's
+        worth (its free slots too), and so is each ``--ui-sessions-per-pod`` waiters."""
+        ui = self.proxy.ui if self.proxy is not None else None
+        if ui is None:
+            return 0, 0
+        adm = self.admission
+        held = [p for p in adm.pods.values() if p.ui_held]
+        inflight = sum(max(0, p.limit - len(p.running)) for p in held)
+        per_pod = ui.config.ui_sessions_per_pod
+        waiting_pods = -(-len(ui.sessions.lobby) // per_pod)
+        return inflight, waiting_pods * adm.config.max_inflight
 
     def peer_document(self) -> dict[str, Any]:
         """What this replica tells its peers (``GET /-/peer``)."""
@@ -192,6 +210,21 @@ class Services:
                 last_error=health.last_error,
             ),
             shutting_down=adm.closed,
+            ui=self._ui_status(now),
+        )
+
+    def _ui_status(self, now: float) -> UiStatus | None:
+        ui = self.proxy.ui if self.proxy is not None else None
+        if ui is None:
+            return None
+        lobby = ui.sessions.lobby
+        oldest = min((w.joined_at for w in lobby.values()), default=now)
+        return UiStatus(
+            sessions={str(pod): n for pod, n in ui.sessions.per_pod().items()},
+            sessions_per_pod=ui.config.ui_sessions_per_pod,
+            idle_s=ui.config.ui_idle_s,
+            lobby_depth=len(lobby),
+            lobby_oldest_wait_s=now - oldest,
         )
 
 
@@ -234,6 +267,8 @@ def build_app(
     app.router.add_get("/-/peer", _peer)
     app.router.add_get("/-/peer/job", _peer_job)
     app.router.add_post("/-/peer/job/cancel", _peer_cancel)
+    app.router.add_get("/-/ui/lobby", _ui_lobby)
+    app.router.add_delete("/-/ui/session", _ui_session)
     # [\s\S]: "." would not match a newline, and a path with %0A would get aiohttp's
     # plain-text 404 instead of our JSON answer
     app.router.add_route("*", "/-/{tail:[\\s\\S]*}", _unknown_operational)
@@ -312,6 +347,8 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
             tasks.append(
                 asyncio.create_task(peer_source.run(services.on_peers), name="peer-discovery")
             )
+        if services.proxy.ui is not None:
+            tasks.append(asyncio.create_task(services.proxy.ui.run(), name="ui-sessions"))
         start = getattr(services.scaler, "start", None)
         if start is not None:
             await start()
@@ -334,6 +371,27 @@ async def _proxy(request: web.Request) -> web.StreamResponse:
     proxy = request.app[SERVICES].proxy
     assert proxy is not None, "the proxy starts with the app"
     return await proxy.handle(request)
+
+
+def _ui_front(request: web.Request) -> UiFront:
+    proxy = request.app[SERVICES].proxy
+    if proxy is None or proxy.ui is None:
+        raise NotFound(f"no proxy endpoint {request.path} (the browser UI needs --ui)")
+    return proxy.ui
+
+
+async def _ui_lobby(request: web.Request) -> web.Response:
+    try:
+        return await _ui_front(request).lobby(request)
+    except ClientFacingError as exc:
+        return error_response(exc)
+
+
+async def _ui_session(request: web.Request) -> web.Response:
+    try:
+        return await _ui_front(request).leave(request)
+    except ClientFacingError as exc:
+        return error_response(exc)
 
 
 async def _unknown_operational(request: web.Request) -> web.Response:

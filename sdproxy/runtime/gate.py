@@ -145,6 +145,9 @@ class Gate:
     def eject(self, pod_id: PodId) -> None:
         self.apply(self.admission.eject(pod_id, self.now()))
 
+    def hold_for_ui(self, pod_ids: Iterable[PodId]) -> None:
+        self.apply(self.admission.hold_for_ui(pod_ids, self.now()))
+
     def cordon(self, pod_ids: Iterable[PodId], *, for_s: float) -> list[PodId]:
         effects = self.admission.cordon(pod_ids, self.now(), for_s=for_s)
         self.apply(effects)

@@ -69,6 +69,7 @@ class Metrics:
         self._request_children: dict[tuple[str, int], tuple[Counter, Histogram]] = {}
         self._declare_request_metrics(self.registry)
         self._declare_pod_event_metrics(self.registry)
+        self._declare_ui_metrics(self.registry)
         self._pre_create()
         self._register_process_metrics(self.registry)
         if snapshot is not None:
@@ -120,6 +121,17 @@ class Metrics:
             ["direction"],
             registry=reg,
         )
+
+    def _declare_ui_metrics(self, reg: CollectorRegistry) -> None:
+        self._ui_lobby_wait = Histogram(
+            "sdproxy_ui_lobby_wait_seconds",
+            "Time browsers waited in the UI lobby before a pod took their session (--ui).",
+            buckets=QUEUE_BUCKETS,
+            registry=reg,
+        )
+
+    def observe_ui_lobby_wait(self, wait_s: float) -> None:
+        self._ui_lobby_wait.observe(max(0.0, wait_s))
 
     def _pre_create(self) -> None:
         for reason in REJECT_REASONS:
@@ -212,6 +224,7 @@ def _gauge(name: str, documentation: str, value: float | None) -> GaugeMetricFam
 def _state_metrics(snap: Status | None) -> Iterator[Metric]:
     yield from _queue_metrics(snap)
     yield from _pod_metrics(snap)
+    yield from _ui_metrics(snap)
     auto = snap.autoscaler if snap is not None else None
     desired = None if auto is None else float(auto.desired or 0)
     yield _gauge(
@@ -282,6 +295,25 @@ def _pod_metrics(snap: Status | None) -> Iterator[Metric]:
         for state, count in count_states(pods).items():
             states.add_metric([state.value], count)
     yield from (states, inflight, limit, completed, checkpoint)
+
+
+def _ui_metrics(snap: Status | None) -> Iterator[Metric]:
+    """Only with --ui (a proxy without it exports no UI series)."""
+    ui = snap.ui if snap is not None else None
+    if snap is not None and ui is None:
+        return
+    sessions = GaugeMetricFamily(
+        "sdproxy_ui_sessions", "Browser UI sessions a pod holds (--ui).", labels=["pod"]
+    )
+    if ui is not None:
+        for pod in snap.pods if snap is not None else ():
+            sessions.add_metric([pod.id], ui.sessions.get(pod.id, 0))
+    yield sessions
+    yield _gauge(
+        "sdproxy_ui_lobby_depth",
+        "Browsers waiting in the UI lobby for a pod (--ui).",
+        None if ui is None else ui.lobby_depth,
+    )
 
 
 METRICS_KEY = web.AppKey("metrics", Metrics)

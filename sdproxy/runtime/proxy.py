@@ -34,7 +34,7 @@ from sdproxy.core.routing import RouteClass, RouteTable, classify_options
 from sdproxy.core.sdapi import BodyInfo, body_keys, inspect_body
 from sdproxy.errors import UpstreamKind
 from sdproxy.runtime import body as bodies
-from sdproxy.runtime import forward
+from sdproxy.runtime import forward, websocket
 from sdproxy.runtime.gate import Gate, Slot
 from sdproxy.runtime.gatewatch import GateWatch
 from sdproxy.runtime.jobs import (
@@ -54,6 +54,8 @@ from sdproxy.runtime.metrics import Metrics
 from sdproxy.runtime.peers import Peers
 from sdproxy.runtime.podgate import GATE_HEADER, REPLICA_HEADER
 from sdproxy.runtime.tasks import Background
+from sdproxy.runtime.ui import UiFront, ui_cookie_header
+from sdproxy.runtime.ui import classify as ui_classify
 from sdproxy.settings import ProxySettings
 
 log = logging.getLogger("sdproxy.proxy")
@@ -87,12 +89,16 @@ class Exchange:
     #: a heavy request's job: its id (X-Sdproxy-Job) and the keys it is indexed under
     job_id: str | None = None
     job_keys: list[str] | None = None
+    #: --ui: the Set-Cookie of a session opened or adopted by this request
+    ui_cookie: str | None = None
 
     def before_prepare(self, response: web.StreamResponse) -> None:
         """A relayed response's head is sent before ``_finish``: give a new caller its
         cookie there (its later progress polls find its job by it)."""
         self.answering = True
         set_cookie(response, self.caller)
+        if self.ui_cookie is not None:
+            response.headers.add("Set-Cookie", self.ui_cookie)
 
 
 def clean_path(path: str) -> bool:
@@ -146,6 +152,12 @@ class Proxy:
         self.jobs = JobIndex()
         self.limit_bytes = int(settings.max_body_mb * 1024 * 1024)
         self._background = Background()
+        #: --ui: browser sessions bound to pods (sdproxy.runtime.ui)
+        self.ui = (
+            UiFront(config=settings.ui, gate=gate, metrics=metrics, clock=clock)
+            if settings.ui.ui
+            else None
+        )
 
     # ---- entry ------------------------------------------------------------------------
 
@@ -215,6 +227,8 @@ class Proxy:
     def _route(self, request: web.Request, ex: Exchange) -> Awaitable[web.StreamResponse]:
         """The coroutine that answers, returned rather than awaited here: one frame less
         for the event loop to step through on every resume (bench overhead profile)."""
+        if self.ui is not None and self.ui.is_ui(request.path):
+            return self._ui(request, ex, self.ui)
         if self.table.needs_body_to_classify(request.method, request.path):
             return self._route_by_body(request, ex)
         return self._dispatch(request, ex, None)
@@ -540,6 +554,33 @@ class Proxy:
                 before_prepare=ex.before_prepare,
             )
         return response
+
+    # ---- browser UI (--ui) ------------------------------------------------------------
+
+    async def _ui(self, request: web.Request, ex: Exchange, ui: UiFront) -> web.StreamResponse:
+        """A UI request goes to its session's pod, never through the queue: the pod is
+        held for the session (sdproxy.runtime.ui); websockets are relayed frame by frame."""
+        ex.route_class = ui_classify(request.method, request.path)
+        target = ui.resolve(request)
+        if isinstance(target, web.StreamResponse):
+            return target
+        ex.pod = target.pod_id
+        if target.cookie is not None:
+            ex.ui_cookie = ui_cookie_header(request, target.cookie)
+        with ui.in_use(target.sid):
+            if websocket.is_upgrade(request):
+                headers = forward.upstream_headers(request, {"X-Request-Id": ex.request_id})
+                ex.answering = True
+                return await websocket.relay(
+                    request, self.session, url=target.url + request.path_qs, headers=headers
+                )
+            body = await request.read() if request.can_read_body else None
+            try:
+                upstream = await self._send(request, ex, target.url, body)
+            except errors.UpstreamError as exc:
+                self.metrics.backend_error(pod=target.pod_id, kind=exc.kind)
+                raise errors.BackendError(f"pod {target.pod_id}: {exc.detail}") from exc
+            return await self._answer_from(request, ex, target.pod_id, upstream)
 
     # ---- light ------------------------------------------------------------------------
 

@@ -99,6 +99,26 @@ class AutoscalerStatus:
 
 
 @dataclass(frozen=True, kw_only=True)
+class UiStatus:
+    """The browser UI (``--ui``): sessions per pod and the lobby."""
+
+    sessions: Mapping[str, int]
+    sessions_per_pod: int
+    idle_s: float
+    lobby_depth: int
+    lobby_oldest_wait_s: float
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "sessions": dict(self.sessions),
+            "sessions_per_pod": self.sessions_per_pod,
+            "idle_s": self.idle_s,
+            "lobby_depth": self.lobby_depth,
+            "lobby_oldest_wait_s": round(self.lobby_oldest_wait_s, 3),
+        }
+
+
+@dataclass(frozen=True, kw_only=True)
 class DiscoveryStatus:
     source: str
     connected: bool
@@ -115,6 +135,8 @@ class Status:
     autoscaler: AutoscalerStatus
     discovery: DiscoveryStatus
     shutting_down: bool
+    #: None without --ui
+    ui: UiStatus | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -135,6 +157,7 @@ class Status:
                 "last_error": self.discovery.last_error,
             },
             "shutting_down": self.shutting_down,
+            "ui": self.ui.to_json() if self.ui is not None else None,
         }
 
     @classmethod
@@ -153,6 +176,7 @@ class Status:
             ),
             discovery=DiscoveryStatus(**data["discovery"]),
             shutting_down=bool(data["shutting_down"]),
+            ui=UiStatus(**data["ui"]) if data.get("ui") else None,
         )
 
 
