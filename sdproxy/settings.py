@@ -172,6 +172,11 @@ class ScalerSettings:
     local_gates: bool = option(
         False, "local scaler: an sdproxy gate in front of each simulated pod", switch=True
     )
+    local_ui: bool = option(
+        False,
+        "local scaler: simulated pods serve the browser UI too (sim --ui; the ui extra)",
+        switch=True,
+    )
 
 
 @dataclass(frozen=True, kw_only=True)

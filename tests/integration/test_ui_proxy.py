@@ -1,0 +1,240 @@
+"""The browser UI behind the proxy (``serve --ui``), spoken at the wire by aiohttp clients.
+
+The pods are ``sdproxy sim --ui``: a real Gradio 3.41 app each (its routes, its
+websocket queue protocol, its file route). Each aiohttp ``ClientSession`` is one browser
+(its own cookie jar). The Chromium tests (test_ui_browser.py) run Gradio's own JS.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aiohttp
+import pytest
+from yarl import URL
+
+from tests.integration.conftest import (
+    TXT2IMG,
+    ProxyFactory,
+    ProxyUnderTest,
+    UiSims,
+    eventually,
+    gen_body,
+)
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]
+
+PAGE = {"Accept": "text/html,application/xhtml+xml", "Sec-Fetch-Mode": "navigate"}
+
+
+@contextlib.asynccontextmanager
+async def browser(proxy: ProxyUnderTest) -> AsyncIterator[aiohttp.ClientSession]:
+    """One browser: its own cookie jar (unsafe: the proxy is an IP address)."""
+    jar = aiohttp.CookieJar(unsafe=True)
+    async with aiohttp.ClientSession(base_url=proxy.url, cookie_jar=jar) as session:
+        yield session
+
+
+async def open_page(session: aiohttp.ClientSession) -> tuple[int, str | None, str]:
+    """(status, pod, X-Sdproxy-Ui) of a page load."""
+    async with session.get("/", headers=PAGE) as resp:
+        await resp.read()
+        return resp.status, resp.headers.get("X-Sdproxy-Pod"), resp.headers.get("X-Sdproxy-Ui", "")
+
+
+async def reset(sims: UiSims) -> None:
+    async with aiohttp.ClientSession() as session:
+        for url in sims.urls:
+            async with session.post(url + "/sim/reset") as resp:
+                assert resp.status == 200
+
+
+async def sim_stats(url: str) -> dict[str, Any]:
+    async with aiohttp.ClientSession() as session, session.get(url + "/sim/stats") as resp:
+        data: dict[str, Any] = await resp.json()
+        return data
+
+
+async def generate(session: aiohttp.ClientSession, *, steps: int = 20) -> dict[str, Any]:
+    """One Generate click as Gradio's client does it: /queue/join over a websocket
+    (gradio/routes.py join_queue, queueing.py): send_hash, estimation, send_data,
+    process_starts, process_completed."""
+    async with session.get("/config") as resp:
+        assert resp.status == 200, await resp.text()
+        config = await resp.json()
+    fn_index = next(i for i, dep in enumerate(config["dependencies"]) if dep.get("js"))
+    seen: list[str] = []
+    async with session.ws_connect("/queue/join") as ws:
+        async for msg in ws:
+            data = json.loads(msg.data)
+            seen.append(data["msg"])
+            if data["msg"] == "send_hash":
+                await ws.send_json({"fn_index": fn_index, "session_hash": "test"})
+            elif data["msg"] == "send_data":
+                payload = {"data": ["task(t1)", "a cat", steps], "event_data": None}
+                await ws.send_json({**payload, "fn_index": fn_index, "session_hash": "test"})
+            elif data["msg"] == "process_completed":
+                assert data["success"], data
+                return {"seen": seen, "output": data["output"]}
+    raise AssertionError(f"the queue websocket closed after {seen}")
+
+
+async def test_a_page_load_opens_a_session_and_every_ui_call_follows_it(
+    ui_sims: UiSims, proxy_factory: ProxyFactory
+) -> None:
+    proxy = await proxy_factory(ui_sims.urls[:2], "--ui")
+    async with browser(proxy) as session:
+        status, pod, _ = await open_page(session)
+        assert status == 200 and pod in {u.removeprefix("http://") for u in ui_sims.urls[:2]}
+        assert "sdproxy_ui" in session.cookie_jar.filter_cookies(URL(proxy.url))
+        for path in ("/config", "/info", "/queue/status", "/", "/internal/ping"):
+            async with session.get(path, headers=PAGE if path == "/" else {}) as resp:
+                assert resp.status == 200, path
+                assert resp.headers["X-Sdproxy-Pod"] == pod, f"{path} left the session's pod"
+        async with session.post("/internal/progress", json={"id_task": "x"}) as resp:
+            assert resp.status == 200 and resp.headers["X-Sdproxy-Pod"] == pod
+    assert (await proxy.status())["ui"]["sessions"] == {pod: 1}
+    assert (await proxy.status())["queue"]["depth"] == 0
+
+
+@pytest.mark.parametrize(
+    ("proto", "secure"),
+    [pytest.param("", False, id="http"), pytest.param("https", True, id="behind-tls")],
+)
+async def test_the_session_cookie(
+    ui_sims: UiSims, proxy_factory: ProxyFactory, proto: str, secure: bool
+) -> None:
+    proxy = await proxy_factory(ui_sims.urls[:1], "--ui")
+    headers = {**PAGE, "X-Forwarded-Proto": proto} if proto else PAGE
+    async with proxy.client.get("/", headers=headers) as resp:
+        assert resp.status == 200
+        (set_cookie,) = [c for c in resp.headers.getall("Set-Cookie") if "sdproxy_ui=" in c]
+    attributes = {a.strip() for a in set_cookie.split(";")[1:]}
+    assert {"HttpOnly", "Path=/", "SameSite=Lax"} <= attributes
+    assert ("Secure" in attributes) is secure
+
+
+@pytest.mark.parametrize(
+    "cookie",
+    [pytest.param(None, id="no-cookie"), pytest.param("x.y;z", id="garbage-cookie")],
+)
+async def test_a_ui_call_without_a_session_takes_no_pod(
+    ui_sims: UiSims, proxy_factory: ProxyFactory, cookie: str | None
+) -> None:
+    proxy = await proxy_factory(ui_sims.urls[:1], "--ui")
+    headers = {"Cookie": f"sdproxy_ui={cookie}"} if cookie else {}
+    async with proxy.client.post("/run/predict", json={"data": []}, headers=headers) as resp:
+        assert resp.status == 409
+        assert (await resp.json())["error"] == "ui_no_session"
+    assert (await proxy.status())["ui"]["sessions"] == {}
+
+
+async def test_a_generation_over_the_websocket_and_its_image_through_the_proxy(
+    ui_sims: UiSims, proxy_factory: ProxyFactory
+) -> None:
+    await reset(ui_sims)
+    proxy = await proxy_factory(ui_sims.urls[:1], "--ui")
+    async with browser(proxy) as session:
+        await open_page(session)
+        result = await generate(session)
+        assert result["seen"][:2] == ["send_hash", "estimation"]
+        assert "process_starts" in result["seen"]
+        (gallery, info) = result["output"]["data"]
+        assert "20 steps" in info
+        image = gallery[0]["name"]
+        async with session.get(f"/file={image}") as resp:
+            assert resp.status == 200 and resp.content_type == "image/png"
+            assert (await resp.read()).startswith(b"\x89PNG")
+    stats = await sim_stats(ui_sims.urls[0])
+    assert stats["completed"] == 1 and stats["heavy_inflight_max"] == 1
+
+
+async def test_api_clients_never_reach_the_pod_a_ui_session_holds(
+    ui_sims: UiSims, proxy_factory: ProxyFactory
+) -> None:
+    await reset(ui_sims)
+    proxy = await proxy_factory(ui_sims.urls[:2], "--ui")
+    async with browser(proxy) as session:
+        _, ui_pod, _ = await open_page(session)
+
+        async def api_call() -> str:
+            async with proxy.client.post(TXT2IMG, json=gen_body(8)) as resp:
+                assert resp.status == 200
+                return resp.headers["X-Sdproxy-Pod"]
+
+        api = asyncio.gather(*(api_call() for _ in range(8)))
+        ui_runs = [await generate(session, steps=10) for _ in range(2)]
+        api_pods = await api
+    assert ui_pod not in api_pods and len(set(api_pods)) == 1
+    assert all("process_completed" in r["seen"] for r in ui_runs)
+    for url in ui_sims.urls[:2]:
+        stats = await sim_stats(url)
+        assert stats["heavy_inflight_max"] <= 1, (url, stats)
+    held = next(u for u in ui_sims.urls if u.removeprefix("http://") == ui_pod)
+    assert (await sim_stats(held))["completed"] == 2, "only the UI's generations ran there"
+
+
+async def test_lobby_leave_and_idle_release(ui_sims: UiSims, proxy_factory: ProxyFactory) -> None:
+    proxy = await proxy_factory(ui_sims.urls[:1], "--ui", "--ui-idle-s", "1.5")
+    async with browser(proxy) as first, browser(proxy) as second:
+        assert (await open_page(first))[0] == 200
+        status, pod, kind = await open_page(second)
+        assert (status, pod, kind) == (200, None, "lobby")
+        async with second.get("/-/ui/lobby") as resp:
+            place = await resp.json()
+        assert place == {"ready": False, "position": 1, "depth": 1, "eta_s": place["eta_s"]}
+        assert 0 < place["eta_s"] <= 1.5
+        async with second.post("/run/predict", json={}) as resp:
+            assert resp.status == 409, "a lobby waiter's calls take no pod"
+
+        async with first.delete("/-/ui/session") as resp:
+            assert (await resp.json())["ended"] is True
+        async with second.get("/-/ui/lobby") as resp:
+            assert (await resp.json())["ready"] is True
+        status, pod, kind = await open_page(second)
+        assert status == 200 and pod is not None and kind == ""
+        # the first browser left: a page load joins afresh, behind nobody -> the lobby
+        assert (await open_page(first))[2] == "lobby"
+
+        async def idled_out() -> bool:
+            return not (await proxy.status())["ui"]["sessions"]
+
+        await eventually(idled_out, timeout_s=10, what="the idle session to end")
+        async with second.get("/", headers=PAGE) as resp:
+            assert resp.status == 410 and resp.headers["X-Sdproxy-Ui"] == "ended"
+            assert "idle" in await resp.text()
+        async with second.get("/config") as resp:
+            assert resp.status == 410
+            assert (await resp.json())["error"] == "ui_session_ended"
+        async with second.delete("/-/ui/session") as resp:  # the page's Rejoin button
+            assert resp.status == 200
+        assert (await open_page(second))[2] in ("", "lobby")
+    body = (await (await proxy.client.get("/-/metrics")).read()).decode()
+    assert "sdproxy_ui_lobby_wait_seconds_count" in body
+    assert "sdproxy_ui_lobby_depth" in body and "sdproxy_ui_sessions{" in body
+
+
+async def test_another_replicas_session_is_found_by_its_cookie(
+    ui_sims: UiSims, proxy_factory: ProxyFactory
+) -> None:
+    one = await proxy_factory(ui_sims.urls[:2], "--ui")
+    two = await proxy_factory(ui_sims.urls[:2], "--ui")
+    async with browser(one) as session:
+        _, pod, _ = await open_page(session)
+        cookie = session.cookie_jar.filter_cookies(URL(one.url))["sdproxy_ui"].value
+    async with two.client.get("/config", headers={"Cookie": f"sdproxy_ui={cookie}"}) as resp:
+        assert resp.status == 200 and resp.headers["X-Sdproxy-Pod"] == pod
+    assert (await two.status())["ui"]["sessions"] == {pod: 1}
+
+
+async def test_without_ui_the_ui_endpoints_are_unknown(
+    ui_sims: UiSims, proxy_factory: ProxyFactory
+) -> None:
+    proxy = await proxy_factory(ui_sims.urls[:1])
+    async with proxy.client.get("/-/ui/lobby") as resp:
+        assert resp.status == 404 and (await resp.json())["error"] == "not_found"
+    assert (await proxy.status())["ui"] is None
