@@ -252,9 +252,9 @@ def _start_ui_sims(count: int) -> tuple[subprocess.Popen[bytes], list[str]]:
         if os.environ.get("CI", "").lower() == "true":
             pytest.fail(message)
         pytest.skip(message)
+    argv = ["sim", "--ui", "--pods", str(count), "--port", "0", "--step-ms", "25", "--seed", "3"]
     proc = subprocess.Popen(
-        [sys.executable, "-m", "sdproxy", "sim", "--ui", "--pods", str(count), "--port", "0"]
-        + ["--step-ms", "25", "--seed", "3"],
+        [sys.executable, "-m", "sdproxy", *argv],
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
     )
