@@ -107,6 +107,7 @@ def mount(app: web.Application, pod: SimPod) -> None:
     blocks = _build(pod, outdir, tasks)
     from gradio.routes import App
 
+    blocks.dev_mode = False  # as launch() sets it: else the page polls /app_id (reload)
     blocks.config = blocks.get_config_file()
     asgi = App.create_app(blocks)
     app[UI_APP] = MountedUi(asgi=asgi, blocks=blocks)
