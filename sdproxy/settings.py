@@ -217,6 +217,15 @@ class GateOptions:
         "extra classification rule 'METHOD /path/prefix=heavy|light|job|admin' (repeatable)",
         toml_alias="routes",
     )
+    ui: bool = option(
+        False,
+        "pass sd-webui's browser UI through (websockets relayed); a UI generation claims "
+        "the slot while it runs",
+        switch=True,
+    )
+    ui_api_prefix: tuple[str, ...] = option(
+        (), "with --ui: path prefix of an extension's API (repeatable; /sdapi/ always is)"
+    )
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -82,7 +82,9 @@ async def test_generate_shows_the_image_while_api_clients_hammer_the_proxy(
     hammer = asyncio.gather(*(api_call() for _ in range(10)))
     src = await click_generate(browser)
     assert src.startswith(proxy.url + "/file="), src
-    status = await browser.eval(f"fetch({src!r}).then(r => r.status + ' ' + r.headers.get('content-type'))")
+    status = await browser.eval(
+        f"fetch({src!r}).then(r => r.status + ' ' + r.headers.get('content-type'))"
+    )
     assert status == "200 image/png"
     api_pods = await hammer
     assert pod not in api_pods, "an API job ran on the pod the UI session holds"

@@ -15,8 +15,12 @@ from typing import Any
 
 import aiohttp
 import pytest
+from aiohttp import web
 from yarl import URL
 
+from sdproxy import settings
+from sdproxy.cli import build_parser
+from sdproxy.runtime.podgate import build_gate_app
 from tests.integration.conftest import (
     TXT2IMG,
     ProxyFactory,
@@ -238,3 +242,48 @@ async def test_without_ui_the_ui_endpoints_are_unknown(
     async with proxy.client.get("/-/ui/lobby") as resp:
         assert resp.status == 404 and (await resp.json())["error"] == "not_found"
     assert (await proxy.status())["ui"] is None
+
+
+@contextlib.asynccontextmanager
+async def ui_gate(upstream: str) -> AsyncIterator[str]:
+    """An in-process ``sdproxy gate --ui`` in front of ``upstream``; yields its URL."""
+    argv = ["gate", "--listen", "127.0.0.1:0", "--upstream", upstream, "--ui"]
+    app = build_gate_app(settings.load_gate(build_parser().parse_args(argv), env={}).gate)
+    runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=2.0)
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, "127.0.0.1", 0).start()
+        yield f"http://127.0.0.1:{runner.addresses[0][1]}"
+    finally:
+        await runner.cleanup()
+
+
+async def test_behind_a_gate_a_ui_generation_claims_the_pods_slot(
+    ui_sims: UiSims, proxy_factory: ProxyFactory
+) -> None:
+    async with ui_gate(ui_sims.urls[0]) as gate_url, aiohttp.ClientSession() as plain:
+        proxy = await proxy_factory([gate_url], "--ui")
+        claims: list[dict[str, Any]] = []
+
+        async def watch() -> None:
+            while True:
+                async with plain.get(gate_url + "/-/gate") as resp:
+                    claims.extend((await resp.json())["running"])
+                await asyncio.sleep(0.02)
+
+        async with browser(proxy) as session:
+            status, pod, _ = await open_page(session)
+            assert status == 200 and pod == gate_url.removeprefix("http://")
+            watcher = asyncio.create_task(watch())
+            try:
+                result = await generate(session, steps=40)
+            finally:
+                watcher.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await watcher
+            assert "process_completed" in result["seen"]
+            async with session.post("/internal/progress", json={"id_task": "x"}) as resp:
+                assert resp.status == 200, "a UI POST through the gate is not heavy"
+        assert {c["route"] for c in claims} == {"/queue/join (ui)"}
+        async with plain.get(gate_url + "/-/gate") as resp:
+            assert (await resp.json())["inflight"] == 0, "the claim ends with the generation"
