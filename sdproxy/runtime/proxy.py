@@ -30,7 +30,7 @@ from sdproxy.core.cost import estimate_steps
 from sdproxy.core.effects import InterruptReason, Outcome
 from sdproxy.core.limits import check_request
 from sdproxy.core.pods import PodId
-from sdproxy.core.routing import RouteClass, RouteTable, classify_options
+from sdproxy.core.routing import RouteClass, RouteTable, classify_options, parse_rule
 from sdproxy.core.sdapi import BodyInfo, body_keys, inspect_body
 from sdproxy.errors import UpstreamKind
 from sdproxy.runtime import body as bodies
@@ -154,7 +154,15 @@ class Proxy:
         self._background = Background()
         #: --ui: browser sessions bound to pods (sdproxy.runtime.ui)
         self.ui = (
-            UiFront(config=settings.ui, gate=gate, metrics=metrics, clock=clock)
+            UiFront(
+                config=settings.ui,
+                gate=gate,
+                metrics=metrics,
+                clock=clock,
+                api_prefixes=[
+                    p for p in (parse_rule(rule).prefix for rule in settings.route) if p != "/"
+                ],
+            )
             if settings.ui.ui
             else None
         )

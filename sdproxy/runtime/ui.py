@@ -20,7 +20,8 @@ proxy's own ``/-/`` is UI traffic. ``UiFront`` decides where it goes, on top of
   on) is adopted if that pod is ready and has room — the cookie carries the pod.
 
 Time passes in ``run``: it sleeps until the next idle end or stale lobby waiter (the
-core's ``next_wake``) or until poked (a pod changed state, a session ended).
+core's ``next_wake``), at most ``RECHECK_S`` while sessions live (a pod's health changes
+without a transition), or until poked (a pod changed state, a request ended).
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ import contextlib
 import html
 import json
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 from aiohttp import web
@@ -40,6 +41,7 @@ from aiohttp import web
 from sdproxy import errors
 from sdproxy.core.pods import PodId, PodState
 from sdproxy.core.routing import RouteClass
+from sdproxy.core.slots import Pod
 from sdproxy.core.uisessions import Candidate, Ended, EndReason, UiConfig, UiSessions
 from sdproxy.runtime.gate import Gate
 from sdproxy.runtime.jobs import new_token
@@ -54,6 +56,7 @@ SESSION_PATH = "/-/ui/session"
 API_PREFIXES = ("/sdapi/",)
 #: Gradio 3's queue: the websocket a generation is submitted on (gradio/routes.py)
 QUEUE_JOIN = "/queue/join"
+RECHECK_S = 1.0
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -121,17 +124,30 @@ def navigation(request: web.Request) -> bool:
     return "text/html" in request.headers.get("Accept", "")
 
 
+def _down(pod: Pod) -> bool:
+    """A ready pod that is down — failed health checks in a row, or its gate says its
+    sd-webui does not answer — ends its sessions; a brief ejection (a blip) does not."""
+    return pod.checked_out or (pod.gated and not pod.gate_healthy)
+
+
 class UiFront:
     def __init__(
-        self, *, config: UiConfig, gate: Gate, metrics: Metrics, clock: Callable[[], float]
+        self,
+        *,
+        config: UiConfig,
+        gate: Gate,
+        metrics: Metrics,
+        clock: Callable[[], float],
+        api_prefixes: Sequence[str] = (),
     ) -> None:
         self.config = config
         self.gate = gate
         self.metrics = metrics
         self.clock = clock
         self.sessions = UiSessions(config)
-        self.prefixes = (*API_PREFIXES, *config.ui_api_prefix)
-        self._held: frozenset[PodId] = frozenset()
+        #: the API's paths: /sdapi/, --ui-api-prefix and the prefixes of --route rules
+        #: (a rule names an extension's API route)
+        self.prefixes = (*API_PREFIXES, *config.ui_api_prefix, *api_prefixes)
         self._poke = asyncio.Event()
 
     def is_ui(self, path: str) -> bool:
@@ -256,7 +272,7 @@ class UiFront:
         alive = [
             p.pod_id
             for p in self.gate.admission.pods.values()
-            if p.state is PodState.READY and p.listed
+            if p.state is PodState.READY and p.listed and not _down(p)
         ]
         ended = self.sessions.pods_gone(alive) + self.sessions.expire(now)
         self._ended_sessions(ended)
@@ -277,8 +293,8 @@ class UiFront:
 
     def _update_holds(self) -> None:
         held = self.sessions.held_pods()
-        if held != self._held:
-            self._held = held
+        pods = self.gate.admission.pods.values()
+        if any(p.ui_held != (p.pod_id in held) for p in pods):
             self.gate.hold_for_ui(held)
 
     def poke(self) -> None:
@@ -291,6 +307,10 @@ class UiFront:
             now = self.clock()
             self.sync(now)
             wake = self.sessions.next_wake(now)
+            if self.sessions.sessions or self.sessions.lobby:
+                # a pod's health (checks, its gate's word) changes without a state
+                # transition to poke us: look again each RECHECK_S while sessions live
+                wake = min(wake if wake is not None else now + RECHECK_S, now + RECHECK_S)
             timeout = None if wake is None else max(0.05, wake - now)
             self._poke.clear()
             with contextlib.suppress(TimeoutError):

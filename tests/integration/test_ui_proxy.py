@@ -287,3 +287,35 @@ async def test_behind_a_gate_a_ui_generation_claims_the_pods_slot(
         assert {c["route"] for c in claims} == {"/queue/join (ui)"}
         async with plain.get(gate_url + "/-/gate") as resp:
             assert (await resp.json())["inflight"] == 0, "the claim ends with the generation"
+
+
+async def test_a_pod_that_goes_down_ends_its_sessions(
+    ui_sims: UiSims, proxy_factory: ProxyFactory
+) -> None:
+    async with contextlib.AsyncExitStack() as stack:
+        gate_url = await stack.enter_async_context(ui_gate(ui_sims.urls[0]))
+        flags = ("--ui", "--health-interval-s", "0.2", "--health-fall", "2")
+        proxy = await proxy_factory([gate_url], *flags)
+        async with browser(proxy) as session:
+            assert (await open_page(session))[1] == gate_url.removeprefix("http://")
+            await stack.aclose()  # the pod (its gate) goes away
+
+            async def ended() -> bool:
+                return not (await proxy.status())["ui"]["sessions"]
+
+            await eventually(ended, timeout_s=10, what="the session of the dead pod to end")
+            async with session.get("/", headers=PAGE) as resp:
+                assert resp.status == 410 and "went away" in await resp.text()
+
+
+async def test_extension_api_paths_are_not_ui_traffic(
+    ui_sims: UiSims, proxy_factory: ProxyFactory
+) -> None:
+    proxy = await proxy_factory(
+        ui_sims.urls[:1], "--ui", "--ui-api-prefix", "/controlnet/", "--route", "GET /ext/=light"
+    )
+    for path in ("/controlnet/version", "/ext/thing", "/sdapi/v1/samplers"):
+        async with proxy.client.get(path) as resp:
+            assert resp.status != 409, f"{path} was taken for UI traffic"
+    async with proxy.client.get("/config") as resp:
+        assert resp.status == 409, "a UI call without a session"
