@@ -87,6 +87,14 @@ function render(s) {
   text("discovery-connected", yesNo(disc.connected)); text("discovery-source", disc.source);
   text("discovery-error", disc.last_error || "");
   text("version", s.version); text("uptime", Math.round(s.uptime_s ?? 0));
+  const ui = s.ui;
+  $("ui-cards").hidden = !ui;
+  if (ui) {
+    const held = Object.values(ui.sessions || {}).reduce((a, b) => a + b, 0);
+    text("ui-sessions", held); text("ui-per-pod", ui.sessions_per_pod);
+    text("ui-lobby-depth", ui.lobby_depth ?? 0);
+    text("ui-lobby-wait", (ui.lobby_oldest_wait_s ?? 0).toFixed(1));
+  }
   renderPods(pods);
   renderEvents(Array.isArray(auto.events) ? auto.events : []);
   text("updated", new Date().toISOString());
@@ -120,6 +128,12 @@ _BODY = """<body>
  <div class="card"><small>leader</small><b id="leader"></b></div>
  <div class="card"><small>discovery (<span id="discovery-source"></span>) connected</small>
   <b id="discovery-connected"></b><small id="discovery-error"></small></div>
+</div>
+<div class="cards" id="ui-cards" hidden>
+ <div class="card"><small>browser UI sessions</small><b id="ui-sessions"></b>
+  <small>at most <span id="ui-per-pod"></span> per pod</small></div>
+ <div class="card"><small>UI lobby</small><b id="ui-lobby-depth"></b>
+  <small>longest wait <span id="ui-lobby-wait"></span> s</small></div>
 </div>
 <h2>Pods</h2>
 <table><thead><tr><th>pod</th><th>state</th><th>in flight / limit</th><th>checkpoint</th>

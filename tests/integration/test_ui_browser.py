@@ -114,6 +114,10 @@ async def test_two_browsers_two_pods_a_third_waits_and_gets_in(
     assert await third.eval(f"{GENERATE} === null")
     await fourth.goto(proxy.url + "/")
     assert await fourth.wait_for(LOBBY) == "2"
+    operator = await chrome.new_browser()  # the status page shows the sessions and lobby
+    await operator.goto(proxy.url + "/-/status")
+    shown = "[$('ui-sessions'), $('ui-lobby-depth')].map(e => e && e.textContent).join()"
+    assert await operator.wait_for(f"{shown} === '2,2' && {shown}") == "2,2"
 
     # the first leaves: the third is moved in by its lobby page, and generates
     leaving = await first.eval("fetch('/-/ui/session', {method: 'DELETE'}).then(r => r.json())")
