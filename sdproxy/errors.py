@@ -228,6 +228,11 @@ class NotFound(ClientFacingError):
     code = "not_found"
 
 
+class Unauthorized(ClientFacingError):
+    status = 401
+    code = "unauthorized"
+
+
 class InternalError(ClientFacingError):
     status = 500
     code = "internal_error"

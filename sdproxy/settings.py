@@ -75,6 +75,16 @@ class ProxySettings:
         HostPort(host="127.0.0.1", port=9100),
         "where Prometheus /metrics is served ('' disables)",
     )
+    ops_listen: HostPort | None = option(
+        None,
+        "serve the operational endpoints (/-/status, /-/metrics, /-/peer*) here instead of "
+        "on --listen; /-/healthz and /-/readyz answer on both ('' = on --listen)",
+    )
+    ops_token: str = option(
+        "",
+        "bearer token the operational endpoints require wherever served, /metrics on "
+        "--metrics-listen too; /-/healthz and /-/readyz stay open (prefer the env variable)",
+    )
     #: the admission knobs (max_inflight, max_queue, queue_timeout_s, warmup): the core's
     #: own config is the group
     admission: AdmissionConfig = field(default_factory=AdmissionConfig)

@@ -37,6 +37,7 @@ from sdproxy.core.effects import InterruptReason, RejectReason
 from sdproxy.core.pods import PodState
 from sdproxy.core.routing import RouteClass
 from sdproxy.errors import UpstreamKind
+from sdproxy.runtime.auth import guarded
 from sdproxy.runtime.status import Status, count_states
 
 Snapshot = Callable[[], Status]
@@ -292,9 +293,10 @@ async def _serve_metrics(request: web.Request) -> web.Response:
     return web.Response(body=body, headers={"Content-Type": content_type})
 
 
-def metrics_app(metrics: Metrics) -> web.Application:
-    """A small app serving GET /metrics (for the separate --metrics-listen port)."""
+def metrics_app(metrics: Metrics, *, token: str = "") -> web.Application:
+    """A small app serving GET /metrics (for the separate --metrics-listen port), behind
+    the operator's token when one is set."""
     app = web.Application()
     app[METRICS_KEY] = metrics
-    app.router.add_get("/metrics", _serve_metrics)
+    app.router.add_get("/metrics", guarded(_serve_metrics, token))
     return app
