@@ -347,15 +347,19 @@ class Proxy:
             )
         route = request.path.rsplit("/", 1)[-1]
         excess = check_request(info.fields, route=route, limits=self.settings.limits)
+        refusal: errors.ClientQuota | errors.RequestTooLarge | None = None
         if excess is not None:
-            raise errors.RequestTooLarge(excess.detail, field=excess.field, limit=excess.limit)
+            refusal = errors.RequestTooLarge(excess.detail, field=excess.field, limit=excess.limit)
         cap = self.settings.max_queued_per_client
-        if cap and self.queued_of(ex.caller) >= cap:
-            raise errors.ClientQuota(
+        if refusal is None and cap and self.queued_of(ex.caller) >= cap:
+            refusal = errors.ClientQuota(
                 f"{cap} requests of this caller already wait in the queue "
                 "(--max-queued-per-client); retry when one has started",
                 retry_after_s=QUOTA_RETRY_S,
             )
+        if refusal is not None:
+            self.metrics.refused(refusal)
+            raise refusal
 
     def queued_of(self, caller: Caller) -> int:
         """How many of the caller's jobs wait in this replica's queue."""

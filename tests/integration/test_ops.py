@@ -120,6 +120,7 @@ async def test_ops_listener_and_peers_that_talk_with_the_token(
         # on the ops address they need the token
         status, body, headers = await _status_of(session, a_ops + "/-/status")
         assert (status, body["error"]) == (401, "unauthorized")
+        assert headers["WWW-Authenticate"] == 'Bearer realm="sdproxy"'
         status, body, _h = await _status_of(session, a_ops + "/-/status", **AUTH)
         assert status == 200 and body["pods"][0]["url"] == sims.urls[0]
         for base, path in ((a_ops, "/-/metrics"), (a_ops, "/metrics"), (a_metrics, "/metrics")):
