@@ -92,6 +92,12 @@ class ProxySettings:
     client_body_timeout_s: float = option(
         60.0, "a heavy request's whole body must arrive within this (then 408)", gt=0
     )
+    client_idle_timeout_s: float = option(
+        75.0,
+        "a client connection with no request under way (idle between requests, or its "
+        "request head still incomplete: slowloris) is closed after this",
+        gt=0,
+    )
     #: the request bounds (max_steps, max_pixels, max_batch): the core's own config
     limits: RequestLimits = field(default_factory=RequestLimits)
     max_queued_per_client: int = option(

@@ -438,7 +438,15 @@ async def serve(
     setup_logging(settings.log)
     app = build_app(settings, discovery=discovery, scaler=scaler)
     services = app[SERVICES]
-    runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
+    # aiohttp closes a connection that has no request under way after keepalive_timeout,
+    # counted from the connection's start or its last answer: a request head trickled in
+    # byte by byte (slowloris) is cut then too. (aiohttp's own default is an hour.)
+    runner = web.AppRunner(
+        app,
+        handler_cancellation=True,
+        access_log=None,
+        keepalive_timeout=settings.proxy.client_idle_timeout_s,
+    )
     await runner.setup()
     metrics_runner: web.AppRunner | None = None
     ops_runner: web.AppRunner | None = None
