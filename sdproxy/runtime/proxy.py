@@ -530,6 +530,7 @@ class Proxy:
             headers=headers,
             body=body,
             expect100=expect100,
+            continue_timeout_s=self.settings.connect_timeout_s,
         )
 
     async def _answer_from(
