@@ -28,10 +28,13 @@
         ├── BodyTooLarge            413 body_too_large
         ├── BodyTimeout             408 body_timeout (the upload took over
         │                           --client-body-timeout-s)
+        ├── SpoolFull               503 spool_full (spooled bodies at --spool-max-mb;
+        │                           with Retry-After)
         ├── Forbidden               403 forbidden_route
         ├── BadRequest              400 bad_request
         │   └── MalformedBody       400 bad_request (the body's framing broke mid-upload)
         ├── NotFound                404 not_found (unknown /-/ endpoint)
+        ├── Unauthorized            401 unauthorized (an ops endpoint without --ops-token)
         └── InternalError           500 internal_error (a bug; logged with its traceback)
 
 Kubernetes and aiohttp client errors are translated at the runtime boundary with
@@ -201,6 +204,11 @@ class BackendError(ClientFacingError):
 class BodyTooLarge(ClientFacingError):
     status = 413
     code = "body_too_large"
+
+
+class SpoolFull(ClientFacingError):
+    status = 503
+    code = "spool_full"
 
 
 class BodyTimeout(ClientFacingError):

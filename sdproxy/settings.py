@@ -89,6 +89,12 @@ class ProxySettings:
     #: own config is the group
     admission: AdmissionConfig = field(default_factory=AdmissionConfig)
     max_body_mb: float = option(64.0, "request body limit in MiB (then 413)", gt=0)
+    spool_max_mb: float = option(
+        2048.0,
+        "request bodies over 1 MiB wait on disk; all of them together stay within this "
+        "many MiB (then 503 spool_full; 0 = no bound)",
+        min=0,
+    )
     client_body_timeout_s: float = option(
         60.0, "a heavy request's whole body must arrive within this (then 408)", gt=0
     )

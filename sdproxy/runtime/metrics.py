@@ -36,7 +36,7 @@ import sdproxy
 from sdproxy.core.effects import InterruptReason, RejectReason
 from sdproxy.core.pods import PodState
 from sdproxy.core.routing import RouteClass
-from sdproxy.errors import ClientQuota, RequestTooLarge, UpstreamKind
+from sdproxy.errors import ClientQuota, RequestTooLarge, SpoolFull, UpstreamKind
 from sdproxy.runtime.auth import guarded
 from sdproxy.runtime.status import Status, count_states
 
@@ -48,8 +48,8 @@ POD_STATES = tuple(s.value for s in PodState)
 SCALE_DIRECTIONS = ("up", "down")
 #: pre-created at 0 so rate()/increase() see the first event (Prometheus "Instrumentation"
 #: practices: avoid missing metrics)
-#: the core's rejections, and the two the proxy makes before a request takes a queue place
-REFUSALS = (ClientQuota.code, RequestTooLarge.code)
+#: the core's rejections, and those the proxy makes before a request takes a queue place
+REFUSALS = (ClientQuota.code, RequestTooLarge.code, SpoolFull.code)
 REJECT_REASONS = (*(r.value for r in RejectReason), *REFUSALS)
 INTERRUPT_REASONS = tuple(r.value for r in InterruptReason)
 UPSTREAM_KINDS = tuple(k.value for k in UpstreamKind)
@@ -169,7 +169,7 @@ class Metrics:
     def rejected(self, reason: RejectReason) -> None:
         self._rejected.labels(reason=reason.value).inc()
 
-    def refused(self, exc: ClientQuota | RequestTooLarge) -> None:
+    def refused(self, exc: ClientQuota | RequestTooLarge | SpoolFull) -> None:
         """A heavy request refused before it took a queue place (counted with the
         rejections: the same question, "why did this not reach a pod")."""
         self._rejected.labels(reason=exc.code).inc()

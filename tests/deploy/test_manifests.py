@@ -240,7 +240,7 @@ def test_the_proxy_bounds_what_one_request_may_ask(
 
 @pytest.mark.parametrize("overlay", OVERLAY_PARAMS)
 def test_proxy_probes_and_security(rendered: dict[str, list[Obj]], overlay: str) -> None:
-    deployment, container, _ = _proxy(rendered[overlay])
+    deployment, container, args = _proxy(rendered[overlay])
     assert container["livenessProbe"]["httpGet"]["path"] == "/-/healthz"
     assert container["readinessProbe"]["httpGet"]["path"] == "/-/readyz"
     assert container["securityContext"]["readOnlyRootFilesystem"] is True
@@ -254,6 +254,10 @@ def test_proxy_probes_and_security(rendered: dict[str, list[Obj]], overlay: str)
     spool = volumes[mount["name"]]["emptyDir"]
     assert spool.get("medium") != "Memory", "a tmpfs spool would count against the memory limit"
     assert not mount.get("readOnly")
+    # every spooled body together fits the volume (else the disk fills before 503)
+    units = {"Mi": 1, "Gi": 1024}
+    size_mb = int(spool["sizeLimit"][:-2]) * units[spool["sizeLimit"][-2:]]
+    assert 0 < settings.build(args).proxy.spool_max_mb < size_mb
 
 
 def test_sim_pods_run_sdproxy_sim(rendered: dict[str, list[Obj]]) -> None:
