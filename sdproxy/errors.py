@@ -28,10 +28,13 @@
         ├── BodyTooLarge            413 body_too_large
         ├── BodyTimeout             408 body_timeout (the upload took over
         │                           --client-body-timeout-s)
+        ├── SpoolFull               503 spool_full (spooled bodies at --spool-max-mb;
+        │                           with Retry-After)
         ├── Forbidden               403 forbidden_route
         ├── BadRequest              400 bad_request
         │   └── MalformedBody       400 bad_request (the body's framing broke mid-upload)
         ├── NotFound                404 not_found (unknown /-/ endpoint)
+        ├── Unauthorized            401 unauthorized (an ops endpoint without --ops-token)
         ├── UiSessionEnded          410 ui_session_ended (--ui: the browser's session
         │                           idled out, was left or lost its pod)
         ├── UiNoSession             409 ui_no_session (--ui: a UI call from a browser
@@ -207,6 +210,11 @@ class BodyTooLarge(ClientFacingError):
     code = "body_too_large"
 
 
+class SpoolFull(ClientFacingError):
+    status = 503
+    code = "spool_full"
+
+
 class BodyTimeout(ClientFacingError):
     status = 408
     code = "body_timeout"
@@ -230,6 +238,11 @@ class MalformedBody(BadRequest):
 class NotFound(ClientFacingError):
     status = 404
     code = "not_found"
+
+
+class Unauthorized(ClientFacingError):
+    status = 401
+    code = "unauthorized"
 
 
 class UiSessionEnded(ClientFacingError):
