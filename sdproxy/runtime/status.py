@@ -157,7 +157,8 @@ class Status:
                 "last_error": self.discovery.last_error,
             },
             "shutting_down": self.shutting_down,
-            "ui": self.ui.to_json() if self.ui is not None else None,
+            # only with --ui: the document of a proxy without it is unchanged
+            **({"ui": self.ui.to_json()} if self.ui is not None else {}),
         }
 
     @classmethod
