@@ -13,7 +13,11 @@ holds a GPU for minutes between clicks, so a browser gets a **session** bound to
   ready); a waiter that stopped polling for ``lobby_stale_s`` has left;
 - release: a session with no request and no open websocket for ``ui_idle_s`` ends
   (``expire``), as does one whose pod went away (``pods_gone``) or whose user left
-  (``leave``); an ended session is remembered (bounded) so its browser is told so.
+  (``leave``); an ended session is remembered (bounded) so its browser is told so;
+- replicas: a browser's requests may reach any replica (the cookie names the pod).
+  ``adopt`` takes on a session another replica holds; ``observe_peers`` merges what the
+  others saw (last use, ends), and ``Candidate.elsewhere`` counts their sessions against
+  a pod's capacity.
 
 Time is an argument; nothing here does I/O. Which pods may take a session is the
 caller's word (``Candidate``: usable pods and their API load).
@@ -22,7 +26,7 @@ caller's word (``Candidate``: usable pods and their API load).
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 
@@ -101,10 +105,12 @@ class Admitted:
 
 @dataclass(frozen=True, kw_only=True)
 class Candidate:
-    """A pod that may take a session now, and how much API work it runs (0 preferred)."""
+    """A pod that may take a session now, how much API work it runs (0 preferred) and
+    how many sessions other replicas hold on it (they count against its capacity)."""
 
     pod_id: PodId
     api_load: int = 0
+    elsewhere: int = 0
 
 
 class UiSessions:
@@ -112,7 +118,8 @@ class UiSessions:
         self.config = config
         self.sessions: dict[str, UiSession] = {}
         self.lobby: OrderedDict[str, Waiter] = OrderedDict()
-        self.ended: OrderedDict[str, EndReason] = OrderedDict()
+        #: sid -> (why, when): an ended session's browser is told so
+        self.ended: OrderedDict[str, tuple[EndReason, float]] = OrderedDict()
 
     # ---- queries ----------------------------------------------------------------------
 
@@ -148,7 +155,12 @@ class UiSessions:
         return idle
 
     def ended_reason(self, sid: str) -> EndReason | None:
-        return self.ended.get(sid)
+        ended = self.ended.get(sid)
+        return ended[0] if ended is not None else None
+
+    def ended_since(self, since: float) -> dict[str, EndReason]:
+        """Sessions that ended at ``since`` or later (for the other replicas)."""
+        return {sid: why for sid, (why, at) in self.ended.items() if at >= since}
 
     def next_wake(self, now: float) -> float | None:
         """When the next idle session or stale waiter would end."""
@@ -192,6 +204,8 @@ class UiSessions:
         one with the fewest sessions, then the least API work, then the first listed."""
         admitted: list[Admitted] = []
         counts = self.per_pod()
+        for c in candidates:
+            counts[c.pod_id] = counts.get(c.pod_id, 0) + c.elsewhere
         while self.lobby:
             room = [c for c in candidates if counts.get(c.pod_id, 0) < self.capacity]
             if not room:
@@ -204,31 +218,54 @@ class UiSessions:
             admitted.append(Admitted(session=session, waited_s=now - waiter.joined_at))
         return admitted
 
-    def adopt(self, sid: str, pod_id: PodId, candidates: Iterable[Candidate], now: float) -> bool:
-        """A session this replica does not know whose cookie names ``pod_id`` (opened by
-        another replica, or before a restart): take it over if that pod still has room
-        and nobody waits ahead of it."""
-        if sid in self.sessions or sid in self.ended or self.lobby:
+    def adopt(
+        self,
+        sid: str,
+        pod_id: PodId,
+        candidates: Iterable[Candidate],
+        now: float,
+        *,
+        held_elsewhere: bool = False,
+        peers_known: bool = False,
+    ) -> bool:
+        """A session this replica does not know whose cookie names ``pod_id``. Another
+        replica holds it there (``held_elsewhere``): it is the same session, take it on.
+        Else, with other replicas in sight (``peers_known``) nobody holds it — it ended
+        or was never opened: no. Alone (a restart): take it over if that pod still has
+        room and nobody waits ahead of it."""
+        if sid in self.sessions or sid in self.ended:
             return sid in self.sessions
-        if not any(c.pod_id == pod_id for c in candidates):
+        pod = next((c for c in candidates if c.pod_id == pod_id), None)
+        if pod is None:
             return False
-        if self.per_pod().get(pod_id, 0) >= self.capacity:
-            return False
+        if not held_elsewhere:
+            if peers_known or self.lobby:
+                return False
+            if self.per_pod().get(pod_id, 0) + pod.elsewhere >= self.capacity:
+                return False
         self.sessions[sid] = UiSession(sid=sid, pod_id=pod_id, opened_at=now, last_seen=now)
         return True
 
-    def leave(self, sid: str) -> Ended | None:
+    def observe_peers(
+        self, *, seen: Mapping[str, float], ended: Mapping[str, EndReason], now: float
+    ) -> list[Ended]:
+        """What the other replicas say of sessions this one holds too: the last time they
+        saw each in use (``seen``: it idles out everywhere at once) and which they ended
+        (left, idle, pod gone: it ends here too)."""
+        for sid, at in seen.items():
+            session = self.sessions.get(sid)
+            if session is not None:
+                session.last_seen = max(session.last_seen, at)
+        gone = [self.sessions[sid] for sid in ended if sid in self.sessions]
+        return [self._end(s, ended[s.sid], now) for s in gone]
+
+    def leave(self, sid: str, now: float) -> Ended | None:
         """The user left (``DELETE /-/ui/session``): the session or lobby place ends."""
         self.lobby.pop(sid, None)
         session = self.sessions.get(sid)
         if session is None:
             return None
-        return self._end(session, EndReason.LEFT)
-
-    def forget(self, sid: str) -> None:
-        """The browser asked to rejoin: its ended record goes (it joins afresh)."""
-        self.ended.pop(sid, None)
-        self.lobby.pop(sid, None)
+        return self._end(session, EndReason.LEFT, now)
 
     def expire(self, now: float) -> list[Ended]:
         """End idle sessions; drop waiters that stopped polling."""
@@ -240,21 +277,21 @@ class UiSessions:
             for s in self.sessions.values()
             if not s.active and now - s.last_seen >= self.config.ui_idle_s
         ]
-        return [self._end(s, EndReason.IDLE) for s in idle]
+        return [self._end(s, EndReason.IDLE, now) for s in idle]
 
-    def pods_gone(self, alive: Iterable[PodId]) -> list[Ended]:
+    def pods_gone(self, alive: Iterable[PodId], now: float) -> list[Ended]:
         """End the sessions of pods no longer ready (deleted, drained, crashed)."""
         keep = set(alive)
         gone = [s for s in self.sessions.values() if s.pod_id not in keep]
-        return [self._end(s, EndReason.POD_GONE) for s in gone]
+        return [self._end(s, EndReason.POD_GONE, now) for s in gone]
 
     @property
     def capacity(self) -> int:
         return self.config.ui_sessions_per_pod
 
-    def _end(self, session: UiSession, reason: EndReason) -> Ended:
+    def _end(self, session: UiSession, reason: EndReason, now: float) -> Ended:
         del self.sessions[session.sid]
-        self.ended[session.sid] = reason
+        self.ended[session.sid] = (reason, now)
         while len(self.ended) > ENDED_KEPT:
             self.ended.popitem(last=False)
         return Ended(sid=session.sid, pod_id=session.pod_id, reason=reason)

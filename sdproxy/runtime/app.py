@@ -164,17 +164,28 @@ class Services:
         if ui is None:
             return 0, 0
         adm = self.admission
-        held = [p for p in adm.pods.values() if p.ui_held]
+        view = ui.peer_view(self.clock())
+        held_ids = {p.pod_id for p in adm.pods.values() if p.ui_held}
+        held_ids |= {pod for pod, _seen in view.sessions.values()}
+        held = [p for p in adm.pods.values() if p.pod_id in held_ids]
         inflight = sum(max(0, p.limit - len(p.running)) for p in held)
         per_pod = ui.config.ui_sessions_per_pod
-        waiting_pods = -(-len(ui.sessions.lobby) // per_pod)
+        waiting_pods = -(-(len(ui.sessions.lobby) + view.lobby) // per_pod)
         return inflight, waiting_pods * adm.config.max_inflight
 
     def peer_document(self) -> dict[str, Any]:
         """What this replica tells its peers (``GET /-/peer``)."""
         adm = self.admission
         direct = sum(len(p.running) for p in adm.pods.values() if not p.gated)
-        return {"replica": self.replica, "queued": len(adm.queue), "inflight_direct": direct}
+        doc: dict[str, Any] = {
+            "replica": self.replica,
+            "queued": len(adm.queue),
+            "inflight_direct": direct,
+        }
+        ui = self.proxy.ui if self.proxy is not None else None
+        if ui is not None:
+            doc["ui"] = ui.peer_document(self.clock())
+        return doc
 
     def on_snapshot(self, endpoints: Sequence[Endpoint]) -> None:
         """A discovery source pushed the pods it knows."""
@@ -355,6 +366,8 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
         )
         services.proxy.gatewatch = services.gatewatch
         services.proxy.peers = services.peers
+        if services.proxy.ui is not None:
+            services.proxy.ui.peer_documents = services.peers.ui_documents
         services.autoscaler.demand = services.global_demand
         services.warmer = Warmer(
             session=session, gate=services.gate, timeout_s=settings.discovery.warmup_timeout_s

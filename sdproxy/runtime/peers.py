@@ -8,7 +8,9 @@ pods WITHOUT a gate (in-flight work on gated pods is seen by everyone at the gat
 replica polls every peer each ``INTERVAL_S``; a peer not heard from for ``STALE_S`` no
 longer counts (a dead replica's queue died with it). So every replica computes the same
 global demand: all queues, plus the in-flight work at the gates, plus every replica's work
-on ungated pods — and exports the same ``sdproxy_desired_pods``.
+on ungated pods — and exports the same ``sdproxy_desired_pods``. With ``--ui`` the
+document also lists the browser sessions the replica holds (by a hash of their token),
+those it ended lately and its lobby (sdproxy.runtime.ui).
 
 A job-bound call (progress, interrupt) for a job another replica holds in its QUEUE is
 asked of the peers (``GET /-/peer/job?caller=KEY``, ``POST /-/peer/job/cancel?caller=KEY``,
@@ -43,6 +45,8 @@ class PeerState:
     queued: int
     inflight_direct: int
     seen_at: float
+    #: --ui: the browser sessions the peer holds (sdproxy.runtime.ui ``peer_document``)
+    ui: dict[str, Any] | None = None
 
 
 class Peers:
@@ -82,6 +86,10 @@ class Peers:
         states = [s for _u, s in self.live()]
         return sum(s.queued for s in states), sum(s.inflight_direct for s in states)
 
+    def ui_documents(self) -> list[dict[str, Any]]:
+        """The UI part of every live peer's document (--ui)."""
+        return [s.ui for _u, s in self.live() if s.ui is not None]
+
     async def run(self) -> None:
         """Poll every peer, forever."""
         while True:
@@ -98,6 +106,7 @@ class Peers:
             queued=int(data["queued"]),
             inflight_direct=int(data["inflight_direct"]),
             seen_at=self.clock(),
+            ui=data["ui"] if isinstance(data.get("ui"), dict) else None,
         )
 
     async def find_queued(self, key: str) -> dict[str, Any] | None:

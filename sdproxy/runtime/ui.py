@@ -30,11 +30,13 @@ import asyncio
 import base64
 import binascii
 import contextlib
+import hashlib
 import html
 import json
 import logging
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 from aiohttp import web
 
@@ -57,6 +59,8 @@ API_PREFIXES = ("/sdapi/",)
 #: Gradio 3's queue: the websocket a generation is submitted on (gradio/routes.py)
 QUEUE_JOIN = "/queue/join"
 RECHECK_S = 1.0
+#: a session ended here is announced to the peers for this long (they poll each 0.5 s)
+ENDED_SHARED_S = 30.0
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -130,6 +134,22 @@ def _down(pod: Pod) -> bool:
     return pod.checked_out or (pod.gated and not pod.gate_healthy)
 
 
+def session_key(sid: str) -> str:
+    """How replicas name a session to each other: a hash, never the cookie's token."""
+    return hashlib.sha256(sid.encode()).hexdigest()[:24]
+
+
+@dataclass(kw_only=True)
+class PeerView:
+    """What the live peers say: their sessions (key -> pod, last in use), the sessions
+    they ended lately, their lobbies' length."""
+
+    live: bool
+    sessions: dict[str, tuple[PodId, float]] = field(default_factory=dict)
+    ended: dict[str, EndReason] = field(default_factory=dict)
+    lobby: int = 0
+
+
 class UiFront:
     def __init__(
         self,
@@ -149,6 +169,8 @@ class UiFront:
         #: (a rule names an extension's API route)
         self.prefixes = (*API_PREFIXES, *config.ui_api_prefix, *api_prefixes)
         self._poke = asyncio.Event()
+        #: set by the composition root: the UI part of every live peer's document
+        self.peer_documents: Callable[[], list[dict[str, Any]]] = list
 
     def is_ui(self, path: str) -> bool:
         return not path.startswith(self.prefixes)
@@ -188,7 +210,16 @@ class UiFront:
         session = self.sessions.find(sid)
         cookie = None
         if session is None and named is not None:
-            if not self.sessions.adopt(sid, named, self.candidates(now), now):
+            view = self.peer_view(now)
+            elsewhere = view.sessions.get(session_key(sid))
+            if elsewhere is not None:
+                named = elsewhere[0]  # the replica holding it knows its pod
+            held = elsewhere is not None
+            candidates = self.candidates(now, view)
+            peers_known = view.live
+            if not self.sessions.adopt(
+                sid, named, candidates, now, held_elsewhere=held, peers_known=peers_known
+            ):
                 return None
             self._update_holds()
             session = self.sessions.find(sid)
@@ -237,9 +268,9 @@ class UiFront:
     async def leave(self, request: web.Request) -> web.Response:
         """``DELETE /-/ui/session``: end the session (or lobby place) at once."""
         sid, _ = parse_cookie(request.cookies.get(COOKIE))
-        ended = self.sessions.leave(sid) if sid is not None else None
-        if sid is not None:
-            self.sessions.forget(sid)
+        # the ended record stays (the other replicas learn of it; a stale tab is told
+        # so); the browser's cookie goes, so its next page load joins afresh
+        ended = self.sessions.leave(sid, self.clock()) if sid is not None else None
         if ended is not None:
             self._ended_sessions([ended])
         self.sync(self.clock())
@@ -259,24 +290,43 @@ class UiFront:
 
     # ---- time and pods ----------------------------------------------------------------
 
-    def candidates(self, now: float) -> list[Candidate]:
+    def candidates(self, now: float, view: PeerView | None = None) -> list[Candidate]:
+        """Usable pods, their API work and the sessions other replicas hold on them."""
         adm = self.gate.admission
+        view = view if view is not None else self.peer_view(now)
+        own = {session_key(sid) for sid in self.sessions.sessions}
+        elsewhere: dict[str, int] = {}
+        for key, (pod, _seen) in view.sessions.items():
+            if key not in own:
+                elsewhere[pod] = elsewhere.get(pod, 0) + 1
         return [
-            Candidate(pod_id=p.pod_id, api_load=len(p.running) + p.foreign)
+            Candidate(
+                pod_id=p.pod_id,
+                api_load=len(p.running) + p.foreign,
+                elsewhere=elsewhere.get(p.pod_id, 0),
+            )
             for p in adm.pods.values()
             if adm.health.usable(p, now)
         ]
 
     def sync(self, now: float) -> None:
-        """End what is over (pods gone, idle, stale waiters), admit the lobby, hold pods."""
+        """End what is over (pods gone, idle, stale waiters, ended by a peer), admit the
+        lobby, hold pods."""
         alive = [
             p.pod_id
             for p in self.gate.admission.pods.values()
             if p.state is PodState.READY and p.listed and not _down(p)
         ]
-        ended = self.sessions.pods_gone(alive) + self.sessions.expire(now)
+        view = self.peer_view(now)
+        keys = {session_key(sid): sid for sid in self.sessions.sessions}
+        ended = self.sessions.observe_peers(
+            seen={keys[k]: at for k, (_pod, at) in view.sessions.items() if k in keys},
+            ended={keys[k]: why for k, why in view.ended.items() if k in keys},
+            now=now,
+        )
+        ended += self.sessions.pods_gone(alive, now) + self.sessions.expire(now)
         self._ended_sessions(ended)
-        for admitted in self.sessions.admit(self.candidates(now), now):
+        for admitted in self.sessions.admit(self.candidates(now, view), now):
             self.metrics.observe_ui_lobby_wait(admitted.waited_s)
             log_event(
                 "ui_session",
@@ -286,6 +336,41 @@ class UiFront:
                 waited_s=round(admitted.waited_s, 2),
             )
         self._update_holds()
+
+    # ---- other replicas ---------------------------------------------------------------
+
+    def peer_document(self, now: float) -> dict[str, Any]:
+        """What this replica tells its peers (in ``GET /-/peer``): its sessions by a hash
+        of their token (the token itself is the browser's secret), when each was last in
+        use, those it ended in the last ``ENDED_SHARED_S``, its lobby's length."""
+        sessions = {
+            session_key(s.sid): {
+                "pod": s.pod_id,
+                "idle_s": 0.0 if s.active else round(max(0.0, now - s.last_seen), 3),
+            }
+            for s in self.sessions.sessions.values()
+        }
+        ended = self.sessions.ended_since(now - ENDED_SHARED_S)
+        return {
+            "sessions": sessions,
+            "ended": {session_key(sid): why.value for sid, why in ended.items()},
+            "lobby": len(self.sessions.lobby),
+        }
+
+    def peer_view(self, now: float) -> PeerView:
+        view = PeerView(live=False)
+        for doc in self.peer_documents():
+            view.live = True
+            with contextlib.suppress(TypeError, ValueError, AttributeError, KeyError):
+                for key, info in dict(doc.get("sessions") or {}).items():
+                    seen = now - float(info["idle_s"])
+                    old = view.sessions.get(str(key))
+                    if old is None or seen > old[1]:
+                        view.sessions[str(key)] = (PodId(str(info["pod"])), seen)
+                for key, why in dict(doc.get("ended") or {}).items():
+                    view.ended[str(key)] = EndReason(why)
+                view.lobby += int(doc.get("lobby") or 0)
+        return view
 
     def _ended_sessions(self, ended: list[Ended]) -> None:
         for end in ended:

@@ -319,3 +319,42 @@ async def test_extension_api_paths_are_not_ui_traffic(
             assert resp.status != 409, f"{path} was taken for UI traffic"
     async with proxy.client.get("/config") as resp:
         assert resp.status == 409, "a UI call without a session"
+
+
+async def test_replicas_share_their_sessions_through_the_peers(
+    ui_sims: UiSims, proxy_factory: ProxyFactory
+) -> None:
+    """Capacity counts every replica's sessions; a session is found by any replica and
+    ends everywhere when its browser leaves at one of them."""
+    one = await proxy_factory(ui_sims.urls[:1], "--ui")
+    two = await proxy_factory(ui_sims.urls[:1], "--ui")
+    for a, b in ((one, two), (two, one)):
+        a.services.peers.set_urls([b.url])  # type: ignore[union-attr]
+
+    async def two_sees(count: int) -> bool:
+        ui = two.services.proxy.ui  # type: ignore[union-attr]
+        return ui is not None and len(ui.peer_view(ui.clock()).sessions) == count
+
+    async with browser(one) as first, browser(two) as second:
+        _, pod, _ = await open_page(first)
+        assert pod is not None
+        await eventually(lambda: two_sees(1), what="the other replica to see the session")
+        assert (await open_page(second))[2] == "lobby", "the pod is full: held at the other"
+
+        cookie = first.cookie_jar.filter_cookies(URL(one.url))["sdproxy_ui"].value
+        headers = {"Cookie": f"sdproxy_ui={cookie}"}
+        async with two.client.get("/config", headers=headers) as resp:
+            assert resp.status == 200 and resp.headers["X-Sdproxy-Pod"] == pod
+        async with second.get("/-/ui/lobby") as resp:
+            assert (await resp.json())["ready"] is False, "the same session counts once"
+
+        async with first.delete("/-/ui/session") as resp:
+            assert (await resp.json())["ended"] is True
+
+        async def second_in() -> bool:
+            async with second.get("/-/ui/lobby") as resp:
+                return bool((await resp.json())["ready"])
+
+        await eventually(second_in, what="the left session to end at the other replica")
+        async with two.client.get("/config", headers=headers) as resp:
+            assert resp.status == 410 and (await resp.json())["error"] == "ui_session_ended"

@@ -30,7 +30,7 @@ def test_one_session_per_pod_then_the_lobby_in_arrival_order() -> None:
     ]
     assert ui.held_pods() == {A, B}
     assert (ui.position("s3"), ui.position("s4")) == (1, 2)
-    ui.leave("s2")
+    ui.leave("s2", now=4.0)
     (next_in,) = ui.admit(pods(A, B), now=5.0)
     assert (next_in.session.sid, next_in.session.pod_id, next_in.waited_s) == ("s3", B, 5.0)
     assert ui.position("s4") == 1
@@ -96,7 +96,7 @@ def test_a_pod_that_goes_away_ends_its_sessions_and_frees_the_lobby() -> None:
     ui.join("s1", now=0.0)
     ui.join("s2", now=0.0)
     ui.admit(pods(A), now=0.0)
-    ended = ui.pods_gone(alive=[B])
+    ended = ui.pods_gone(alive=[B], now=0.0)
     assert [(e.sid, e.pod_id, e.reason) for e in ended] == [("s1", A, EndReason.POD_GONE)]
     (admitted,) = ui.admit(pods(B), now=1.0)
     assert admitted.session.sid == "s2"
@@ -106,11 +106,10 @@ def test_an_ended_browser_that_rejoins_stands_in_line_again() -> None:
     ui = sessions()
     ui.join("s1", now=0.0)
     ui.admit(pods(A), now=0.0)
-    assert ui.leave("s1") is not None
+    assert ui.leave("s1", now=1.0) is not None
     assert ui.ended_reason("s1") is EndReason.LEFT
-    ui.forget("s1")
-    assert ui.ended_reason("s1") is None
     ui.join("s1", now=1.0)
+    assert ui.ended_reason("s1") is None
     assert ui.position("s1") == 1
 
 
@@ -120,7 +119,7 @@ def test_adopt_takes_another_replicas_session_only_onto_a_pod_with_room() -> Non
     assert ui.find("s1") is not None and ui.find("s1").pod_id == A  # type: ignore[union-attr]
     assert not ui.adopt("s2", A, pods(A, B), now=0.0), "A is full"
     assert not ui.adopt("s3", PodId("gone"), pods(A, B), now=0.0), "not a candidate"
-    ui.leave("s1")
+    ui.leave("s1", now=1.0)
     assert not ui.adopt("s1", A, pods(A, B), now=1.0), "ended here: not taken back"
     ui.join("s4", now=1.0)
     assert not ui.adopt("s5", B, pods(A, B), now=1.0), "someone waits ahead of it"
@@ -174,3 +173,23 @@ def test_queue_holds_rather_than_no_backends_while_every_pod_is_held() -> None:
     adm.hold_for_ui([A], now=0.0)
     effects = adm.submit(job(1), now=0.0)
     assert effects.rejects == () and adm.is_queued(TicketId(1))
+
+
+def test_what_the_other_replicas_saw_and_ended_counts_here() -> None:
+    ui = sessions()
+    for sid in ("s1", "s2"):
+        ui.join(sid, now=0.0)
+    ui.admit(pods(A, B), now=0.0)
+    ended = ui.observe_peers(seen={"s1": 90.0}, ended={"s2": EndReason.LEFT}, now=95.0)
+    assert [(e.sid, e.reason) for e in ended] == [("s2", EndReason.LEFT)]
+    assert ui.expire(now=150.0) == [], "s1 was in use at another replica at 90"
+    assert [e.sid for e in ui.expire(now=190.0)] == ["s1"]
+    assert ui.ended_since(150.0) == {"s1": EndReason.IDLE}
+
+
+def test_sessions_held_elsewhere_count_against_a_pods_capacity() -> None:
+    ui = sessions()
+    ui.join("s1", now=0.0)
+    assert ui.admit([Candidate(pod_id=A, elsewhere=1)], now=0.0) == []
+    assert ui.adopt("s9", A, [Candidate(pod_id=A, elsewhere=1)], now=0.0, held_elsewhere=True)
+    assert not ui.adopt("s8", A, pods(A), now=0.0, peers_known=True), "no replica holds it"
