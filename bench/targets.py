@@ -277,10 +277,12 @@ def start_sim(
     workdir: Path,
     threads: int | None = None,
     timeout_s: float = 30.0,
+    extra: Sequence[str] = (),
 ) -> Sim:
-    """Start ``pods`` simulated pods on free ports; read their URLs from stdout."""
+    """Start ``pods`` simulated pods on free ports; read their URLs from stdout
+    (``extra``: more ``sdproxy sim`` flags, e.g. ``--ui``)."""
     argv = [*sim_argv(), "--pods", str(pods), "--port", "0", "--host", "127.0.0.1"]
-    argv += ["--step-ms", str(step_ms)]
+    argv += ["--step-ms", str(step_ms), *extra]
     if threads is not None:
         argv += ["--threads", str(threads)]
     workdir.mkdir(parents=True, exist_ok=True)
