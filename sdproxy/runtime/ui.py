@@ -187,6 +187,8 @@ class UiFront:
             if target is not None:
                 return target
             reason = self.sessions.ended_reason(sid)
+            if reason is None:  # ended at another replica?
+                reason = self.peer_view(now).ended.get(session_key(sid))
             if reason is not None:
                 return self._ended(request, reason)
         if not navigation(request):

@@ -21,6 +21,7 @@ from yarl import URL
 from sdproxy import settings
 from sdproxy.cli import build_parser
 from sdproxy.runtime.podgate import build_gate_app
+from sdproxy.runtime.ui import session_key
 from tests.integration.conftest import (
     TXT2IMG,
     ProxyFactory,
@@ -358,3 +359,18 @@ async def test_replicas_share_their_sessions_through_the_peers(
         await eventually(second_in, what="the left session to end at the other replica")
         async with two.client.get("/config", headers=headers) as resp:
             assert resp.status == 410 and (await resp.json())["error"] == "ui_session_ended"
+        # a browser whose session another replica ended is told so here too: the
+        # second's session was only ever held by the replica two
+        cookie = second.cookie_jar.filter_cookies(URL(two.url))["sdproxy_ui"].value
+        async with second.delete("/-/ui/session") as resp:
+            assert (await resp.json())["ended"] is True
+
+        async def one_knows() -> bool:
+            ui = one.services.proxy.ui  # type: ignore[union-attr]
+            key = session_key(cookie.split(".")[0])
+            return ui is not None and key in ui.peer_view(ui.clock()).ended
+
+        await eventually(one_knows, what="the other replica to learn of the end")
+        page = {**PAGE, "Cookie": f"sdproxy_ui={cookie}"}
+        async with one.client.get("/", headers=page) as resp:
+            assert resp.status == 410 and resp.headers["X-Sdproxy-Ui"] == "ended"
