@@ -96,10 +96,11 @@ def parse_cookie(value: str | None) -> tuple[str | None, PodId | None]:
     if not pod:
         return sid, None
     try:
-        name = base64.urlsafe_b64decode(pod + "=" * (-len(pod) % 4)).decode()
-    except (binascii.Error, UnicodeDecodeError):
+        padded = pod + "=" * (-len(pod) % 4)
+        name = base64.b64decode(padded, altchars=b"-_", validate=True).decode()
+    except (binascii.Error, UnicodeDecodeError, ValueError):
         return sid, None
-    return sid, PodId(name) if name.isprintable() and len(name) <= 256 else None
+    return sid, PodId(name) if name and name.isprintable() and len(name) <= 256 else None
 
 
 def secure(request: web.Request) -> bool:

@@ -374,3 +374,34 @@ async def test_replicas_share_their_sessions_through_the_peers(
         page = {**PAGE, "Cookie": f"sdproxy_ui={cookie}"}
         async with one.client.get("/", headers=page) as resp:
             assert resp.status == 410 and resp.headers["X-Sdproxy-Ui"] == "ended"
+
+
+async def test_a_websocket_the_pod_refuses_is_a_backend_error(
+    ui_sims: UiSims, proxy_factory: ProxyFactory
+) -> None:
+    proxy = await proxy_factory(ui_sims.urls[:1], "--ui")
+    async with browser(proxy) as session:
+        await open_page(session)
+        with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+            await session.ws_connect("/queue/nothing-here")
+        assert refused.value.status == 502
+        async with session.get("/config") as resp:
+            assert resp.status == 200, "the session outlives a refused websocket"
+
+
+async def test_an_open_websocket_keeps_its_session(
+    ui_sims: UiSims, proxy_factory: ProxyFactory
+) -> None:
+    proxy = await proxy_factory(ui_sims.urls[:1], "--ui", "--ui-idle-s", "0.5")
+    async with browser(proxy) as session:
+        await open_page(session)
+        async with session.ws_connect("/queue/join") as ws:
+            assert json.loads((await ws.receive()).data)["msg"] == "send_hash"
+            await asyncio.sleep(1.5)  # 3x --ui-idle-s with no HTTP request
+            assert (await proxy.status())["ui"]["sessions"], "an open websocket is use"
+            await ws.send_json({"fn_index": 0, "session_hash": "idle"})
+
+        async def ended() -> bool:
+            return not (await proxy.status())["ui"]["sessions"]
+
+        await eventually(ended, timeout_s=5, what="the idle session to end once closed")
