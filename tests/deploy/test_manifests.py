@@ -50,7 +50,7 @@ from tests.deploy.crd_schemas import CRD_SCHEMAS
 K8S_VERSIONS = ("1.29.0", "1.37.0")  # oldest supported by our manifests, newest known
 NAMESPACE = "sd"
 OVERLAY_PARAMS = [pytest.param(name, id=name) for name in OVERLAYS]
-GPU_OVERLAYS = ("gpu", "keda")
+GPU_OVERLAYS = ("gpu", "keda", "gpu-ui")
 PROXY_PRESTOP_S = 5  # `sleep 5` in the proxy's preStop hook
 CLUSTER_SCOPED = {"Namespace", "ClusterRole", "ClusterRoleBinding"}
 
@@ -528,7 +528,9 @@ def test_gpu_deployment_invariants(rendered: dict[str, list[Obj]], overlay: str)
 def test_sd_webui_serves_the_api_to_the_gate(rendered: dict[str, list[Obj]], overlay: str) -> None:
     _, container = _gpu_deployment(rendered[overlay])
     args = container["args"]
-    assert {"--api", "--nowebui"} <= set(args)
+    assert "--api" in args
+    # gpu-ui serves sd-webui's browser UI too (its gate and proxy run --ui)
+    assert ("--nowebui" in args) is (overlay != "gpu-ui")
     assert args[args.index("--port") + 1] == "7860"
 
 
@@ -712,3 +714,24 @@ def test_readme_runs_two_replicas_over_gated_sim_pods() -> None:
         if a is not None
     ]
     assert len(set(addresses)) == len(addresses), "every listener needs its own port"
+
+
+# --- the browser UI (gpu-ui) -----------------------------------------------------------------
+
+
+def test_gpu_ui_serves_the_browser_ui_through_gate_and_proxy(
+    rendered: dict[str, list[Obj]],
+) -> None:
+    objs = rendered["gpu-ui"]
+    _, _, serve = _proxy(objs)
+    deployment, _, gate = _gate(objs)
+    assert serve["ui"] is True and gate.gate.ui, "--ui on both the proxy and the gate"
+    args = _generator(deployment)["args"]
+    assert "--nowebui" not in args and "--api" in args, "sd-webui serves its UI and API"
+    (ingress,) = find(objs, "Ingress")
+    notes = ingress["metadata"]["annotations"]
+    assert int(notes["nginx.ingress.kubernetes.io/proxy-read-timeout"]) >= 1800
+    (rule,) = ingress["spec"]["rules"]
+    (path,) = rule["http"]["paths"]
+    assert path["backend"]["service"] == {"name": "sdproxy", "port": {"name": "http"}}
+    assert "affinity" not in " ".join(notes), "the sdproxy_ui cookie does the stickiness"
