@@ -405,3 +405,34 @@ async def test_an_open_websocket_keeps_its_session(
             return not (await proxy.status())["ui"]["sessions"]
 
         await eventually(ended, timeout_s=5, what="the idle session to end once closed")
+
+
+async def test_a_ui_generation_waiting_for_the_gpu_reports_in_queue(
+    ui_sims: UiSims, proxy_factory: ProxyFactory
+) -> None:
+    """sd-webui's /internal/progress says "In queue" while a UI task waits for the lock
+    (docs/sd-webui.md); here an API job sent to the pod directly holds it."""
+    proxy = await proxy_factory(ui_sims.urls[:1], "--ui")
+    async with browser(proxy) as session, aiohttp.ClientSession() as plain:
+        await open_page(session)
+
+        async def api_job() -> int:
+            async with plain.post(ui_sims.urls[0] + TXT2IMG, json=gen_body(60)) as resp:
+                await resp.read()
+                return resp.status
+
+        api = asyncio.create_task(api_job())
+        await asyncio.sleep(0.2)
+        ui = asyncio.create_task(generate(session, steps=1))
+        states: list[dict[str, Any]] = []
+
+        async def reported(key: str) -> bool:
+            async with session.post("/internal/progress", json={"id_task": "task(t1)"}) as r:
+                states.append(await r.json())
+            return bool(states[-1][key])
+
+        await eventually(lambda: reported("queued"), what="the UI task to be queued")
+        assert states[-1]["textinfo"] == "In queue: 1/1"
+        assert await api == 200
+        await ui
+        assert await reported("completed")
