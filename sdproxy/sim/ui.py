@@ -29,6 +29,7 @@ from typing import Any
 from aiohttp import web
 
 from sdproxy.core.cost import plan_txt2img
+from sdproxy.errors import ConfigError
 from sdproxy.sim import gpu, schema
 from sdproxy.sim.asgi import AsgiApp, serve
 from sdproxy.sim.images import png_b64
@@ -72,7 +73,12 @@ class Tasks:
 
 def _build(pod: SimPod, outdir: Path, tasks: Tasks) -> Any:
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
-    import gradio as gr  # lazily: the optional extra
+    try:
+        import gradio as gr  # lazily: the optional extra
+    except ImportError as exc:
+        raise ConfigError(
+            "sim --ui needs Gradio 3.41 (the ui extra): pip install 'sdproxy[ui]'"
+        ) from exc
 
     async def generate(id_task: str, prompt: str, steps: float) -> tuple[list[str], str]:
         model = schema.validate({"prompt": prompt, "steps": int(steps)}, schema.TXT2IMG)

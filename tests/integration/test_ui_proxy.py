@@ -10,6 +10,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import subprocess
+import sys
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -436,3 +438,15 @@ async def test_a_ui_generation_waiting_for_the_gpu_reports_in_queue(
         assert await api == 200
         await ui
         assert await reported("completed")
+
+
+def test_sim_ui_without_gradio_says_what_to_install() -> None:
+    code = (
+        "import sys; sys.modules['gradio'] = None; from sdproxy.cli import main; "
+        "sys.argv = ['sdproxy', 'sim', '--ui', '--port', '0']; sys.exit(main())"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, timeout=60, check=False
+    )
+    assert done.returncode == 2
+    assert b"pip install 'sdproxy[ui]'" in done.stderr and b"Traceback" not in done.stderr
