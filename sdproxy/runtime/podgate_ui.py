@@ -97,6 +97,7 @@ async def relay(gate: GateServer, request: web.Request) -> web.StreamResponse:
             gate.session,
             url=gate.config.upstream + request.path_qs,
             headers=forward.upstream_headers(request, {}),
+            max_msg_size=int(gate.config.max_body_mb * 1024 * 1024),
             on_message=generation.on_message,
         )
     finally:

@@ -600,10 +600,20 @@ class Proxy:
             if websocket.is_upgrade(request):
                 headers = forward.upstream_headers(request, {"X-Request-Id": ex.request_id})
                 ex.answering = True
-                return await websocket.relay(
-                    request, self.session, url=target.url + request.path_qs, headers=headers
+                with ui.ending(target.sid) as ended:
+                    return await websocket.relay(
+                        request,
+                        self.session,
+                        url=target.url + request.path_qs,
+                        headers=headers,
+                        max_msg_size=self.limit_bytes,
+                        until=ended,
+                    )
+            body = None
+            if request.can_read_body:  # streamed on past its first bytes, never held whole
+                body = await forward.read_prefix(
+                    request, peek_bytes=PEEK_BYTES, limit_bytes=self.limit_bytes
                 )
-            body = await request.read() if request.can_read_body else None
             try:
                 upstream = await self._send(request, ex, target.url, body)
             except errors.UpstreamError as exc:

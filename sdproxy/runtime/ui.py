@@ -170,6 +170,8 @@ class UiFront:
         #: (a rule names an extension's API route)
         self.prefixes = (*API_PREFIXES, *config.ui_api_prefix, *api_prefixes)
         self._poke = asyncio.Event()
+        #: sid -> one event per open websocket of the session (set: close it)
+        self._websockets: dict[str, set[asyncio.Event]] = {}
         #: set by the composition root: the UI part of every live peer's document
         self.peer_documents: Callable[[], list[dict[str, Any]]] = list
 
@@ -245,6 +247,22 @@ class UiFront:
         finally:
             self.sessions.closed(sid, self.clock())
             self._poke.set()
+
+    @contextlib.contextmanager
+    def ending(self, sid: str) -> Iterator[asyncio.Event]:
+        """An open websocket of the session: the event is set when the session ends
+        (left, pod gone, ended at another replica), and the relay then closes it — a
+        session that ended keeps no line to the pod another browser may now hold."""
+        event = asyncio.Event()
+        self._websockets.setdefault(sid, set()).add(event)
+        try:
+            yield event
+        finally:
+            events = self._websockets.get(sid)
+            if events is not None:
+                events.discard(event)
+                if not events:
+                    del self._websockets[sid]
 
     # ---- the lobby and the session endpoints ------------------------------------------
 
@@ -378,6 +396,8 @@ class UiFront:
     def _ended_sessions(self, ended: list[Ended]) -> None:
         for end in ended:
             log_event("ui_session", session=end.sid[:8], pod=end.pod_id, event=end.reason.value)
+            for event in self._websockets.pop(end.sid, ()):
+                event.set()
 
     def _update_holds(self) -> None:
         held = self.sessions.held_pods()

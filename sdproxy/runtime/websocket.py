@@ -8,7 +8,9 @@ once the pod accepted it answers the client's handshake; from then on each text 
 binary message goes on as it came, in both directions, until either side closes (its
 close code is passed on). Pings are answered on each leg (aiohttp's autoping). A pod
 that refuses the handshake answers the client with its status (``backend_error`` if it
-cannot be reached).
+cannot be reached); a client handshake that is not a valid websocket one is refused
+(``bad_request``) before the pod is asked. A client message over ``max_msg_size`` closes
+that websocket (1009). ``until`` set (the UI session ended) closes both legs (1001).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Callable, Mapping
+from typing import Any
 
 import aiohttp
 from aiohttp import web
@@ -47,12 +50,20 @@ async def relay(
     *,
     url: str,
     headers: Mapping[str, str],
+    max_msg_size: int,
     on_message: Callable[[str, str], None] | None = None,
+    until: asyncio.Event | None = None,
 ) -> web.WebSocketResponse:
     """Relay ``request``'s websocket to ``url`` (``ws://`` or ``http://``). ``on_message``
     sees every text message (``"up"``: towards the pod, ``"down"``: towards the client)."""
     wanted = [p.strip() for p in request.headers.get("Sec-WebSocket-Protocol", "").split(",")]
     protocols = tuple(p for p in wanted if p)
+    client = web.WebSocketResponse(protocols=protocols, max_msg_size=max_msg_size)
+    if not client.can_prepare(request).ok:
+        raise errors.BadRequest(
+            f"GET {request.path} asks for a websocket but is no valid websocket handshake "
+            "(RFC 6455 §4.1: Connection: Upgrade, Sec-WebSocket-Key, Sec-WebSocket-Version 13)"
+        )
     outgoing = {k: v for k, v in headers.items() if k.lower() not in HANDSHAKE}
     try:
         upstream = await session.ws_connect(
@@ -69,13 +80,12 @@ async def relay(
         ) from exc
     except (aiohttp.ClientError, OSError, TimeoutError) as exc:
         raise errors.BackendError(f"websocket to {url} failed: {exc!r}") from exc
-    client = web.WebSocketResponse(protocols=protocols, max_msg_size=0)
     try:
         await client.prepare(request)
-        await _pump_both(client, upstream, on_message)
+        await _pump_both(client, upstream, on_message, until)
     finally:
         await upstream.close()
-        if not client.closed:
+        if client.prepared and not client.closed:
             await client.close(code=upstream.close_code or aiohttp.WSCloseCode.OK)
     return client
 
@@ -84,17 +94,26 @@ async def _pump_both(
     client: web.WebSocketResponse,
     upstream: aiohttp.ClientWebSocketResponse,
     on_message: Callable[[str, str], None] | None,
+    until: asyncio.Event | None,
 ) -> None:
     up = asyncio.create_task(_pump(client, upstream, "up", on_message), name="ws-up")
     down = asyncio.create_task(_pump(upstream, client, "down", on_message), name="ws-down")
+    tasks: set[asyncio.Task[Any]] = {up, down}
+    if until is not None:
+        tasks.add(asyncio.create_task(until.wait(), name="ws-until"))
     try:
-        done, _ = await asyncio.wait({up, down}, return_when=asyncio.FIRST_COMPLETED)
+        done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
     finally:
-        for task in (up, down):
+        for task in tasks:
             task.cancel()
-        for task in (up, down):
+        for task in tasks:
             with contextlib.suppress(asyncio.CancelledError, ConnectionError):
                 await task
+    if until is not None and until.is_set():
+        # the client first: a pod that vanished may never answer the upstream close
+        await client.close(code=aiohttp.WSCloseCode.GOING_AWAY, message=b"UI session ended")
+        await upstream.close(code=aiohttp.WSCloseCode.GOING_AWAY)
+        return
     if up in done and not upstream.closed:
         await upstream.close(code=client.close_code or aiohttp.WSCloseCode.OK)
     if down in done and not client.closed:
