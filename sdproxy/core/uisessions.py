@@ -12,8 +12,10 @@ holds a GPU for minutes between clicks, so a browser gets a **session** bound to
   ``admit`` binds waiters in order whenever a pod has room (one freed, one became
   ready); a waiter that stopped polling for ``lobby_stale_s`` has left;
 - release: a session with no request and no open websocket for ``ui_idle_s`` ends
-  (``expire``), as does one whose pod went away (``pods_gone``) or whose user left
-  (``leave``); an ended session is remembered (bounded) so its browser is told so;
+  (``expire``); one bound to a lobby waiter whose browser does not come to take it
+  within ``lobby_stale_s`` (the tab was closed while it waited) ends sooner, as does
+  one whose pod went away (``pods_gone``) or whose user left (``leave``); an ended
+  session is remembered (bounded) so its browser is told so;
 - replicas: a browser's requests may reach any replica (the cookie names the pod).
   ``adopt`` takes on a session another replica holds; ``observe_peers`` merges what the
   others saw (last use, ends), and ``Candidate.elsewhere`` counts their sessions against
@@ -81,6 +83,9 @@ class UiSession:
     last_seen: float
     #: open websockets and HTTP exchanges in flight (a session in use never idles out)
     active: int = 0
+    #: its browser came since it was opened (one bound to a lobby waiter is not, until
+    #: the page moves in: unclaimed for ``lobby_stale_s``, it ends)
+    claimed: bool = True
 
 
 @dataclass(kw_only=True)
@@ -164,9 +169,7 @@ class UiSessions:
 
     def next_wake(self, now: float) -> float | None:
         """When the next idle session or stale waiter would end."""
-        times = [
-            s.last_seen + self.config.ui_idle_s for s in self.sessions.values() if not s.active
-        ]
+        times = [self._idle_end(s) for s in self.sessions.values() if not s.active]
         times += [w.last_seen + self.config.lobby_stale_s for w in self.lobby.values()]
         return min(times, default=None)
 
@@ -176,6 +179,7 @@ class UiSessions:
         session = self.sessions.get(sid)
         if session is not None:
             session.last_seen = now
+            session.claimed = True
         waiter = self.lobby.get(sid)
         if waiter is not None:
             waiter.last_seen = now
@@ -186,6 +190,7 @@ class UiSessions:
         if session is not None:
             session.active += 1
             session.last_seen = now
+            session.claimed = True
 
     def closed(self, sid: str, now: float) -> None:
         session = self.sessions.get(sid)
@@ -212,7 +217,9 @@ class UiSessions:
                 break
             best = min(room, key=lambda c: (counts.get(c.pod_id, 0), c.api_load))
             sid, waiter = self.lobby.popitem(last=False)
-            session = UiSession(sid=sid, pod_id=best.pod_id, opened_at=now, last_seen=now)
+            session = UiSession(
+                sid=sid, pod_id=best.pod_id, opened_at=now, last_seen=now, claimed=False
+            )
             self.sessions[sid] = session
             counts[best.pod_id] = counts.get(best.pod_id, 0) + 1
             admitted.append(Admitted(session=session, waited_s=now - waiter.joined_at))
@@ -256,6 +263,7 @@ class UiSessions:
             session = self.sessions.get(sid)
             if session is not None:
                 session.last_seen = max(session.last_seen, at)
+                session.claimed = session.claimed or at >= session.opened_at
         gone = [self.sessions[sid] for sid in ended if sid in self.sessions]
         return [self._end(s, ended[s.sid], now) for s in gone]
 
@@ -268,15 +276,12 @@ class UiSessions:
         return self._end(session, EndReason.LEFT, now)
 
     def expire(self, now: float) -> list[Ended]:
-        """End idle sessions; drop waiters that stopped polling."""
+        """End idle sessions and those no browser came to take; drop waiters that
+        stopped polling."""
         for sid, waiter in list(self.lobby.items()):
             if now - waiter.last_seen >= self.config.lobby_stale_s:
                 del self.lobby[sid]
-        idle = [
-            s
-            for s in self.sessions.values()
-            if not s.active and now - s.last_seen >= self.config.ui_idle_s
-        ]
+        idle = [s for s in self.sessions.values() if not s.active and now >= self._idle_end(s)]
         return [self._end(s, EndReason.IDLE, now) for s in idle]
 
     def pods_gone(self, alive: Iterable[PodId], now: float) -> list[Ended]:
@@ -284,6 +289,11 @@ class UiSessions:
         keep = set(alive)
         gone = [s for s in self.sessions.values() if s.pod_id not in keep]
         return [self._end(s, EndReason.POD_GONE, now) for s in gone]
+
+    def _idle_end(self, session: UiSession) -> float:
+        if not session.claimed:
+            return session.opened_at + self.config.lobby_stale_s
+        return session.last_seen + self.config.ui_idle_s
 
     @property
     def capacity(self) -> int:

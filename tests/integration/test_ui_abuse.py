@@ -186,3 +186,30 @@ async def test_the_websockets_of_a_pod_that_vanishes_close(
             assert msg.type is aiohttp.WSMsgType.CLOSE, msg
             assert not (await proxy.status())["ui"]["sessions"]
             await ws.close()
+
+
+async def test_a_pod_given_to_a_lobby_tab_that_was_closed_goes_to_the_next_browser(
+    ui_sims: UiSims, proxy_factory: ProxyFactory
+) -> None:
+    """Before: the closed tab's session held the pod for --ui-idle-s (900 s), its GPU
+    idle and closed to API jobs, while the next browser waited in the lobby."""
+    proxy = await proxy_factory(ui_sims.urls[:1], "--ui")
+    ui = proxy.services.proxy.ui  # type: ignore[union-attr]
+    assert ui is not None
+    async with browser(proxy) as first, browser(proxy) as closed, browser(proxy) as third:
+        assert (await open_page(first))[0] == 200
+        assert (await open_page(closed))[2] == "lobby"  # then its tab closes
+        async with first.delete("/-/ui/session") as resp:
+            assert (await resp.json())["ended"] is True
+        assert (await proxy.status())["ui"]["sessions"], "the closed tab was given the pod"
+        assert (await open_page(third))[2] == "lobby"
+
+        async def third_in() -> bool:
+            async with third.get("/-/ui/lobby") as resp:
+                return bool((await resp.json())["ready"])
+
+        await eventually(
+            third_in, timeout_s=ui.config.lobby_stale_s + 5, what="the unclaimed pod to free"
+        )
+        status, pod, kind = await open_page(third)
+        assert status == 200 and pod is not None and kind == ""

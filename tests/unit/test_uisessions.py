@@ -74,6 +74,8 @@ def test_next_wake_is_the_first_idle_end_or_stale_waiter() -> None:
     assert ui.next_wake(0.0) is None
     ui.join("s1", now=0.0)
     ui.admit(pods(A), now=0.0)
+    assert ui.next_wake(0.0) == ui.config.lobby_stale_s, "until its browser takes it"
+    ui.touch("s1", now=0.0)
     assert ui.next_wake(0.0) == 100.0
     ui.join("s2", now=10.0)
     assert ui.next_wake(10.0) == 10.0 + ui.config.lobby_stale_s
@@ -89,6 +91,42 @@ def test_a_waiter_that_stops_polling_leaves_the_lobby() -> None:
     ui.touch("s2", now=10.0)
     ui.expire(now=ui.config.lobby_stale_s)
     assert list(ui.lobby) == ["s2"]
+
+
+@pytest.mark.parametrize(
+    ("came", "ends"),
+    [
+        pytest.param(None, True, id="the-tab-was-closed-while-it-waited"),
+        pytest.param("touch", False, id="the-page-moved-in"),
+        pytest.param("opened", False, id="its-websocket-opened"),
+        pytest.param("peer", False, id="it-moved-in-at-another-replica"),
+    ],
+)
+def test_a_session_no_browser_comes_to_take_ends_after_lobby_stale_s(
+    came: str | None, ends: bool
+) -> None:
+    """A waiter admitted after it stopped polling would hold the pod (its GPU idle, no
+    API job there) for ui_idle_s; it gives it back after lobby_stale_s."""
+    ui = sessions()
+    ui.join("s1", now=0.0)
+    ui.join("s2", now=0.0)
+    ui.touch("s1", now=10.0)  # its last poll, then the tab closes
+    (admitted,) = ui.admit(pods(A), now=12.0)
+    assert admitted.session.sid == "s1"
+    if came == "touch":
+        ui.touch("s1", now=12.5)
+    elif came == "opened":
+        ui.opened("s1", now=12.5)
+        ui.closed("s1", now=13.0)
+    elif came == "peer":
+        ui.observe_peers(seen={"s1": 12.5}, ended={}, now=13.0)
+    stale = 12.0 + ui.config.lobby_stale_s
+    ui.touch("s2", now=stale - 1.0)  # the next waiter still polls
+    assert ui.expire(now=stale - 0.1) == []
+    ended = ui.expire(now=stale)
+    assert [(e.sid, e.reason) for e in ended] == ([("s1", EndReason.IDLE)] if ends else [])
+    admitted_next = ui.admit(pods(A), now=stale)
+    assert [a.session.sid for a in admitted_next] == (["s2"] if ends else [])
 
 
 def test_a_pod_that_goes_away_ends_its_sessions_and_frees_the_lobby() -> None:
