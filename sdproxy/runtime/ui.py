@@ -91,7 +91,9 @@ def parse_cookie(value: str | None) -> tuple[str | None, PodId | None]:
     if not value:
         return None, None
     sid, _, pod = value.partition(".")
-    if not sid or len(sid) > 64 or not sid.replace("-", "").replace("_", "").isalnum():
+    # URL-safe base64 only (str.isalnum takes "é", "٣": a Set-Cookie must be ASCII)
+    token = sid.replace("-", "").replace("_", "")
+    if not sid or len(sid) > 64 or not (token.isascii() and token.isalnum()):
         return None, None
     if not pod:
         return sid, None
