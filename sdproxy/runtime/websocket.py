@@ -7,10 +7,10 @@ opens its own websocket to the pod with the client's headers (cookies, origin), 
 once the pod accepted it answers the client's handshake; from then on each text or
 binary message goes on as it came, in both directions, until either side closes (its
 close code is passed on). Pings are answered on each leg (aiohttp's autoping). A pod
-that refuses the handshake answers the client with its status (``backend_error`` if it
-cannot be reached); a client handshake that is not a valid websocket one is refused
-(``bad_request``) before the pod is asked. A client message over ``max_msg_size`` closes
-that websocket (1009). ``until`` set (the UI session ended) closes both legs (1001).
+that refuses the handshake or cannot be reached is ``502 backend_error``; a client
+handshake that is not a valid websocket one is ``400 bad_request``, before the pod is
+asked. A client message over ``max_msg_size`` closes that websocket (1009); ``until``
+set (the UI session ended) closes both legs (1001).
 """
 
 from __future__ import annotations
@@ -62,7 +62,7 @@ async def relay(
     if not client.can_prepare(request).ok:
         raise errors.BadRequest(
             f"GET {request.path} asks for a websocket but is no valid websocket handshake "
-            "(RFC 6455 §4.1: Connection: Upgrade, Sec-WebSocket-Key, Sec-WebSocket-Version 13)"
+            "(RFC 6455 4.1: Connection: Upgrade, Sec-WebSocket-Key, Sec-WebSocket-Version 13)"
         )
     outgoing = {k: v for k, v in headers.items() if k.lower() not in HANDSHAKE}
     try:
