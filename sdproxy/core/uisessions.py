@@ -291,9 +291,10 @@ class UiSessions:
         return [self._end(s, EndReason.POD_GONE, now) for s in gone]
 
     def _idle_end(self, session: UiSession) -> float:
-        if not session.claimed:
-            return session.opened_at + self.config.lobby_stale_s
-        return session.last_seen + self.config.ui_idle_s
+        idle_end = session.last_seen + self.config.ui_idle_s
+        if not session.claimed:  # no browser came to take it: sooner, never later
+            return min(idle_end, session.opened_at + self.config.lobby_stale_s)
+        return idle_end
 
     @property
     def capacity(self) -> int:

@@ -129,6 +129,14 @@ def test_a_session_no_browser_comes_to_take_ends_after_lobby_stale_s(
     assert [a.session.sid for a in admitted_next] == (["s2"] if ends else [])
 
 
+def test_an_unclaimed_session_never_outlives_ui_idle_s() -> None:
+    ui = UiSessions(UiConfig(ui=True, ui_idle_s=2.0))
+    ui.join("s1", now=0.0)
+    ui.admit(pods(A), now=0.0)
+    assert ui.next_wake(0.0) == 2.0
+    assert [e.sid for e in ui.expire(now=2.0)] == ["s1"]
+
+
 def test_a_pod_that_goes_away_ends_its_sessions_and_frees_the_lobby() -> None:
     ui = sessions()
     ui.join("s1", now=0.0)
