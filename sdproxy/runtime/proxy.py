@@ -607,6 +607,7 @@ class Proxy:
                         url=target.url + request.path_qs,
                         headers=headers,
                         max_msg_size=self.limit_bytes,
+                        heartbeat_s=ui.heartbeat_s,
                         until=ended,
                     )
             body = None

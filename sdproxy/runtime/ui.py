@@ -59,6 +59,9 @@ API_PREFIXES = ("/sdapi/",)
 #: Gradio 3's queue: the websocket a generation is submitted on (gradio/routes.py)
 QUEUE_JOIN = "/queue/join"
 RECHECK_S = 1.0
+#: an open websocket's client is pinged this often (at most half of --ui-idle-s): one
+#: that vanished without closing is found within 1.5x that, not after hours of keepalive
+WS_HEARTBEAT_S = 30.0
 #: a session ended here is announced to the peers for this long (they poll each 0.5 s)
 ENDED_SHARED_S = 30.0
 
@@ -176,6 +179,10 @@ class UiFront:
         self._websockets: dict[str, set[asyncio.Event]] = {}
         #: set by the composition root: the UI part of every live peer's document
         self.peer_documents: Callable[[], list[dict[str, Any]]] = list
+
+    @property
+    def heartbeat_s(self) -> float:
+        return min(WS_HEARTBEAT_S, self.config.ui_idle_s / 2)
 
     def is_ui(self, path: str) -> bool:
         return not path.startswith(self.prefixes)

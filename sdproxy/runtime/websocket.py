@@ -10,7 +10,9 @@ close code is passed on). Pings are answered on each leg (aiohttp's autoping). A
 that refuses the handshake or cannot be reached is ``502 backend_error``; a client
 handshake that is not a valid websocket one is ``400 bad_request``, before the pod is
 asked. A client message over ``max_msg_size`` closes that websocket (1009); ``until``
-set (the UI session ended) closes both legs (1001).
+set (the UI session ended) closes both legs (1001). With ``heartbeat_s`` the client is
+pinged that often and a client that does not answer within half of it (it vanished
+without closing: a lost network) is closed, not held open for TCP keepalive's hours.
 """
 
 from __future__ import annotations
@@ -51,6 +53,7 @@ async def relay(
     url: str,
     headers: Mapping[str, str],
     max_msg_size: int,
+    heartbeat_s: float | None = None,
     on_message: Callable[[str, str], None] | None = None,
     until: asyncio.Event | None = None,
 ) -> web.WebSocketResponse:
@@ -58,7 +61,9 @@ async def relay(
     sees every text message (``"up"``: towards the pod, ``"down"``: towards the client)."""
     wanted = [p.strip() for p in request.headers.get("Sec-WebSocket-Protocol", "").split(",")]
     protocols = tuple(p for p in wanted if p)
-    client = web.WebSocketResponse(protocols=protocols, max_msg_size=max_msg_size)
+    client = web.WebSocketResponse(
+        protocols=protocols, max_msg_size=max_msg_size, heartbeat=heartbeat_s
+    )
     if not client.can_prepare(request).ok:
         raise errors.BadRequest(
             f"GET {request.path} asks for a websocket but is no valid websocket handshake "

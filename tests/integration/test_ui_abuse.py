@@ -213,3 +213,25 @@ async def test_a_pod_given_to_a_lobby_tab_that_was_closed_goes_to_the_next_brows
         )
         status, pod, kind = await open_page(third)
         assert status == 200 and pod is not None and kind == ""
+
+
+async def test_a_browser_that_vanishes_with_its_websocket_open_does_not_keep_the_gpu(
+    ui_sims: UiSims, proxy_factory: ProxyFactory
+) -> None:
+    """An open websocket is use (the session never idles out) — but one whose client is
+    gone without a FIN (a laptop lid closed, a network lost) answers no ping: it closes,
+    and the session then idles out as any other. Before: TCP keepalive's ~2 h."""
+    proxy = await proxy_factory(ui_sims.urls[:1], "--ui", "--ui-idle-s", "1")
+    async with tap(proxy.url) as front:
+        jar = aiohttp.CookieJar(unsafe=True)
+        async with aiohttp.ClientSession(base_url=front.url, cookie_jar=jar) as session:
+            await open_page(session)
+            ws = await session.ws_connect("/queue/join", autoping=True)
+            assert json.loads((await ws.receive()).data)["msg"] == "send_hash"
+            front.freeze()
+
+            async def ended() -> bool:
+                return not (await proxy.status())["ui"]["sessions"]
+
+            await eventually(ended, timeout_s=10, what="the vanished browser's session to end")
+            ws._response.connection.transport.abort()  # type: ignore[union-attr]

@@ -399,7 +399,10 @@ async def test_an_open_websocket_keeps_its_session(
         await open_page(session)
         async with session.ws_connect("/queue/join") as ws:
             assert json.loads((await ws.receive()).data)["msg"] == "send_hash"
-            await asyncio.sleep(1.5)  # 3x --ui-idle-s with no HTTP request
+            # 3x --ui-idle-s with no HTTP request; reading, as a browser does, answers
+            # the proxy's pings (a client that answers none has vanished: closed)
+            with pytest.raises(TimeoutError):
+                await asyncio.wait_for(ws.receive(), 1.5)
             assert (await proxy.status())["ui"]["sessions"], "an open websocket is use"
             await ws.send_json({"fn_index": 0, "session_hash": "idle"})
 
