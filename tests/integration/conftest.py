@@ -245,13 +245,18 @@ class UiSims:
     urls: list[str]
 
 
-def _start_ui_sims(count: int) -> tuple[subprocess.Popen[bytes], list[str]]:
-    """Start the child and read its "listening" lines (Gradio's import takes seconds)."""
+def require_gradio() -> None:
+    """The ``ui`` extra: skipped without it, except in CI (``CI=true`` never skips)."""
     if importlib.util.find_spec("gradio") is None:
         message = "gradio not installed: pip install -e '.[dev,ui]'"
         if os.environ.get("CI", "").lower() == "true":
             pytest.fail(message)
         pytest.skip(message)
+
+
+def _start_ui_sims(count: int) -> tuple[subprocess.Popen[bytes], list[str]]:
+    """Start the child and read its "listening" lines (Gradio's import takes seconds)."""
+    require_gradio()
     argv = ["sim", "--ui", "--pods", str(count), "--port", "0", "--step-ms", "25", "--seed", "3"]
     proc = subprocess.Popen(
         [sys.executable, "-m", "sdproxy", *argv],

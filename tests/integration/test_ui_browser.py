@@ -24,6 +24,7 @@ from tests.integration.conftest import (
     UiSims,
     eventually,
     gen_body,
+    require_gradio,
 )
 from tests.integration.test_ui_proxy import reset, sim_stats
 
@@ -136,7 +137,7 @@ async def test_two_browsers_two_pods_a_third_waits_and_gets_in(
 async def test_scale_from_zero_the_lobby_holds_the_browser_until_a_pod_is_warm(
     proxy_factory: ProxyFactory, chrome: Chromium
 ) -> None:
-    pytest.importorskip("gradio")  # the local pods are sim --ui
+    require_gradio()  # the local pods are sim --ui
     proxy = await proxy_factory(
         [],
         "--ui",
