@@ -92,6 +92,12 @@ async def test_a_left_sessions_websocket_is_closed_and_the_next_browser_has_the_
         assert ws.close_code == aiohttp.WSCloseCode.GOING_AWAY
         status, pod, kind = await open_page(second)
         assert (status, kind) == (200, "") and pod is not None
+    ui = proxy.services.proxy.ui  # type: ignore[union-attr]
+
+    async def relay_gone() -> bool:
+        return ui is not None and not ui._websockets
+
+    await eventually(relay_gone, what="the relay of the ended session to finish")
 
 
 async def test_a_broken_websocket_handshake_is_a_json_400_and_reaches_no_pod(
@@ -234,4 +240,5 @@ async def test_a_browser_that_vanishes_with_its_websocket_open_does_not_keep_the
                 return not (await proxy.status())["ui"]["sessions"]
 
             await eventually(ended, timeout_s=10, what="the vanished browser's session to end")
+            assert not proxy.services.proxy.ui._websockets  # type: ignore[union-attr]
             ws._response.connection.transport.abort()  # type: ignore[union-attr]
