@@ -32,6 +32,11 @@
         ├── BadRequest              400 bad_request
         │   └── MalformedBody       400 bad_request (the body's framing broke mid-upload)
         ├── NotFound                404 not_found (unknown /-/ endpoint)
+        ├── NotAJob                 400 not_a_job (a light or admin route sent as a job)
+        ├── JobNotFound             404 job_not_found (no job has that id)
+        ├── JobNotFinished          409 job_not_finished (its result is not there yet)
+        ├── JobExpired              410 job_expired (its retention ended)
+        ├── InterruptedByRestart    502 interrupted_by_restart (it ran when the proxy died)
         └── InternalError           500 internal_error (a bug; logged with its traceback)
 
 Kubernetes and aiohttp client errors are translated at the runtime boundary with
@@ -226,6 +231,31 @@ class MalformedBody(BadRequest):
 class NotFound(ClientFacingError):
     status = 404
     code = "not_found"
+
+
+class NotAJob(ClientFacingError):
+    status = 400
+    code = "not_a_job"
+
+
+class JobNotFound(ClientFacingError):
+    status = 404
+    code = "job_not_found"
+
+
+class JobNotFinished(ClientFacingError):
+    status = 409
+    code = "job_not_finished"
+
+
+class JobExpired(ClientFacingError):
+    status = 410
+    code = "job_expired"
+
+
+class InterruptedByRestart(ClientFacingError):
+    status = 502
+    code = "interrupted_by_restart"
 
 
 class InternalError(ClientFacingError):

@@ -34,6 +34,8 @@ from sdproxy.runtime.discovery import Discovery, StaticDiscovery
 from sdproxy.runtime.gate import Gate
 from sdproxy.runtime.gatewatch import GateWatch
 from sdproxy.runtime.healthcheck import HealthChecker
+from sdproxy.runtime.jobapi import AsyncJobs, open_store
+from sdproxy.runtime.jobapi import add_routes as add_job_routes
 from sdproxy.runtime.jobs import new_token
 from sdproxy.runtime.local import LocalPods
 from sdproxy.runtime.logs import log_event, setup_logging
@@ -92,6 +94,7 @@ class Services:
         self.gatewatch: GateWatch | None = None
         self.checker: HealthChecker | None = None
         self.peers: Peers | None = None
+        self.jobs: AsyncJobs | None = None
         #: this replica's name at the pods' gates: its identity plus a token drawn at start,
         #: unique even for replicas sharing a host name (or restarted under the same one)
         self.replica = f"{settings.scaler.identity}/{new_token()[:8]}"
@@ -192,6 +195,7 @@ class Services:
                 last_error=health.last_error,
             ),
             shutting_down=adm.closed,
+            jobs=self.jobs.status() if self.jobs is not None else None,
         )
 
 
@@ -234,6 +238,7 @@ def build_app(
     app.router.add_get("/-/peer", _peer)
     app.router.add_get("/-/peer/job", _peer_job)
     app.router.add_post("/-/peer/job/cancel", _peer_cancel)
+    add_job_routes(app, _jobs_of)
     # [\s\S]: "." would not match a newline, and a path with %0A would get aiohttp's
     # plain-text 404 instead of our JSON answer
     app.router.add_route("*", "/-/{tail:[\\s\\S]*}", _unknown_operational)
@@ -291,6 +296,11 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
         )
         services.proxy.gatewatch = services.gatewatch
         services.proxy.peers = services.peers
+        store, temporary = open_store(settings.jobs, settings.proxy.listen)
+        services.jobs = AsyncJobs(
+            settings=settings.jobs, store=store, proxy=services.proxy, temporary=temporary
+        )
+        services.proxy.async_jobs = services.jobs
         services.autoscaler.demand = services.global_demand
         services.warmer = Warmer(
             session=session, gate=services.gate, timeout_s=settings.discovery.warmup_timeout_s
@@ -312,6 +322,7 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
             tasks.append(
                 asyncio.create_task(peer_source.run(services.on_peers), name="peer-discovery")
             )
+        services.jobs.start(lambda: services.synced)
         start = getattr(services.scaler, "start", None)
         if start is not None:
             await start()
@@ -326,6 +337,7 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
             await services.gatewatch.close()
             if services.checker is not None:
                 await services.checker.close()
+            await services.jobs.close()
             await services.proxy.wait_background()
             await services.scaler.close()
 
@@ -334,6 +346,12 @@ async def _proxy(request: web.Request) -> web.StreamResponse:
     proxy = request.app[SERVICES].proxy
     assert proxy is not None, "the proxy starts with the app"
     return await proxy.handle(request)
+
+
+def _jobs_of(request: web.Request) -> AsyncJobs:
+    jobs = request.app[SERVICES].jobs
+    assert jobs is not None, "the job API starts with the app"
+    return jobs
 
 
 async def _unknown_operational(request: web.Request) -> web.Response:
