@@ -743,7 +743,7 @@ def progress_document(position: int | None, depth: int, eta: float) -> dict[str,
 
 
 #: set on a request routed from /-/jobs/<path> (the path itself is then <path>)
-ASYNC_KEY = "sdproxy_async_job"
+ASYNC_KEY = web.RequestKey("sdproxy_async_job", bool)
 
 
 def wants_async(request: web.Request) -> bool:
