@@ -27,7 +27,7 @@ from sdproxy import __version__
 from sdproxy.core.admission import Admission
 from sdproxy.core.effects import RejectReason, Transition
 from sdproxy.core.pods import Endpoint, PodId, PodState
-from sdproxy.errors import ConfigError, NotFound
+from sdproxy.errors import ClientFacingError, ConfigError, NotFound
 from sdproxy.runtime.autoscaler import Autoscaler
 from sdproxy.runtime.catalog import Catalogs
 from sdproxy.runtime.discovery import Discovery, StaticDiscovery
@@ -36,6 +36,7 @@ from sdproxy.runtime.gatewatch import GateWatch
 from sdproxy.runtime.healthcheck import HealthChecker
 from sdproxy.runtime.jobapi import AsyncJobs, open_store
 from sdproxy.runtime.jobapi import add_routes as add_job_routes
+from sdproxy.runtime.jobhandoff import IMPORT_PATH, hand_over, import_job
 from sdproxy.runtime.jobs import new_token
 from sdproxy.runtime.local import LocalPods
 from sdproxy.runtime.logs import log_event, setup_logging
@@ -238,6 +239,7 @@ def build_app(
     app.router.add_get("/-/peer", _peer)
     app.router.add_get("/-/peer/job", _peer_job)
     app.router.add_post("/-/peer/job/cancel", _peer_cancel)
+    app.router.add_post(IMPORT_PATH, _peer_import)
     add_job_routes(app, _jobs_of)
     # [\s\S]: "." would not match a newline, and a path with %0A would get aiohttp's
     # plain-text 404 instead of our JSON answer
@@ -352,6 +354,15 @@ def _jobs_of(request: web.Request) -> AsyncJobs:
     jobs = request.app[SERVICES].jobs
     assert jobs is not None, "the job API starts with the app"
     return jobs
+
+
+async def _peer_import(request: web.Request) -> web.Response:
+    """A leaving peer hands a job over (sdproxy.runtime.jobhandoff)."""
+    services = request.app[SERVICES]
+    try:
+        return await import_job(_jobs_of(request), request, replica=services.replica)
+    except ClientFacingError as exc:
+        return error_response(exc)
 
 
 async def _unknown_operational(request: web.Request) -> web.Response:
@@ -502,3 +513,5 @@ async def _drain(services: Services, timeout_s: float) -> None:
     with contextlib.suppress(Exception):
         if services.proxy is not None:
             await asyncio.wait_for(services.proxy.wait_background(), timeout=5)
+    if services.jobs is not None:  # results stay reachable through the other replicas
+        await hand_over(services.jobs, replica=services.replica)

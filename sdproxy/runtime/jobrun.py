@@ -313,7 +313,7 @@ class Runner:
         if queued:  # static pods too are known only once discovery reported
             await self.gate.until(lambda _adm: synced(), timeout_s=RECOVER_WAIT_S)
         for record in queued:
-            prefix, complete = await _prefix(self.store.body_path(record.id))
+            prefix, complete = await body_prefix(self.store.body_path(record.id))
             info = inspect_body(prefix, complete=complete)
             try:
                 self.start(record, info, caller=None)
@@ -338,7 +338,10 @@ def cancelled_error() -> errors.JobCancelled:
 _NO_CALLER = Caller(header=None, cookie=None, address="", new_cookie=None, by_address=False)
 
 
-async def _prefix(path: Path) -> tuple[bytes, bool]:
+async def body_prefix(path: Path) -> tuple[bytes, bool]:
+    """The first bytes of a stored body (what ``inspect_body`` reads), and whether that
+    is all of it."""
+
     def read() -> tuple[bytes, bool]:
         with path.open("rb") as fh:
             data = fh.read(PEEK_BYTES + 1)

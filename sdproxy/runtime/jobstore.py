@@ -160,6 +160,8 @@ class JobStore(Protocol):
 
     def pending_callbacks(self) -> list[JobRecord]: ...
 
+    def finished_unexpired(self) -> list[JobRecord]: ...
+
     def expirable(self, *, finished_before: float) -> list[JobRecord]: ...
 
     def oldest_results(self, limit: int) -> list[JobRecord]: ...
@@ -308,6 +310,9 @@ class SqliteJobStore:
 
     def unfinished(self) -> list[JobRecord]:
         return self._select("status IN ('queued', 'running') ORDER BY seq")
+
+    def finished_unexpired(self) -> list[JobRecord]:
+        return self._select("expired = 0 AND finished_at IS NOT NULL ORDER BY seq")
 
     def pending_callbacks(self) -> list[JobRecord]:
         return self._select(

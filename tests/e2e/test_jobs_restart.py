@@ -135,3 +135,67 @@ async def test_multi_megabyte_img2img_jobs_keep_the_proxys_memory_bounded(
     print(f"img2img jobs: peak RSS +{grown_mib:.1f} MiB for {moved_mib:.0f} MiB moved")
     assert min(sizes) > 4 * 2**20
     assert grown_mib < 40, f"peak RSS grew {grown_mib:.1f} MiB for {moved_mib:.0f} MiB moved"
+
+
+async def test_a_replica_leaving_gracefully_hands_its_jobs_to_a_peer(tmp_path: Path) -> None:
+    """SIGTERM with a short drain: the finished job's result and the still-queued jobs
+    go to the peer, which runs the queued ones; the job still running when the drain
+    ended stays behind (the cost of a replica leaving mid-generation)."""
+    import aiohttp
+
+    from tests.conftest import free_port
+
+    ports = [free_port(), free_port()]
+    a_url, b_url = (f"http://127.0.0.1:{p}" for p in ports)
+    async with (
+        sim(tmp_path, pods=2) as pods,
+        aiohttp.ClientSession() as session,
+        httpx.AsyncClient(timeout=30) as client,
+    ):
+        common = ["--metrics-listen", "", "--drain-timeout-s", "1"]
+        a_flags = [
+            *common,
+            "--backend",
+            pods[0],
+            "--peer",
+            b_url,
+            "--jobs-dir",
+            str(tmp_path / "a"),
+        ]
+        b_flags = [
+            *common,
+            *backend_flags(pods),
+            "--peer",
+            a_url,
+            "--jobs-dir",
+            str(tmp_path / "b"),
+        ]
+        async with (
+            serve(tmp_path, session, a_flags, port=ports[0]) as (a_proc, _a, a_log),
+            serve(tmp_path, session, b_flags, port=ports[1]) as (_b_proc, _b, b_log),
+        ):
+            finished = await submit(client, a_url, 2)
+            done = await client.get(f"{a_url}/-/jobs/{finished}/result", params={"wait": 20})
+
+            async def b_sees_a() -> bool:
+                return (await client.get(f"{b_url}/-/jobs/{finished}")).status_code == 200
+
+            await wait_for(b_sees_a, "replica b to hear from replica a", b_log)
+            running = await submit(client, a_url, 400)  # 4 s: still running after the drain
+
+            async def started() -> bool:
+                return (await doc(client, a_url, running))["status"] == "running"
+
+            await wait_for(started, "the long job to run", a_log)
+            queued = [await submit(client, a_url, 2) for _ in range(2)]
+            a_proc.send_signal(signal.SIGTERM)
+            assert await asyncio.wait_for(a_proc.wait(), 30) == 0
+
+            kept = await client.get(f"{b_url}/-/jobs/{finished}/result")
+            assert kept.status_code == 200 and kept.content == done.content
+            for job_id in queued:
+                result = await client.get(f"{b_url}/-/jobs/{job_id}/result", params={"wait": 20})
+                assert result.status_code == 200, result.text
+                assert (await doc(client, b_url, job_id))["status"] == "succeeded"
+            stranded = await client.get(f"{b_url}/-/jobs/{running}")
+            assert stranded.status_code == 404

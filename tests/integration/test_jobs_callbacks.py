@@ -47,7 +47,9 @@ async def receiver(failures: list[int] | None = None) -> AsyncIterator[Receiver]
     state = Receiver(url="", failures=list(failures or []))
 
     async def hook(request: web.Request) -> web.Response:
-        state.received.append((await request.read(), request.headers.get("X-Sdproxy-Signature", "")))
+        state.received.append(
+            (await request.read(), request.headers.get("X-Sdproxy-Signature", ""))
+        )
         status = state.failures.pop(0) if state.failures else 200
         return web.Response(status=status)
 
