@@ -231,25 +231,33 @@ class AsyncJobs:
     def _accepted(self, record: JobRecord, ex: Exchange) -> web.Response:
         ex.job_id = record.id
         return web.json_response(
-            self.document(record),
+            self.document(record, at_submit=True),
             status=202,
             headers={"Location": f"{PREFIX}/{record.id}", JOB_HEADER: record.id},
         )
 
     # ---- documents ------------------------------------------------------------------------
 
-    def document(self, record: JobRecord) -> dict[str, Any]:
-        """The status document (``GET /-/jobs/{id}``, callbacks) without live progress."""
+    def document(self, record: JobRecord, *, at_submit: bool = False) -> dict[str, Any]:
+        """The status document (``GET /-/jobs/{id}``, callbacks) without live progress.
+        ``at_submit``: the queue place the core answered the submit with (O(1); a GET
+        computes it anew, O(queue): 2,000 submits into a deep queue were CPU-bound on it)."""
         live = self.runner.live.get(record.id)
         adm = self.proxy.gate.admission
-        queued = live is not None and adm.is_queued(live.ticket)
+        position: int | None = None
+        eta: float | None = None
+        if live is not None and adm.is_queued(live.ticket):
+            if at_submit and live.position is not None:
+                position, eta = live.position, adm.eta_at(live.position, live.cost)
+            else:
+                position, eta = adm.position(live.ticket), adm.eta_s(live.ticket)
         base = f"{PREFIX}/{record.id}"
         return {
             "id": record.id,
             "status": record.status.value,
             "route": record.route,
-            "queue_position": adm.position(live.ticket) if queued and live else None,
-            "eta_s": round(adm.eta_s(live.ticket), 2) if queued and live else None,
+            "queue_position": position,
+            "eta_s": None if eta is None else round(eta, 2),
             "progress": None,
             "pod": record.pod,
             "created_at": record.created_at,
@@ -526,12 +534,15 @@ def _forwarded_headers(request: web.Request) -> tuple[tuple[str, str], ...]:
 async def _save(body: bodies.ReceivedBody, path: Path) -> None:
     """The body to its file, in the executor, a chunk at a time."""
     try:
-        handle = await _run_io(lambda: path.open("wb"))
-        try:
-            async for chunk in body.chunks():
-                await _run_io(handle.write, chunk)
-        finally:
-            await _run_io(handle.close)
+        if body.spool is None:  # in memory (up to 1 MiB): one hop
+            await _run_io(path.write_bytes, body.data)
+        else:
+            handle = await _run_io(lambda: path.open("wb"))
+            try:
+                async for chunk in body.chunks():
+                    await _run_io(handle.write, chunk)
+            finally:
+                await _run_io(handle.close)
     except OSError as exc:
         log.error("cannot store a job's body in %s: %r", path, exc)
         await _run_io(path.unlink, True)

@@ -29,7 +29,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import IO, Any, TypeVar
 
 import aiohttp
 from multidict import CIMultiDict
@@ -74,6 +74,9 @@ class Live:
     phase: str = "queued"
     cancel_requested: bool = False
     slot: Slot | None = None
+    #: the queue position the core answered the submit with, and the job's cost
+    position: int | None = None
+    cost: float = 1.0
 
 
 class Runner:
@@ -110,13 +113,13 @@ class Runner:
         self.proxy.jobs.add_keys(
             keys, owner=record.owner, ticket=job.ticket, job_id=record.id, route=record.route
         )
-        fut = self.gate.enqueue(job)
+        fut, position = self.gate.enqueue(job)
         if fut.done() and fut.exception() is not None:
             self.proxy.jobs.remove(job.ticket)
             exc = fut.exception()
             assert isinstance(exc, errors.ClientFacingError)
             raise exc
-        live = Live(ticket=job.ticket, keys=keys)
+        live = Live(ticket=job.ticket, keys=keys, position=position, cost=job.cost)
         self.live[record.id] = live
         live.task = asyncio.get_running_loop().create_task(
             self._life(record, live, fut), name=f"job-{record.id[:6]}"
@@ -188,7 +191,8 @@ class Runner:
             if not body.adopted:
                 body.close()
         live.slot, live.phase = slot, "result"
-        record = self.store.update(record.id, pod=slot.pod_id) or record
+        if slot.pod_id != record.pod:  # pod_busy or refused: it went to another pod
+            record = self.store.update(record.id, pod=slot.pod_id) or record
         await self._store_answer(record, upstream, slot, failed=failed)
 
     async def _store_answer(
@@ -196,14 +200,12 @@ class Runner:
     ) -> None:
         """Write the pod's answer to the result file as it arrives; free the slot when
         the pod sent its last byte."""
-        path = self.store.result_path(record.id)
-        size, broke = 0, False
-        out = await run_io(lambda: path.open("wb"))
+        out = ResultFile(self.store.result_path(record.id))
+        broke = False
         try:
             try:
                 async for chunk in upstream.content.iter_chunked(forward.CHUNK):
-                    await run_io(out.write, chunk)
-                    size += len(chunk)
+                    await out.write(chunk)
             except aiohttp.ClientError as exc:
                 broke = True
                 log.warning("pod %s broke off job %s: %r", slot.pod_id, record.id[:6], exc)
@@ -211,7 +213,8 @@ class Runner:
                 slot.release(Outcome.FAILED if broke or failed else Outcome.COMPLETED)
                 upstream.release()
         finally:
-            await run_io(out.close)
+            await out.close()
+        size = out.size
         if broke:
             self.proxy.metrics.backend_error(pod=slot.pod_id, kind=errors.UpstreamKind.BROKE_OFF)
             answer = errors.BackendError(f"pod {slot.pod_id}: the answer broke off")
@@ -328,6 +331,39 @@ class Runner:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         await self._background.cancel()
+
+
+class ResultFile:
+    """A pod's answer on its way to disk: held in memory up to ``BUFFER`` bytes, then
+    written a ``BUFFER`` at a time in the executor (a small answer costs one hop)."""
+
+    BUFFER = 1024 * 1024
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.size = 0
+        self._parts: list[bytes] = []
+        self._pending = 0
+        self._handle: IO[bytes] | None = None
+
+    async def write(self, chunk: bytes) -> None:
+        self._parts.append(chunk)
+        self._pending += len(chunk)
+        self.size += len(chunk)
+        if self._pending >= self.BUFFER:
+            parts, self._parts, self._pending = self._parts, [], 0
+            await run_io(self._flush, parts, False)
+
+    async def close(self) -> None:
+        parts, self._parts = self._parts, []
+        await run_io(self._flush, parts, True)
+
+    def _flush(self, parts: list[bytes], last: bool) -> None:  # in a thread
+        if self._handle is None:
+            self._handle = self.path.open("wb")
+        self._handle.writelines(parts)
+        if last:
+            self._handle.close()
 
 
 def cancelled_error() -> errors.JobCancelled:

@@ -256,19 +256,23 @@ class SqliteJobStore:
         return _from_row(row) if row is not None else None
 
     def update(self, job_id: str, **changes: Any) -> JobRecord | None:
-        before = self.get(job_id)
-        if before is None:
+        sized = "body_bytes" in changes or "result_bytes" in changes
+        before = self.get(job_id) if sized else None
+        if sized and before is None:
             return None
-        after = replace(before, **changes)
-        values = _to_row(after)
+        values = _to_row(replace(_PROBE, **changes))
         names = [c for c in changes if c in values]
-        self._db.execute(
-            f"UPDATE jobs SET {', '.join(f'{c} = ?' for c in names)} WHERE id = ?",
+        row = self._db.execute(
+            f"UPDATE jobs SET {', '.join(f'{c} = ?' for c in names)} WHERE id = ? RETURNING *",
             [*(values[c] for c in names), job_id],
-        )
-        self._bytes += (after.body_bytes + after.result_bytes) - (
-            before.body_bytes + before.result_bytes
-        )
+        ).fetchone()
+        if row is None:
+            return None
+        after = _from_row(row)
+        if before is not None:
+            self._bytes += (after.body_bytes + after.result_bytes) - (
+                before.body_bytes + before.result_bytes
+            )
         return after
 
     def delete(self, job_id: str) -> None:
@@ -363,6 +367,19 @@ class SqliteJobStore:
         with contextlib.suppress(sqlite3.Error):
             self._db.close()
         self._lock.close()
+
+
+#: a record to render changed columns with (``update``)
+_PROBE = JobRecord(
+    id="",
+    owner="",
+    route="",
+    method="",
+    path_qs="",
+    headers=(),
+    status=JobStatus.QUEUED,
+    created_at=0.0,
+)
 
 
 def _lock(path: Path) -> IO[str]:
