@@ -28,6 +28,8 @@
         ├── BodyTooLarge            413 body_too_large
         ├── BodyTimeout             408 body_timeout (the upload took over
         │                           --client-body-timeout-s)
+        ├── SpoolFull               503 spool_full (spooled bodies at --spool-max-mb;
+        │                           with Retry-After)
         ├── Forbidden               403 forbidden_route
         ├── BadRequest              400 bad_request
         │   └── MalformedBody       400 bad_request (the body's framing broke mid-upload)
@@ -37,6 +39,7 @@
         ├── JobNotFinished          409 job_not_finished (its result is not there yet)
         ├── JobExpired              410 job_expired (its retention ended)
         ├── InterruptedByRestart    502 interrupted_by_restart (it ran when the proxy died)
+        ├── Unauthorized            401 unauthorized (an ops endpoint without --ops-token)
         └── InternalError           500 internal_error (a bug; logged with its traceback)
 
 Kubernetes and aiohttp client errors are translated at the runtime boundary with
@@ -208,6 +211,11 @@ class BodyTooLarge(ClientFacingError):
     code = "body_too_large"
 
 
+class SpoolFull(ClientFacingError):
+    status = 503
+    code = "spool_full"
+
+
 class BodyTimeout(ClientFacingError):
     status = 408
     code = "body_timeout"
@@ -256,6 +264,11 @@ class JobExpired(ClientFacingError):
 class InterruptedByRestart(ClientFacingError):
     status = 502
     code = "interrupted_by_restart"
+
+
+class Unauthorized(ClientFacingError):
+    status = 401
+    code = "unauthorized"
 
 
 class InternalError(ClientFacingError):

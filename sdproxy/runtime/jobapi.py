@@ -14,10 +14,11 @@ for whoever holds it, from any replica. The list shows only the caller's own job
 (``Caller.quota_key``: its X-Sdproxy-Client, cookie, else address), and an
 ``Idempotency-Key`` is scoped to that same caller.
 
-A replica asked about an id it does not hold asks its live peers (the same request, with
-``X-Sdproxy-Peer-Hop`` so it goes no further) and relays the first answer that is not a
-404 (``_from_peers``). Retention: a finished job's result is kept ``--jobs-ttl-s``, then
-it is deleted and the id answers ``410 job_expired`` for as long again (then 404); past
+A replica asked about an id it does not hold asks its live peers — the same request at
+their ``/-/peer/jobs/{id}…`` (operational endpoints: on ``--ops-listen`` when set, behind
+``--ops-token``), which answer from what they hold and never ask further — and relays the
+first answer that is not a 404 (``_from_peers``). Retention: a finished job's result is
+kept ``--jobs-ttl-s``, then it is deleted and the id answers ``410 job_expired`` for as long again (then 404); past
 ``--jobs-max-mb`` the oldest finished results go first. The sweeper runs every
 ``sweep_s`` and after every finished job.
 """
@@ -62,8 +63,8 @@ log = logging.getLogger("sdproxy.jobs")
 
 PREFIX = "/-/jobs"
 IDEMPOTENCY_HEADER = "Idempotency-Key"
-#: a request relayed from a peer replica: answered from here only, never relayed again
-HOP_HEADER = "X-Sdproxy-Peer-Hop"
+#: where peers ask each other about jobs (answered from the local store only)
+PEER_PREFIX = "/-/peer/jobs"
 #: the longest ?wait= honoured (a long-poll is a held connection)
 MAX_WAIT_S = 300.0
 MAX_PAGE = 500
@@ -330,31 +331,31 @@ class AsyncJobs:
             raise errors.JobNotFound(f"no job {job_id[:128]!r}")
         return self.store.get(job_id)
 
-    async def get_job(self, request: web.Request) -> web.StreamResponse:
+    async def get_job(self, request: web.Request, *, local: bool = False) -> web.StreamResponse:
         record = self._record(request)
         if record is None:
             doc = self._sync_document(request.match_info["id"])
             if doc is not None:
                 return web.json_response(await self._with_progress(doc))
-            return await self._from_peers(request)
+            return await self._from_peers(request, local=local)
         return web.json_response(await self._with_progress(self.document(record)))
 
-    async def delete_job(self, request: web.Request) -> web.StreamResponse:
+    async def delete_job(self, request: web.Request, *, local: bool = False) -> web.StreamResponse:
         record = self._record(request)
         if record is None:
             held = self.proxy.jobs.by_id(request.match_info["id"])
             if held is not None and self.proxy.gate.cancel_queued(held.ticket):
                 return web.json_response({"id": request.match_info["id"], "status": "cancelled"})
-            return await self._from_peers(request)
+            return await self._from_peers(request, local=local)
         if not record.status.finished:
             await self.runner.cancel(record.id)
             record = self.store.get(record.id) or record
         return web.json_response(self.document(record))
 
-    async def get_result(self, request: web.Request) -> web.StreamResponse:
+    async def get_result(self, request: web.Request, *, local: bool = False) -> web.StreamResponse:
         record = self._record(request)
         if record is None:
-            return await self._from_peers(request)
+            return await self._from_peers(request, local=local)
         wait_s = _wait_s(request)
         if not record.status.finished and wait_s > 0:
             record = await self._wait(record, wait_s)
@@ -426,21 +427,19 @@ class AsyncJobs:
             {"jobs": [self.document(r) for r in page.jobs], "cursor": page.cursor}
         )
 
-    async def _from_peers(self, request: web.Request) -> web.StreamResponse:
-        """Ask every live peer (once: a relayed request goes no further); relay the first
-        answer that is not a 404."""
+    async def _from_peers(self, request: web.Request, *, local: bool) -> web.StreamResponse:
+        """Ask every live peer at its /-/peer/jobs (which answers from its own store
+        only); relay the first answer that is not a 404."""
         job_id = request.match_info["id"]
         peers = self.proxy.peers
-        if request.headers.get(HOP_HEADER) is None and peers is not None:
+        if not local and peers is not None:
             wait = _wait_s(request)
             timeout = aiohttp.ClientTimeout(total=wait + 10, connect=2)
+            path_qs = PEER_PREFIX + request.rel_url.raw_path_qs[len(PREFIX) :]
             for url, _state in peers.live():
                 try:
                     upstream = await self.proxy.session.request(
-                        request.method,
-                        url + request.path_qs,
-                        headers={HOP_HEADER: "1"},
-                        timeout=timeout,
+                        request.method, url + path_qs, headers=peers.headers, timeout=timeout
                     )
                 except (aiohttp.ClientError, TimeoutError) as exc:
                     log.debug("peer %s about job %s: %r", url, job_id[:6], exc)
@@ -510,6 +509,28 @@ def owners_of(caller: Caller) -> list[str]:
 
 def _address_key(caller: Caller) -> str:
     return Caller(header=None, cookie=None, address=caller.address, new_cookie=None).quota_key
+
+
+def add_peer_routes(
+    app: web.Application,
+    jobs_of: Callable[[web.Request], AsyncJobs],
+    *,
+    guard: Callable[[Handler], Handler],
+) -> None:
+    """The /-/peer/jobs routes another replica asks (answered from this store only)."""
+
+    def local(pick: Callable[[AsyncJobs], Callable[..., Awaitable[web.StreamResponse]]]) -> Handler:
+        async def handler(request: web.Request) -> web.StreamResponse:
+            try:
+                return await pick(jobs_of(request))(request, local=True)
+            except errors.ClientFacingError as exc:
+                return error_response(exc)
+
+        return guard(handler)
+
+    app.router.add_get(PEER_PREFIX + "/{id}", local(lambda j: j.get_job))
+    app.router.add_get(PEER_PREFIX + "/{id}/result", local(lambda j: j.get_result))
+    app.router.add_delete(PEER_PREFIX + "/{id}", local(lambda j: j.delete_job))
 
 
 def _wait_s(request: web.Request) -> float:

@@ -11,10 +11,9 @@ peer took over. The peer stores it under the same id (ids are 96 random bits, th
 capability the client holds) and queues the queued ones. A client then reaches its job
 through any remaining replica (``GET /-/jobs/{id}`` asks the peers).
 
-The import endpoint answers only a sender that names itself with a replica id this
-replica has heard from as a live peer (``X-Sdproxy-Replica``); until the operational
-endpoints get their own listener and token, ``/-/peer*`` shares the public port (README
-"Running several replicas").
+The import endpoint is an operational one (``--ops-listen``, ``--ops-token``, which the
+replicas share and send) and answers only a sender that names itself with a replica id
+this replica has heard from as a peer (``X-Sdproxy-Replica``).
 """
 
 from __future__ import annotations
@@ -91,7 +90,12 @@ async def _send(jobs: AsyncJobs, url: str, record: JobRecord, *, replica: str) -
         finally:
             await run_io(handle.close)
 
-    headers = {RECORD_HEADER: _record_json(record), REPLICA_HEADER: replica}
+    peers = jobs.proxy.peers
+    headers = {
+        **(peers.headers if peers is not None else {}),
+        RECORD_HEADER: _record_json(record),
+        REPLICA_HEADER: replica,
+    }
     timeout = aiohttp.ClientTimeout(total=60, connect=2)
     try:
         async with jobs.proxy.session.post(

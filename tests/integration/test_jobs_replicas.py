@@ -1,8 +1,8 @@
 """Integration: asynchronous jobs through two replicas in front of gated simulated pods.
 
 A job submitted at replica A is followed, fetched (``?wait`` included) and cancelled
-through replica B: B does not hold it and asks its live peers (``X-Sdproxy-Peer-Hop``
-keeps the question from going round).
+through replica B: B does not hold it and asks its live peers at their
+``/-/peer/jobs/{id}``, which answer from their own store only.
 """
 
 from __future__ import annotations
