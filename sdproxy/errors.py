@@ -39,6 +39,8 @@
         ├── JobNotFinished          409 job_not_finished (its result is not there yet)
         ├── JobExpired              410 job_expired (its retention ended)
         ├── InterruptedByRestart    502 interrupted_by_restart (it ran when the proxy died)
+        ├── JobsFull                503 jobs_full (the job store is at --jobs-max-mb with
+        │                           unfinished jobs; with Retry-After)
         ├── Unauthorized            401 unauthorized (an ops endpoint without --ops-token)
         └── InternalError           500 internal_error (a bug; logged with its traceback)
 
@@ -264,6 +266,11 @@ class JobExpired(ClientFacingError):
 class InterruptedByRestart(ClientFacingError):
     status = 502
     code = "interrupted_by_restart"
+
+
+class JobsFull(ClientFacingError):
+    status = 503
+    code = "jobs_full"
 
 
 class Unauthorized(ClientFacingError):

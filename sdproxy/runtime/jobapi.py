@@ -18,9 +18,9 @@ A replica asked about an id it does not hold asks its live peers — the same re
 their ``/-/peer/jobs/{id}…`` (operational endpoints: on ``--ops-listen`` when set, behind
 ``--ops-token``), which answer from what they hold and never ask further — and relays the
 first answer that is not a 404 (``_from_peers``). Retention: a finished job's result is
-kept ``--jobs-ttl-s``, then it is deleted and the id answers ``410 job_expired`` for as long again (then 404); past
-``--jobs-max-mb`` the oldest finished results go first. The sweeper runs every
-``sweep_s`` and after every finished job.
+kept ``--jobs-ttl-s``, then it is deleted and the id answers ``410 job_expired`` for as
+long again (then 404); past ``--jobs-max-mb`` the oldest finished results go first. The
+sweeper runs every ``sweep_s`` and after every finished job.
 """
 
 from __future__ import annotations
@@ -149,21 +149,22 @@ class AsyncJobs:
             except Exception:
                 log.exception("job store sweep failed")
 
-    def sweep(self) -> None:
+    def sweep(self, need: int = 0) -> None:
         """Expire results past --jobs-ttl-s, forget tombstones past twice that, and
-        expire the oldest results while the store is over --jobs-max-mb."""
+        expire the oldest results while the store (and ``need`` more bytes) is over
+        --jobs-max-mb."""
         now = time.time()
         for record in self.store.expirable(finished_before=now - self.ttl_s):
             self._expire(record)
         for job_id in self.store.forgettable(finished_before=now - 2 * self.ttl_s):
             self.store.delete(job_id)
-        while self.store.bytes > self.max_bytes:
+        while self.store.bytes + need > self.max_bytes:
             oldest = self.store.oldest_results(16)
             if not oldest:
                 break
             for record in oldest:
                 self._expire(record)
-                if self.store.bytes <= self.max_bytes:
+                if self.store.bytes + need <= self.max_bytes:
                     break
 
     def _expire(self, record: JobRecord) -> None:
@@ -192,6 +193,14 @@ class AsyncJobs:
         callback = request.headers.get(CALLBACK_HEADER)
         if callback is not None:
             self.callbacks.check(callback)
+        if self.store.bytes + body.size > self.max_bytes:
+            self.sweep(body.size)  # the oldest finished results make room, if any
+            if self.store.bytes + body.size > self.max_bytes:
+                raise errors.JobsFull(
+                    f"the job store holds {self.store.bytes} bytes of unfinished jobs and "
+                    f"results (--jobs-max-mb); retry when some have finished",
+                    retry_after_s=10,
+                )
         job_id = ex.caller.job or new_token()
         if self.store.get(job_id) is not None:
             raise errors.BadRequest(f"{JOB_HEADER}: a job with that id exists")

@@ -59,6 +59,13 @@ async def submit(client: httpx.AsyncClient, steps: int, **headers: str) -> dict[
     return doc
 
 
+async def submit_images(client: httpx.AsyncClient) -> dict[str, Any]:
+    resp = await client.post(SUBMIT, json=gen_body(2, send_images=True))
+    assert resp.status_code == 202, resp.text
+    doc: dict[str, Any] = resp.json()
+    return doc
+
+
 async def status_of(client: httpx.AsyncClient, job_id: str) -> dict[str, Any]:
     resp = await client.get(f"/-/jobs/{job_id}")
     assert resp.status_code == 200, resp.text
@@ -325,3 +332,25 @@ async def test_a_multi_megabyte_img2img_job_goes_through_the_disk(
         on_disk = (tmp_path / "jobs" / "results" / doc["id"]).read_bytes()
         assert on_disk == result.content
         assert not on_disk.startswith(gzip.compress(b"")[:2])
+
+
+async def test_the_store_bound_expires_the_oldest_results_and_refuses_what_cannot_fit(
+    sim_pods: SimFactory, proxy_factory: ProxyFactory, tmp_path: Path
+) -> None:
+    proxy = await start(sim_pods, proxy_factory, tmp_path, "--jobs-max-mb", "1")
+    async with api(proxy, **{"Accept-Encoding": "identity"}) as client:
+        ids = []
+        for _ in range(3):  # a 512x512 answer is ~0.6 MB: two do not fit in 1 MiB
+            doc = await submit_images(client)
+            ids.append(doc["id"])
+            resp = await client.get(doc["urls"]["result"], params={"wait": 10})
+            assert resp.status_code == 200 and len(resp.content) > 400_000
+        old = await client.get(f"/-/jobs/{ids[0]}/result")
+        assert old.status_code == 410 and old.json()["error"] == "job_expired"
+        assert (await client.get(f"/-/jobs/{ids[-1]}/result")).status_code == 200
+        assert (await proxy.status())["jobs"]["store_bytes"] <= 1024 * 1024
+
+        big = {"init_images": ["A" * (2 * 1024 * 1024)], "steps": 2}
+        refused = await client.post("/-/jobs/sdapi/v1/img2img", json=big)
+        assert refused.status_code == 503 and refused.json()["error"] == "jobs_full"
+        assert refused.headers["Retry-After"]

@@ -67,3 +67,24 @@ async def test_a_job_submitted_at_one_replica_is_served_by_the_other(
     assert (await b.status())["jobs"]["counts"] == dict.fromkeys(
         ("queued", "running", "succeeded", "failed", "cancelled"), 0
     )
+
+
+async def test_peers_ask_each_other_with_the_ops_token(
+    gated_pods: GatedFactory, proxy_factory: ProxyFactory, tmp_path: Path
+) -> None:
+    cluster = await gated_pods(1)
+    a, b = await peered(proxy_factory, cluster.urls, tmp_path, "--ops-token", "t0ken")
+    async with httpx.AsyncClient(base_url=a.url) as at_a, httpx.AsyncClient(base_url=b.url) as at_b:
+        doc = (await at_a.post(SUBMIT, json=gen_body(5))).json()
+        result = await at_b.get(f"/-/jobs/{doc['id']}/result", params={"wait": 20})
+        assert result.status_code == 200, result.text
+        direct = await at_b.get(f"/-/peer/jobs/{doc['id']}")
+        assert direct.status_code == 401 and direct.json()["error"] == "unauthorized"
+        with_token = await at_a.get(
+            f"/-/peer/jobs/{doc['id']}", headers={"Authorization": "Bearer t0ken"}
+        )
+        assert with_token.status_code == 200 and with_token.json()["status"] == "succeeded"
+        not_here = await at_b.get(
+            f"/-/peer/jobs/{doc['id']}", headers={"Authorization": "Bearer t0ken"}
+        )
+        assert not_here.status_code == 404, "a peer answers from its own store only"
