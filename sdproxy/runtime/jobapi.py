@@ -53,6 +53,7 @@ from sdproxy.runtime.jobstore import (
     JobStatus,
     JobStore,
     SqliteJobStore,
+    StoreInUse,
     default_dir,
 )
 from sdproxy.runtime.proxy import ASYNC_KEY, Exchange, Proxy, error_response
@@ -77,14 +78,22 @@ READ_CHUNK = 256 * 1024
 
 
 def open_store(settings: JobSettings, listen: HostPort) -> tuple[JobStore, Path | None]:
-    """The store under --jobs-dir (its default: per listen address; on port 0 a
-    temporary directory, removed at exit, since no restart could find it again)."""
+    """The store under --jobs-dir. Its default is per listen address; on port 0, or when
+    another process holds the default one (replicas in network namespaces or containers
+    sharing a home directory), a temporary directory, removed at exit: jobs then do not
+    survive a restart, which the log says. A --jobs-dir given and in use is an error."""
     if settings.jobs_dir:
         return SqliteJobStore(Path(settings.jobs_dir)), None
-    if listen.port == 0:
-        temporary = Path(tempfile.mkdtemp(prefix="sdproxy-jobs-"))
-        return SqliteJobStore(temporary), temporary
-    return SqliteJobStore(default_dir(os.environ, str(listen))), None
+    if listen.port != 0:
+        where = default_dir(os.environ, str(listen))
+        try:
+            return SqliteJobStore(where), None
+        except StoreInUse:
+            log.warning("the default --jobs-dir %s is in use by another process", where)
+    temporary = Path(tempfile.mkdtemp(prefix="sdproxy-jobs-"))
+    if listen.port != 0:
+        log.warning("asynchronous jobs are kept in %s until exit (give --jobs-dir)", temporary)
+    return SqliteJobStore(temporary), temporary
 
 
 class AsyncJobs:

@@ -191,6 +191,10 @@ def default_dir(env: dict[str, str] | os._Environ[str], listen: str) -> Path:
     return Path(state) / "sdproxy" / "jobs" / listen.replace(":", "-").replace("/", "_")
 
 
+class StoreInUse(ConfigError):
+    """Another process holds the directory's lock."""
+
+
 class SqliteJobStore:
     """The embedded store: one SQLite file and two directories under ``root``."""
 
@@ -200,6 +204,14 @@ class SqliteJobStore:
             for sub in ("bodies", "results"):
                 (root / sub).mkdir(parents=True, exist_ok=True)
             self._lock = _lock(root / "lock")
+        except BlockingIOError as exc:
+            raise StoreInUse(
+                f"cannot use --jobs-dir {root}: another sdproxy process uses it; "
+                "give each replica its own --jobs-dir"
+            ) from exc
+        except OSError as exc:
+            raise ConfigError(f"cannot use --jobs-dir {root}: {exc}") from exc
+        try:
             self._db = sqlite3.connect(
                 root / "jobs.sqlite", isolation_level=None, check_same_thread=False
             )
@@ -390,9 +402,7 @@ def _lock(path: Path) -> IO[str]:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         handle.close()
-        raise OSError(
-            "another sdproxy process uses it; give each replica its own --jobs-dir"
-        ) from None
+        raise
     return handle
 
 

@@ -187,7 +187,7 @@ class Status:
                 "last_error": self.discovery.last_error,
             },
             "shutting_down": self.shutting_down,
-            "jobs": self.jobs.to_json() if self.jobs is not None else None,
+            **({"jobs": self.jobs.to_json()} if self.jobs is not None else {}),
         }
 
     @classmethod
