@@ -40,6 +40,7 @@ import aiohttp
 from aiohttp import web
 
 from sdproxy import errors
+from sdproxy.core.effects import InterruptReason
 from sdproxy.core.sdapi import BodyInfo
 from sdproxy.runtime import body as bodies
 from sdproxy.runtime import forward
@@ -249,11 +250,13 @@ class AsyncJobs:
 
     def _accepted(self, record: JobRecord, ex: Exchange) -> web.Response:
         ex.job_id = record.id
-        return web.json_response(
-            self.document(record, at_submit=True),
-            status=202,
-            headers={"Location": f"{PREFIX}/{record.id}", JOB_HEADER: record.id},
-        )
+        headers = {
+            "Location": f"{PREFIX}/{record.id}",
+            JOB_HEADER: record.id,
+            # RFC 7240 §3: which preference was honoured (for /-/jobs/… too: it is one)
+            "Preference-Applied": "respond-async",
+        }
+        return web.json_response(self.document(record, at_submit=True), status=202, headers=headers)
 
     # ---- documents ------------------------------------------------------------------------
 
@@ -362,13 +365,33 @@ class AsyncJobs:
         record = self._record(request)
         if record is None:
             held = self.proxy.jobs.by_id(request.match_info["id"])
-            if held is not None and self.proxy.gate.cancel_queued(held.ticket):
-                return web.json_response({"id": request.match_info["id"], "status": "cancelled"})
+            if held is not None:
+                return await self._cancel_sync(request.match_info["id"], held.ticket)
             return await self._from_peers(request, local=local)
         if not record.status.finished:
             await self.runner.cancel(record.id)
             record = self.store.get(record.id) or record
         return web.json_response(self.document(record))
+
+    async def _cancel_sync(self, job_id: str, ticket: Any) -> web.Response:
+        """A synchronous job: queued, its request gets ``409 job_cancelled``; running, its
+        pod is interrupted when it runs this job alone (sd-webui's interrupt stops
+        whatever the pod runs), and its caller gets what the pod answers; else 409."""
+        adm = self.proxy.gate.admission
+        if self.proxy.gate.cancel_queued(ticket):
+            return web.json_response({"id": job_id, "status": "cancelled", "sync": True})
+        running = adm.running(ticket)
+        pod = adm.pods.get(running.pod_id) if running is not None else None
+        if pod is None or len(pod.running) != 1 or pod.foreign:
+            raise errors.JobCancelled(
+                f"job {job_id} runs on a pod shared with other jobs: interrupt it with "
+                "POST /sdapi/v1/interrupt and X-Sdproxy-Job, or wait for it"
+            )
+        await forward.post_interrupt(
+            self.proxy.session, pod.url, timeout_s=self.proxy.settings.connect_timeout_s + 5
+        )
+        self.proxy.metrics.interrupt(InterruptReason.USER)
+        return web.json_response({"id": job_id, "status": "interrupted", "sync": True})
 
     async def get_result(self, request: web.Request, *, local: bool = False) -> web.StreamResponse:
         record = self._record(request)

@@ -126,6 +126,7 @@ async def test_prefer_respond_async_on_the_normal_path_and_not_a_job_for_light_r
             TXT2IMG, json=gen_body(5), headers={"Prefer": "wait=5, respond-async"}
         )
         assert resp.status_code == 202, resp.text
+        assert resp.headers["Preference-Applied"] == "respond-async"
         await until_status(client, resp.json()["id"], "succeeded")
         for path in ("/-/jobs/sdapi/v1/png-info", "/-/jobs/sdapi/v1/interrupt"):
             refused = await client.post(path, json={})
@@ -293,6 +294,30 @@ async def test_a_synchronous_job_is_visible_while_it_runs(
         assert resp.headers["X-Sdproxy-Job"] == job_id
         gone = await client.get(f"/-/jobs/{job_id}")
         assert gone.status_code == 404, "a synchronous job's answer went to its caller"
+
+
+async def test_deleting_a_running_synchronous_job_interrupts_its_pod(
+    sim_pods: SimFactory, proxy_factory: ProxyFactory, tmp_path: Path
+) -> None:
+    sims = await sim_pods(1)
+    proxy = await proxy_factory(sims.urls, "--jobs-dir", str(tmp_path / "jobs"))
+    job_id = "SyncJobIdSyncJobId02"
+    async with api(proxy) as client:
+        sync = asyncio.create_task(
+            client.post(TXT2IMG, json=gen_body(3000), headers={"X-Sdproxy-Job": job_id})
+        )
+
+        async def sampling() -> bool:
+            resp = await client.get(f"/-/jobs/{job_id}")
+            progress = resp.json().get("progress") if resp.status_code == 200 else None
+            return bool(progress and progress["step"])
+
+        await eventually(sampling, what="the synchronous job to sample")
+        deleted = await client.delete(f"/-/jobs/{job_id}")
+        assert deleted.status_code == 200 and deleted.json()["status"] == "interrupted"
+        answer = await sync
+        assert answer.status_code == 200, "sd-webui answers an interrupted job with what it made"
+    assert (await sims.stats(0))["interrupts_received"] == 1
 
 
 async def test_metrics_count_jobs_by_status_and_store_bytes(
