@@ -168,7 +168,11 @@ class Runner:
             job_id=record.id,
             job_keys=live.keys,
         )
-        body = await bodies.from_file(str(self.store.body_path(record.id)), record.body_bytes)
+        try:
+            body = await bodies.from_file(str(self.store.body_path(record.id)), record.body_bytes)
+        except BaseException:  # cancelled, or the file is unreadable: nothing was sent
+            slot.release(Outcome.UNUSED)
+            raise
 
         def send(url: str, expect: bool) -> Any:
             sent = CIMultiDict(record.headers)
@@ -294,9 +298,12 @@ class Runner:
         live = self.live.get(job_id)
         if live is None:
             return
-        if live.phase == "queued":
-            self.gate.cancel_queued(live.ticket)
-        elif live.phase == "running" and live.task is not None:
+        if live.phase == "queued" and self.gate.cancel_queued(live.ticket):
+            pass  # its runner gets job_cancelled
+        elif live.phase != "result" and live.task is not None:
+            # running, or bound a moment ago (its runner has not resumed yet): cancel
+            # the runner; the exchange's cancellation interrupts the pod or gives the
+            # unused slot back
             live.cancel_requested = True
             live.task.cancel()
         with contextlib.suppress(TimeoutError):

@@ -379,3 +379,31 @@ async def test_the_store_bound_expires_the_oldest_results_and_refuses_what_canno
         refused = await client.post("/-/jobs/sdapi/v1/img2img", json=big)
         assert refused.status_code == 503 and refused.json()["error"] == "jobs_full"
         assert refused.headers["Retry-After"]
+
+
+async def test_a_storm_of_submits_and_cancels_leaks_no_slot(
+    sim_pods: SimFactory, proxy_factory: ProxyFactory, tmp_path: Path
+) -> None:
+    """Cancels land while jobs queue, bind, run and finish: every job ends in a final
+    state, no pod ever ran two, and no slot stays taken."""
+    import random
+
+    sims = await sim_pods(2)
+    proxy = await proxy_factory(sims.urls, "--jobs-dir", str(tmp_path / "jobs"))
+    rng = random.Random(5)
+    async with api(proxy) as client:
+        ids = [(await submit(client, rng.randint(2, 40)))["id"] for _ in range(30)]
+        victims = rng.sample(ids, 15)
+
+        async def cancel_later(job_id: str) -> None:
+            await asyncio.sleep(rng.uniform(0, 0.5))
+            resp = await client.delete(f"/-/jobs/{job_id}")
+            assert resp.status_code == 200
+            assert resp.json()["status"] in ("cancelled", "succeeded")
+
+        await asyncio.gather(*(cancel_later(j) for j in victims))
+        finals = [await until_status(client, j, "succeeded", "cancelled") for j in ids]
+    assert {d["status"] for d in finals} <= {"succeeded", "cancelled"}
+    assert all(d["status"] == "succeeded" for d in finals if d["id"] not in victims)
+    await proxy.wait_idle()
+    assert all(s["heavy_inflight_max"] <= 1 for s in await sims.all_stats())
