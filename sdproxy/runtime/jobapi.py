@@ -215,7 +215,15 @@ class AsyncJobs:
         if self.store.get(job_id) is not None:
             raise errors.BadRequest(f"{JOB_HEADER}: a job with that id exists")
         ex.job_id = job_id
-        await _save(body, self.store.body_path(job_id))
+        path = self.store.body_path(job_id)
+        saving = asyncio.ensure_future(_save(body, path))
+        try:
+            # shielded: a client leaving mid-save must not leave a half file being written
+            await asyncio.shield(saving)
+        except asyncio.CancelledError:
+            saving.add_done_callback(lambda f: _discard(f, path))
+            raise
+        # from here on nothing awaits: the row and the queue place come together
         record = self.store.insert(
             JobRecord(
                 id=job_id,
@@ -591,6 +599,13 @@ def _forwarded_headers(request: web.Request) -> tuple[tuple[str, str], ...]:
     """The headers the pod will get (as a synchronous call's), minus the job API's."""
     headers = forward.upstream_headers(request, {})
     return tuple((k, v) for k, v in headers.items() if k.lower() not in _NOT_FORWARDED)
+
+
+def _discard(saving: asyncio.Future[None], path: Path) -> None:
+    """The end of a save whose client left: its file goes, its outcome is read."""
+    if not saving.cancelled():
+        saving.exception()
+    path.unlink(missing_ok=True)
 
 
 async def _save(body: bodies.ReceivedBody, path: Path) -> None:
