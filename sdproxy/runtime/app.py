@@ -36,9 +36,9 @@ from sdproxy.runtime.gate import Gate
 from sdproxy.runtime.gatewatch import GateWatch
 from sdproxy.runtime.healthcheck import HealthChecker
 from sdproxy.runtime.jobapi import AsyncJobs, open_store
-from sdproxy.runtime.jobapi import add_peer_routes as add_peer_job_routes
-from sdproxy.runtime.jobapi import add_routes as add_job_routes
 from sdproxy.runtime.jobhandoff import IMPORT_PATH, hand_over, import_job
+from sdproxy.runtime.jobroutes import add_peer_routes as add_peer_job_routes
+from sdproxy.runtime.jobroutes import add_routes as add_job_routes
 from sdproxy.runtime.jobs import new_token
 from sdproxy.runtime.local import LocalPods
 from sdproxy.runtime.logs import log_event, setup_logging

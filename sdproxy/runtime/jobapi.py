@@ -1,12 +1,10 @@
-"""Runtime: the asynchronous job API's HTTP surface (``/-/jobs``) and its retention.
+"""Runtime: the asynchronous job API of one replica — submit, status documents, retention.
 
-    POST   /-/jobs/<sd-webui path>   (or the path with Prefer: respond-async) -> 202
-    GET    /-/jobs/{id}              the status document (synchronous jobs too, while held)
-    GET    /-/jobs/{id}/result       what the synchronous call would have answered;
-                                     ?wait=S long-polls; 409 before, 410 after retention
-    DELETE /-/jobs/{id}              cancel: out of the queue, or the pod interrupted
-    GET    /-/jobs                   the caller's jobs, newest first (status, tenant,
-                                     limit, cursor)
+``AsyncJobs`` owns the replica's job store (``jobstore``), its runner (``jobrun``) and its
+callbacks (``callbacks``); it answers a submit (``POST /-/jobs/<path>``, or the path with
+``Prefer: respond-async``: ``202``), renders the status document and sweeps expired
+results. The other handlers are in ``jobroutes``; a leaving replica's handoff in
+``jobhandoff``.
 
 Who may do what (README "Who can reach a job"): a job's id is its capability — 96
 random bits, answered only to its submitter — so ``GET``/``DELETE``/``result`` by id work
@@ -17,7 +15,7 @@ for whoever holds it, from any replica. The list shows only the caller's own job
 A replica asked about an id it does not hold asks its live peers — the same request at
 their ``/-/peer/jobs/{id}…`` (operational endpoints: on ``--ops-listen`` when set, behind
 ``--ops-token``), which answer from what they hold and never ask further — and relays the
-first answer that is not a 404 (``_from_peers``). Retention: a finished job's result is
+first answer that is not a 404 (``jobroutes._from_peers``). Retention: a finished job's result is
 kept ``--jobs-ttl-s``, then it is deleted and the id answers ``410 job_expired`` for as
 long again (then 404); past ``--jobs-max-mb`` the oldest finished results go first. The
 sweeper runs every ``sweep_s`` and after every finished job.
@@ -26,28 +24,25 @@ sweeper runs every ``sweep_s`` and after every finished job.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import shutil
 import tempfile
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 from aiohttp import web
 
 from sdproxy import errors
-from sdproxy.core.effects import InterruptReason
 from sdproxy.core.sdapi import BodyInfo
 from sdproxy.runtime import body as bodies
 from sdproxy.runtime import forward
 from sdproxy.runtime.callbacks import CALLBACK_HEADER, Callbacks
-from sdproxy.runtime.jobrun import Live, Runner
+from sdproxy.runtime.jobrun import Runner
 from sdproxy.runtime.jobrun import run_io as _run_io
-from sdproxy.runtime.jobs import JOB_HEADER, JOB_ID, Caller, identify, new_token
+from sdproxy.runtime.jobs import JOB_HEADER, Caller, new_token
 from sdproxy.runtime.jobstore import (
     CALLBACK_PENDING,
     JobRecord,
@@ -57,7 +52,7 @@ from sdproxy.runtime.jobstore import (
     StoreInUse,
     default_dir,
 )
-from sdproxy.runtime.proxy import ASYNC_KEY, Exchange, Proxy, error_response
+from sdproxy.runtime.proxy import Exchange, Proxy
 from sdproxy.runtime.status import JobsStatus, RecentJob
 from sdproxy.settings import HostPort, JobSettings
 
@@ -183,12 +178,6 @@ class AsyncJobs:
 
     # ---- submit ---------------------------------------------------------------------------
 
-    async def submit_path(self, request: web.Request) -> web.StreamResponse:
-        """``POST /-/jobs/<path>``: the proxy's own handler, for ``<path>``, as a job."""
-        clone = request.clone(rel_url=request.rel_url.raw_path_qs[len(PREFIX) :])
-        clone[ASYNC_KEY] = True
-        return await self.proxy.handle(clone)
-
     async def submit(
         self, request: web.Request, ex: Exchange, body: bodies.ReceivedBody, info: BodyInfo
     ) -> web.Response:
@@ -252,7 +241,7 @@ class AsyncJobs:
 
     def _idempotent(self, owners: list[str], key: str | None) -> JobRecord | None:
         record = self.store.find_idempotent(owners, key) if key else None
-        if record is not None and self._expired(record):
+        if record is not None and self.expired(record):
             return None
         return record
 
@@ -295,210 +284,13 @@ class AsyncJobs:
             "finished_at": record.finished_at,
             "error": record.error,
             "tenant": record.tenant,
-            "expired": self._expired(record),
+            "expired": self.expired(record),
             "urls": {"self": base, "result": base + "/result", "cancel": base},
         }
 
-    def _sync_document(self, job_id: str) -> dict[str, Any] | None:
-        """A synchronous heavy request's job, while this replica holds it."""
-        held = self.proxy.jobs.by_id(job_id)
-        if held is None:
-            return None
-        adm = self.proxy.gate.admission
-        running = adm.running(held.ticket)
-        queued = adm.is_queued(held.ticket)
-        return {
-            "id": job_id,
-            "status": "running" if running is not None else "queued",
-            "route": held.route,
-            "queue_position": adm.position(held.ticket) if queued else None,
-            "eta_s": round(adm.eta_s(held.ticket), 2) if queued else None,
-            "progress": None,
-            "pod": running.pod_id if running is not None else None,
-            "created_at": held.created_at,
-            "started_at": None,
-            "finished_at": None,
-            "error": None,
-            "tenant": None,
-            "expired": False,
-            "sync": True,
-        }
-
-    async def _with_progress(self, doc: dict[str, Any]) -> dict[str, Any]:
-        """While running: the pod's own progress, when the pod runs this job only (its
-        progress endpoint describes whatever it runs; another caller's is never shown)."""
-        pod_id = doc.get("pod")
-        pod = self.proxy.gate.admission.pods.get(pod_id) if pod_id else None
-        if doc["status"] != "running" or pod is None or len(pod.running) != 1 or pod.foreign:
-            return doc
-        timeout = aiohttp.ClientTimeout(total=2.0)
-        try:
-            url = pod.url + "/sdapi/v1/progress?skip_current_image=true"
-            async with self.proxy.session.get(url, timeout=timeout) as resp:
-                data = await resp.json() if resp.status == 200 else None
-        except (aiohttp.ClientError, TimeoutError, ValueError):
-            return doc
-        if isinstance(data, dict) and isinstance(data.get("state"), dict):
-            state = data["state"]
-            doc["progress"] = {
-                "fraction": data.get("progress"),
-                "eta_s": data.get("eta_relative"),
-                "step": state.get("sampling_step"),
-                "steps": state.get("sampling_steps"),
-            }
-        return doc
-
-    def _expired(self, record: JobRecord) -> bool:
+    def expired(self, record: JobRecord) -> bool:
         finished = record.finished_at
         return record.expired or (finished is not None and finished < time.time() - self.ttl_s)
-
-    # ---- handlers -------------------------------------------------------------------------
-
-    def _record(self, request: web.Request) -> JobRecord | None:
-        job_id = request.match_info["id"]
-        if not JOB_ID.fullmatch(job_id):
-            raise errors.JobNotFound(f"no job {job_id[:128]!r}")
-        return self.store.get(job_id)
-
-    async def get_job(self, request: web.Request, *, local: bool = False) -> web.StreamResponse:
-        record = self._record(request)
-        if record is None:
-            doc = self._sync_document(request.match_info["id"])
-            if doc is not None:
-                return web.json_response(await self._with_progress(doc))
-            return await self._from_peers(request, local=local)
-        return web.json_response(await self._with_progress(self.document(record)))
-
-    async def delete_job(self, request: web.Request, *, local: bool = False) -> web.StreamResponse:
-        record = self._record(request)
-        if record is None:
-            held = self.proxy.jobs.by_id(request.match_info["id"])
-            if held is not None:
-                return await self._cancel_sync(request.match_info["id"], held.ticket)
-            return await self._from_peers(request, local=local)
-        if not record.status.finished:
-            await self.runner.cancel(record.id)
-            record = self.store.get(record.id) or record
-        return web.json_response(self.document(record))
-
-    async def _cancel_sync(self, job_id: str, ticket: Any) -> web.Response:
-        """A synchronous job: queued, its request gets ``409 job_cancelled``; running, its
-        pod is interrupted when it runs this job alone (sd-webui's interrupt stops
-        whatever the pod runs), and its caller gets what the pod answers; else 409."""
-        adm = self.proxy.gate.admission
-        if self.proxy.gate.cancel_queued(ticket):
-            return web.json_response({"id": job_id, "status": "cancelled", "sync": True})
-        running = adm.running(ticket)
-        pod = adm.pods.get(running.pod_id) if running is not None else None
-        if pod is None or len(pod.running) != 1 or pod.foreign:
-            raise errors.JobCancelled(
-                f"job {job_id} runs on a pod shared with other jobs: interrupt it with "
-                "POST /sdapi/v1/interrupt and X-Sdproxy-Job, or wait for it"
-            )
-        await forward.post_interrupt(
-            self.proxy.session, pod.url, timeout_s=self.proxy.settings.connect_timeout_s + 5
-        )
-        self.proxy.metrics.interrupt(InterruptReason.USER)
-        return web.json_response({"id": job_id, "status": "interrupted", "sync": True})
-
-    async def get_result(self, request: web.Request, *, local: bool = False) -> web.StreamResponse:
-        record = self._record(request)
-        if record is None:
-            return await self._from_peers(request, local=local)
-        wait_s = _wait_s(request)
-        if not record.status.finished and wait_s > 0:
-            record = await self._wait(record, wait_s)
-        if not record.status.finished:
-            raise errors.JobNotFinished(
-                f"job {record.id} is {record.status.value}; retry, or wait with ?wait=S",
-                retry_after_s=1,
-            )
-        if self._expired(record):
-            raise errors.JobExpired(f"job {record.id}'s result was kept {self.ttl_s:g} s")
-        return await self._send_result(request, record)
-
-    async def _wait(self, record: JobRecord, wait_s: float) -> JobRecord:
-        live: Live | None = self.runner.live.get(record.id)
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + wait_s
-        while live is None and loop.time() < deadline:  # not taken up yet (a restart)
-            await asyncio.sleep(0.1)
-            live = self.runner.live.get(record.id)
-        if live is not None:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(live.done.wait(), max(0.0, deadline - loop.time()))
-        return self.store.get(record.id) or record
-
-    async def _send_result(self, request: web.Request, record: JobRecord) -> web.StreamResponse:
-        response = web.StreamResponse(status=record.result_status or 200)
-        response.headers.extend(record.result_headers)
-        response.headers[JOB_HEADER] = record.id
-        response.content_length = record.result_bytes
-        path = self.store.result_path(record.id)
-        try:
-            handle = await _run_io(lambda: path.open("rb"))
-        except OSError as exc:
-            raise errors.JobExpired(f"job {record.id}'s result is gone") from exc
-        try:
-            await response.prepare(request)
-            while chunk := await _run_io(handle.read, READ_CHUNK):
-                await response.write(chunk)
-        finally:
-            await _run_io(handle.close)
-        await response.write_eof()
-        return response
-
-    async def list_jobs(self, request: web.Request) -> web.StreamResponse:
-        caller = identify(request, by_address=self.proxy.settings.address_identity)
-        query = request.query
-        status = query.get("status") or None
-        if status is not None and status not in {s.value for s in JobStatus}:
-            raise errors.BadRequest(
-                f"status must be one of {', '.join(s.value for s in JobStatus)}"
-            )
-        try:
-            limit = int(query.get("limit", "50"))
-            cursor = query.get("cursor") or None
-            if cursor is not None:
-                int(cursor)
-        except ValueError as exc:
-            raise errors.BadRequest("limit and cursor must be integers") from exc
-        if not 1 <= limit <= MAX_PAGE:
-            raise errors.BadRequest(f"limit must be within 1..{MAX_PAGE}")
-        page = self.store.page(
-            owners=owners_of(caller),
-            status=JobStatus(status) if status else None,
-            tenant=query.get("tenant") or None,
-            limit=limit,
-            cursor=cursor,
-        )
-        return web.json_response(
-            {"jobs": [self.document(r) for r in page.jobs], "cursor": page.cursor}
-        )
-
-    async def _from_peers(self, request: web.Request, *, local: bool) -> web.StreamResponse:
-        """Ask every live peer at its /-/peer/jobs (which answers from its own store
-        only); relay the first answer that is not a 404."""
-        job_id = request.match_info["id"]
-        peers = self.proxy.peers
-        if not local and peers is not None:
-            wait = _wait_s(request)
-            timeout = aiohttp.ClientTimeout(total=wait + 10, connect=2)
-            path_qs = PEER_PREFIX + request.rel_url.raw_path_qs[len(PREFIX) :]
-            for url, _state in peers.live():
-                try:
-                    upstream = await self.proxy.session.request(
-                        request.method, url + path_qs, headers=peers.headers, timeout=timeout
-                    )
-                except (aiohttp.ClientError, TimeoutError) as exc:
-                    log.debug("peer %s about job %s: %r", url, job_id[:6], exc)
-                    continue
-                async with upstream:
-                    if upstream.status == 404:
-                        continue
-                    response, _sent = await forward.relay(request, upstream, extra_headers={})
-                    return response
-        raise errors.JobNotFound(f"no job {job_id}")
 
     # ---- /-/status, metrics ---------------------------------------------------------------
 
@@ -523,29 +315,6 @@ class AsyncJobs:
         )
 
 
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-
-
-def add_routes(app: web.Application, jobs_of: Callable[[web.Request], AsyncJobs]) -> None:
-    """The /-/jobs routes (before the app's catch-all /-/ route); ``jobs_of`` finds the
-    replica's AsyncJobs once the app runs."""
-
-    def guard(pick: Callable[[AsyncJobs], Handler]) -> Handler:
-        async def guarded(request: web.Request) -> web.StreamResponse:
-            try:
-                return await pick(jobs_of(request))(request)
-            except errors.ClientFacingError as exc:
-                return error_response(exc)
-
-        return guarded
-
-    app.router.add_get(PREFIX, guard(lambda j: j.list_jobs))
-    app.router.add_post(PREFIX + "/{tail:.+}", guard(lambda j: j.submit_path))
-    app.router.add_get(PREFIX + "/{id}", guard(lambda j: j.get_job))
-    app.router.add_get(PREFIX + "/{id}/result", guard(lambda j: j.get_result))
-    app.router.add_delete(PREFIX + "/{id}", guard(lambda j: j.delete_job))
-
-
 def owners_of(caller: Caller) -> list[str]:
     """Whose jobs a caller lists and whose Idempotency-Keys it shares: the identity it
     gives, and (with --address-identity) the jobs its address sent with none — its
@@ -558,41 +327,6 @@ def owners_of(caller: Caller) -> list[str]:
 
 def _address_key(caller: Caller) -> str:
     return Caller(header=None, cookie=None, address=caller.address, new_cookie=None).quota_key
-
-
-def add_peer_routes(
-    app: web.Application,
-    jobs_of: Callable[[web.Request], AsyncJobs],
-    *,
-    guard: Callable[[Handler], Handler],
-) -> None:
-    """The /-/peer/jobs routes another replica asks (answered from this store only)."""
-
-    def local(pick: Callable[[AsyncJobs], Callable[..., Awaitable[web.StreamResponse]]]) -> Handler:
-        async def handler(request: web.Request) -> web.StreamResponse:
-            try:
-                return await pick(jobs_of(request))(request, local=True)
-            except errors.ClientFacingError as exc:
-                return error_response(exc)
-
-        return guard(handler)
-
-    app.router.add_get(PEER_PREFIX + "/{id}", local(lambda j: j.get_job))
-    app.router.add_get(PEER_PREFIX + "/{id}/result", local(lambda j: j.get_result))
-    app.router.add_delete(PEER_PREFIX + "/{id}", local(lambda j: j.delete_job))
-
-
-def _wait_s(request: web.Request) -> float:
-    raw = request.query.get("wait")
-    if raw is None:
-        return 0.0
-    try:
-        wait = float(raw)
-    except ValueError as exc:
-        raise errors.BadRequest("wait must be a number of seconds") from exc
-    if not wait >= 0:  # NaN too
-        raise errors.BadRequest("wait must be a number of seconds")
-    return min(wait, MAX_WAIT_S)
 
 
 def _forwarded_headers(request: web.Request) -> tuple[tuple[str, str], ...]:
