@@ -66,10 +66,18 @@ class Peers:
         self.clock = clock
         self._urls: list[str] = list(urls)
         self._state: dict[str, PeerState] = {}
+        #: every replica id a peer ever answered with (a leaving replica that stopped
+        #: listening is still known: it hands its jobs over after its drain)
+        self.known: set[str] = set()
 
     @property
     def urls(self) -> list[str]:
         return list(self._urls)
+
+    @property
+    def headers(self) -> dict[str, str]:
+        """What a request to a peer's /-/peer* endpoints carries (the ops token)."""
+        return dict(self._headers)
 
     def set_urls(self, urls: Sequence[str]) -> None:
         self._urls = list(urls)
@@ -101,6 +109,7 @@ class Peers:
         if data is None or data.get("replica") == self.replica:
             self._state.pop(url, None)
             return
+        self.known.add(str(data["replica"]))
         self._state[url] = PeerState(
             replica=str(data["replica"]),
             queued=int(data["queued"]),
