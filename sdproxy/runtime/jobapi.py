@@ -40,7 +40,7 @@ from sdproxy.core.sdapi import BodyInfo
 from sdproxy.runtime import body as bodies
 from sdproxy.runtime import forward
 from sdproxy.runtime.callbacks import CALLBACK_HEADER, Callbacks
-from sdproxy.runtime.jobrun import Runner
+from sdproxy.runtime.jobrun import Runner, open_io
 from sdproxy.runtime.jobrun import run_io as _run_io
 from sdproxy.runtime.jobs import JOB_HEADER, Caller, new_token
 from sdproxy.runtime.jobstore import (
@@ -348,7 +348,7 @@ async def _save(body: bodies.ReceivedBody, path: Path) -> None:
         if body.spool is None:  # in memory (up to 1 MiB): one hop
             await _run_io(path.write_bytes, body.data)
         else:
-            handle = await _run_io(lambda: path.open("wb"))
+            handle = await open_io(path, "wb")
             try:
                 async for chunk in body.chunks():
                     await _run_io(handle.write, chunk)

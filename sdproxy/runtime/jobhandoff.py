@@ -29,7 +29,7 @@ from aiohttp import web
 
 from sdproxy import errors
 from sdproxy.core.sdapi import inspect_body
-from sdproxy.runtime.jobrun import body_prefix, run_io
+from sdproxy.runtime.jobrun import body_prefix, open_io, run_io
 from sdproxy.runtime.jobstore import JobRecord, JobStatus
 from sdproxy.runtime.podgate import REPLICA_HEADER
 
@@ -83,7 +83,7 @@ async def _send(jobs: AsyncJobs, url: str, record: JobRecord, *, replica: str) -
     path = jobs.store.result_path(record.id) if finished else jobs.store.body_path(record.id)
 
     async def content() -> AsyncIterator[bytes]:
-        handle = await run_io(lambda: path.open("rb"))
+        handle = await open_io(path, "rb")
         try:
             while chunk := await run_io(handle.read, CHUNK):
                 yield chunk
@@ -124,7 +124,7 @@ async def import_job(jobs: AsyncJobs, request: web.Request, *, replica: str) -> 
     finished = record.status.finished
     path = jobs.store.result_path(record.id) if finished else jobs.store.body_path(record.id)
     size = 0
-    handle = await run_io(lambda: path.open("wb"))
+    handle = await open_io(path, "wb")
     try:
         async for chunk in request.content.iter_chunked(CHUNK):
             await run_io(handle.write, chunk)

@@ -35,7 +35,7 @@ from sdproxy.runtime.jobapi import (
     AsyncJobs,
     owners_of,
 )
-from sdproxy.runtime.jobrun import Live
+from sdproxy.runtime.jobrun import Live, open_io
 from sdproxy.runtime.jobrun import run_io as _run_io
 from sdproxy.runtime.jobs import JOB_HEADER, JOB_ID, identify
 from sdproxy.runtime.jobstore import JobRecord, JobStatus
@@ -198,7 +198,7 @@ async def _send_result(
     response.content_length = record.result_bytes
     path = jobs.store.result_path(record.id)
     try:
-        handle = await _run_io(lambda: path.open("rb"))
+        handle = await open_io(path, "rb")
     except OSError as exc:
         raise errors.JobExpired(f"job {record.id}'s result is gone") from exc
     try:

@@ -353,6 +353,7 @@ class ResultFile:
         self._parts: list[bytes] = []
         self._pending = 0
         self._handle: IO[bytes] | None = None
+        self._inflight: asyncio.Future[None] | None = None
 
     async def write(self, chunk: bytes) -> None:
         self._parts.append(chunk)
@@ -360,11 +361,20 @@ class ResultFile:
         self.size += len(chunk)
         if self._pending >= self.BUFFER:
             parts, self._parts, self._pending = self._parts, [], 0
-            await run_io(self._flush, parts, False)
+            await self._in_thread(parts, False)
 
     async def close(self) -> None:
+        if self._inflight is not None:  # a write its cancelled caller left running
+            await asyncio.wait({self._inflight})
         parts, self._parts = self._parts, []
-        await run_io(self._flush, parts, True)
+        await self._in_thread(parts, True)
+
+    async def _in_thread(self, parts: list[bytes], last: bool) -> None:
+        """One flush at a time: a cancelled caller leaves its thread to finish, and the
+        next flush (``close``) waits for it instead of racing it for the handle."""
+        future = asyncio.get_running_loop().run_in_executor(None, self._flush, parts, last)
+        self._inflight = future
+        await asyncio.shield(future)
 
     def _flush(self, parts: list[bytes], last: bool) -> None:  # in a thread
         if self._handle is None:
@@ -400,3 +410,19 @@ async def body_prefix(path: Path) -> tuple[bytes, bool]:
 async def run_io(fn: Callable[..., T], *args: Any) -> T:
     """File I/O in the executor (a write may block on the disk)."""
     return await asyncio.get_running_loop().run_in_executor(None, fn, *args)
+
+
+async def open_io(path: Path, mode: str) -> IO[Any]:
+    """``path.open(mode)`` in the executor. A caller cancelled while the thread opens it
+    (a client gone) never leaks the file: it is closed as soon as the thread is done."""
+    future = asyncio.get_running_loop().run_in_executor(None, path.open, mode)
+    try:
+        return await asyncio.shield(future)
+    except asyncio.CancelledError:
+        future.add_done_callback(_close_opened)
+        raise
+
+
+def _close_opened(future: asyncio.Future[IO[Any]]) -> None:
+    if not future.cancelled() and future.exception() is None:
+        future.result().close()
