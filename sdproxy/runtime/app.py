@@ -153,7 +153,16 @@ class Services:
         """What this replica tells its peers (``GET /-/peer``)."""
         adm = self.admission
         direct = sum(len(p.running) for p in adm.pods.values() if not p.gated)
-        return {"replica": self.replica, "queued": len(adm.queue), "inflight_direct": direct}
+        return {
+            "replica": self.replica,
+            "queued": len(adm.queue),
+            "inflight_direct": direct,
+            "arrivals": self.gate.arrivals,
+        }
+
+    def global_arrivals(self) -> int:
+        """Heavy arrivals over every replica (this one's and the live peers')."""
+        return self.gate.arrivals + (self.peers.arrivals() if self.peers else 0)
 
     def on_snapshot(self, endpoints: Sequence[Endpoint]) -> None:
         """A discovery source pushed the pods it knows."""
@@ -185,6 +194,7 @@ class Services:
                 min_pods=self.settings.scaler.autoscale.min_pods,
                 max_pods=self.settings.scaler.autoscale.max_pods,
                 events=tuple(self.autoscaler.events),
+                **self.autoscaler.model_status(),
             ),
             discovery=DiscoveryStatus(
                 source=self.discovery.name,
@@ -292,6 +302,7 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
         services.proxy.gatewatch = services.gatewatch
         services.proxy.peers = services.peers
         services.autoscaler.demand = services.global_demand
+        services.autoscaler.arrivals = services.global_arrivals
         services.warmer = Warmer(
             session=session, gate=services.gate, timeout_s=settings.discovery.warmup_timeout_s
         )

@@ -3,8 +3,9 @@ replica.
 
 Peers come from ``--peer URL`` (static) or, with ``--peer-service``, from the EndpointSlices
 of the proxy's own Service (the same list+watch as pod discovery). Each replica serves
-``GET /-/peer``: its replica id, how many heavy requests it has queued, and how many run on
-pods WITHOUT a gate (in-flight work on gated pods is seen by everyone at the gates). Every
+``GET /-/peer``: its replica id, how many heavy requests it has queued, how many it received
+since it started (the arrival rate of ``--wait-target-s``), and how many run on pods WITHOUT
+a gate (in-flight work on gated pods is seen by everyone at the gates). Every
 replica polls every peer each ``INTERVAL_S``; a peer not heard from for ``STALE_S`` no
 longer counts (a dead replica's queue died with it). So every replica computes the same
 global demand: all queues, plus the in-flight work at the gates, plus every replica's work
@@ -41,6 +42,8 @@ class PeerState:
     queued: int
     inflight_direct: int
     seen_at: float
+    #: heavy requests it received since it started (the autoscaler's arrival rate)
+    arrivals: int = 0
 
 
 class Peers:
@@ -77,6 +80,11 @@ class Peers:
         states = [s for _u, s in self.live()]
         return sum(s.queued for s in states), sum(s.inflight_direct for s in states)
 
+    def arrivals(self) -> int:
+        """Heavy arrivals counted by the live peers (a peer that drops out makes the sum
+        go back: the autoscaler restarts its rate window)."""
+        return sum(s.arrivals for _u, s in self.live())
+
     async def run(self) -> None:
         """Poll every peer, forever."""
         while True:
@@ -93,6 +101,7 @@ class Peers:
             queued=int(data["queued"]),
             inflight_direct=int(data["inflight_direct"]),
             seen_at=self.clock(),
+            arrivals=int(data.get("arrivals", 0)),
         )
 
     async def find_queued(self, key: str) -> dict[str, Any] | None:
