@@ -53,7 +53,7 @@ from sdproxy.core.queueing import servers_for_wait
 #: the queue-wait quantile ``wait_target_s`` bounds
 WAIT_QUANTILE = 0.95
 #: arrivals are counted over this window for the measured rate
-RATE_WINDOW_S = 60.0
+RATE_WINDOW_S = 120.0
 
 
 @dataclass(frozen=True, kw_only=True)
