@@ -28,10 +28,13 @@
         ├── BodyTooLarge            413 body_too_large
         ├── BodyTimeout             408 body_timeout (the upload took over
         │                           --client-body-timeout-s)
+        ├── SpoolFull               503 spool_full (spooled bodies at --spool-max-mb;
+        │                           with Retry-After)
         ├── Forbidden               403 forbidden_route
         ├── BadRequest              400 bad_request
         │   └── MalformedBody       400 bad_request (the body's framing broke mid-upload)
         ├── NotFound                404 not_found (unknown /-/ endpoint)
+        ├── Unauthorized            401 unauthorized (an ops endpoint without --ops-token)
         └── InternalError           500 internal_error (a bug; logged with its traceback)
 
 Kubernetes and aiohttp client errors are translated at the runtime boundary with
@@ -203,6 +206,11 @@ class BodyTooLarge(ClientFacingError):
     code = "body_too_large"
 
 
+class SpoolFull(ClientFacingError):
+    status = 503
+    code = "spool_full"
+
+
 class BodyTimeout(ClientFacingError):
     status = 408
     code = "body_timeout"
@@ -226,6 +234,11 @@ class MalformedBody(BadRequest):
 class NotFound(ClientFacingError):
     status = 404
     code = "not_found"
+
+
+class Unauthorized(ClientFacingError):
+    status = 401
+    code = "unauthorized"
 
 
 class InternalError(ClientFacingError):
