@@ -209,3 +209,59 @@ def predict_table(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
             }
         )
     return table
+
+
+def frontier_markdown(frontier: dict[str, dict[str, Any]]) -> str:
+    """One table per trace (every point, cheapest first per family) and the --predict
+    table of days 2 on."""
+    parts: list[str] = []
+    for data in frontier.values():
+        dominated = {p["peer"]: p["dominated_by"] for p in data["dominance"]["peers"]}
+        later = "days_2_on" in data["rows"][0]
+        head = "| policy | knobs | GPU-pod-s | p95 wait s | p99 wait s |"
+        rule = "|---|---|---:|---:|---:|"
+        if later:
+            head += " days 2-3: GPU-pod-s | p95 | p99 |"
+            rule += "---:|---:|---:|"
+        head += " dominated by |"
+        rule += "---|"
+        parts += [
+            f"**{data['days']}-day trace** ({data['arrivals']} requests):",
+            "",
+            head,
+            rule,
+        ]
+        rows = sorted(data["rows"], key=lambda r: (r["family"], r["gpu_pod_seconds"]))
+        for r in rows:
+            knobs = ", ".join(f"{k} {v:g}" for k, v in r["knobs"].items())
+            line = (
+                f"| {r['family']} | {knobs} | {r['gpu_pod_seconds']:,.0f} | "
+                f"{r['wait_p95_s']:.2f} | {r['wait_p99_s']:.2f} |"
+            )
+            if later:
+                d = r["days_2_on"]
+                line += (
+                    f" {d['gpu_pod_seconds']:,.0f} | {d['wait_p95_s']:.2f} | "
+                    f"{d['wait_p99_s']:.2f} |"
+                )
+            by = dominated.get(_label(r), "")
+            line += f" {by if by is not None else '**none**'} |"
+            parts.append(line)
+        parts.append("")
+        if "predict" in data:
+            parts += [
+                "**--predict on days 2-3** (same knobs without and with it):",
+                "",
+                "| wait target s | idle-to-zero s | GPU-pod-s reactive | with --predict | "
+                "ratio | p95 reactive | with | p99 reactive | with |",
+                "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+            ]
+            for t in data["predict"]:
+                parts.append(
+                    f"| {t['wait_target_s']:g} | {t['idle_to_zero_s']:g} | "
+                    f"{t['reactive_gpu']:,.0f} | {t['predict_gpu']:,.0f} | {t['gpu_ratio']:.3f} | "
+                    f"{t['reactive_p95_s']:.2f} | {t['predict_p95_s']:.2f} | "
+                    f"{t['reactive_p99_s']:.2f} | {t['predict_p99_s']:.2f} |"
+                )
+            parts.append("")
+    return "\n".join(parts)

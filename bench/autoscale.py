@@ -23,7 +23,13 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from bench._autoscale_frontier import dominance, predict_table, run_sweep, summarise
+from bench._autoscale_frontier import (
+    dominance,
+    frontier_markdown,
+    predict_table,
+    run_sweep,
+    summarise,
+)
 from bench._autoscale_policies import KedaPolicy, KpaPolicy, OraclePolicy, SdproxyPolicy
 from bench._autoscale_sim import Policy, Request, SimConfig, SimResult, Simulation
 from sdproxy.core.autoscale import AutoscaleConfig
@@ -289,6 +295,7 @@ def run_autoscale(*, quick: bool, seed: int = 1) -> dict[str, Any]:
         "sdproxy_config": asdict(sdproxy_config()),
         "policies": policies,
         "frontier": frontier,
+        "table_md": frontier_markdown(frontier),
         "targets": {**_targets(policies), **_frontier_targets(frontier)},
     }
 
@@ -340,31 +347,19 @@ MARKERS = {
 
 
 def _plot_frontier(plt: Any, name: str, data: dict[str, Any], out_dir: Path) -> Path:
-    """GPU-pod-seconds against p95 and p99 wait, one marker per policy setting."""
-    fig, axes = plt.subplots(1, 2, figsize=(13, 5))
-    for ax, key in zip(axes, ("wait_p95_s", "wait_p99_s"), strict=True):
-        for family, (marker, colour) in MARKERS.items():
-            rows = sorted(
-                (r for r in data["rows"] if r["family"] == family),
-                key=lambda r: r["gpu_pod_seconds"],
-            )
-            if not rows:
-                continue
-            xs = [r["gpu_pod_seconds"] / 1000 for r in rows]
-            ys = [max(r[key], 0.05) for r in rows]
-            ax.scatter(xs, ys, marker=marker, color=colour, label=family, s=28, alpha=0.85)
-            for r, x, y in zip(rows, xs, ys, strict=True):
-                w = r["knobs"].get("wait_target_s")
-                if w is not None and r["knobs"].get("idle_to_zero_s") == 300.0:
-                    ax.annotate(
-                        f"{w:g}", (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points"
-                    )
-        ax.set_yscale("log")
-        ax.set_xlabel("GPU-pod-seconds (thousands)")
-        ax.set_ylabel(key.replace("wait_", "").replace("_s", "") + " queue wait (s, log)")
-        ax.axhline(10.0, color="grey", linewidth=0.6, linestyle="--")
-        ax.grid(alpha=0.3, which="both")
-    axes[0].legend(fontsize=8)
+    """GPU-pod-seconds against p95 and p99 wait, one marker per policy setting; for a
+    several-day trace a second row for days 2 on (what --predict learned for)."""
+    parts: list[tuple[str, Callable[[dict[str, Any]], dict[str, Any]]]] = [
+        ("all days", lambda r: r)
+    ]
+    if data["days"] > 1:
+        parts.append(("days 2-3", lambda r: r["days_2_on"]))
+    fig, axes = plt.subplots(len(parts), 2, figsize=(13, 5 * len(parts)), squeeze=False)
+    for (title, pick), row_axes in zip(parts, axes, strict=True):
+        for ax, key in zip(row_axes, ("wait_p95_s", "wait_p99_s"), strict=True):
+            _frontier_panel(ax, data["rows"], pick, key)
+            ax.set_title(f"{title}: {key[5:8]}", fontsize=9)
+    axes[0][0].legend(fontsize=8)
     fig.suptitle(
         f"autoscale frontier, {data['days']}-day trace ({data['arrivals']} requests); "
         "labels: --wait-target-s (idle-to-zero 300 s)"
@@ -374,6 +369,29 @@ def _plot_frontier(plt: Any, name: str, data: dict[str, Any], out_dir: Path) -> 
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+def _frontier_panel(
+    ax: Any, rows: list[dict[str, Any]], pick: Callable[[dict[str, Any]], dict[str, Any]], key: str
+) -> None:
+    for family, (marker, colour) in MARKERS.items():
+        mine = sorted(
+            (r for r in rows if r["family"] == family), key=lambda r: pick(r)["gpu_pod_seconds"]
+        )
+        if not mine:
+            continue
+        xs = [pick(r)["gpu_pod_seconds"] / 1000 for r in mine]
+        ys = [max(pick(r)[key], 0.05) for r in mine]
+        ax.scatter(xs, ys, marker=marker, color=colour, label=family, s=28, alpha=0.85)
+        for r, x, y in zip(mine, xs, ys, strict=True):
+            w = r["knobs"].get("wait_target_s")
+            if w is not None and r["knobs"].get("idle_to_zero_s") == 300.0:
+                ax.annotate(f"{w:g}", (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    ax.set_yscale("log")
+    ax.set_xlabel("GPU-pod-seconds (thousands)")
+    ax.set_ylabel(f"{key[5:8]} queue wait (s, log; 0 drawn at 0.05)")
+    ax.axhline(10.0, color="grey", linewidth=0.6, linestyle="--")
+    ax.grid(alpha=0.3, which="both")
 
 
 if __name__ == "__main__":  # python -m bench.autoscale [--quick]
