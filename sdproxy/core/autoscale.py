@@ -237,8 +237,9 @@ def _arrival_rate(
     total = observation.arrivals
     samples = state.arrivals
     if samples and total < samples[-1][1]:
-        samples = ()
-    came = total - samples[-1][1] if samples else total
+        samples, came = (), 0  # how many came since is unknown: none learned
+    else:
+        came = total - samples[-1][1] if samples else total
     samples = (*samples, (now, total))
     cut = 0
     while cut + 1 < len(samples) and samples[cut + 1][0] <= now - RATE_WINDOW_S:

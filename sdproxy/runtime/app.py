@@ -100,6 +100,8 @@ class Services:
         self.replica = f"{settings.scaler.identity}/{new_token()[:8]}"
         self.synced = False
         self._appeared: dict[PodId, float] = {}
+        self._arrivals_seen: dict[str, int] = {}
+        self._arrivals_total = 0
 
     def _on_reject(self, reason: RejectReason) -> None:
         self.metrics.rejected(reason)
@@ -164,8 +166,21 @@ class Services:
         }
 
     def global_arrivals(self) -> int:
-        """Heavy arrivals over every replica (this one's and the live peers')."""
-        return self.gate.arrivals + (self.peers.arrivals() if self.peers else 0)
+        """Heavy arrivals over every replica, as a counter that only grows: each replica's
+        (this one's, every live peer's) increase since it was last seen is added; a peer
+        seen for the first time adds nothing (its count is its past), one that restarted
+        (its count went back) starts over from its new count, one gone adds no more."""
+        counts = {self.replica: self.gate.arrivals}
+        if self.peers is not None:
+            counts.update(self.peers.arrivals())
+        for replica, count in counts.items():
+            last = self._arrivals_seen.get(replica)
+            if last is None and replica == self.replica:
+                last = 0
+            if last is not None and count >= last:
+                self._arrivals_total += count - last
+            self._arrivals_seen[replica] = count
+        return self._arrivals_total
 
     def on_snapshot(self, endpoints: Sequence[Endpoint]) -> None:
         """A discovery source pushed the pods it knows."""

@@ -85,10 +85,9 @@ class Peers:
         states = [s for _u, s in self.live()]
         return sum(s.queued for s in states), sum(s.inflight_direct for s in states)
 
-    def arrivals(self) -> int:
-        """Heavy arrivals counted by the live peers (a peer that drops out makes the sum
-        go back: the autoscaler restarts its rate window)."""
-        return sum(s.arrivals for _u, s in self.live())
+    def arrivals(self) -> dict[str, int]:
+        """Each live peer's heavy-arrival counter, by replica id."""
+        return {s.replica: s.arrivals for _u, s in self.live()}
 
     async def run(self) -> None:
         """Poll every peer, forever."""

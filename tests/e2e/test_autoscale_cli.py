@@ -10,6 +10,7 @@ flag.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import signal
 from pathlib import Path
@@ -17,7 +18,18 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from tests.e2e.test_serve_cli import backend_flags, generate, run_cli, serve, sim, status
+from tests.conftest import free_port
+from tests.e2e.test_serve_cli import (
+    backend_flags,
+    generate,
+    process,
+    ready,
+    run_cli,
+    serve,
+    sim,
+    status,
+    wait_for,
+)
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(90)]
 
@@ -99,3 +111,38 @@ def test_a_broken_predict_state_stops_start_up(tmp_path: Path, content: str) -> 
     assert proc.returncode == 2, proc.stderr
     assert len(proc.stderr.splitlines()) == 1, proc.stderr
     assert proc.stderr.startswith(f"sdproxy: error: --predict-state {state}: "), proc.stderr
+
+
+async def test_every_replica_counts_the_arrivals_of_all(tmp_path: Path) -> None:
+    """Two replicas, peers of each other: requests sent to A only make B's measured
+    arrival rate (what its --wait-target-s model sizes for) the same as A's."""
+    ports = [free_port(), free_port()]
+    urls = [f"http://127.0.0.1:{p}" for p in ports]
+    logs = [tmp_path / f"replica-{p}.log" for p in ports]
+    async with (
+        sim(tmp_path) as pods,
+        aiohttp.ClientSession() as session,
+        contextlib.AsyncExitStack() as stack,
+    ):
+        for port, other, log in zip(ports, reversed(urls), logs, strict=True):
+            args = ["serve", "--listen", f"127.0.0.1:{port}", "--metrics-listen", ""]
+            args += [*backend_flags(pods), "--peer", other, "--wait-target-s", "5"]
+            args += ["--scale-interval-s", "0.1"]
+            await stack.enter_async_context(process(args, log))
+        for url, log in zip(urls, logs, strict=True):
+
+            async def up(url: str = url) -> bool:
+                return await ready(session, url)
+
+            await wait_for(up, "a replica", log)
+        await asyncio.sleep(1.2)  # the peers have polled each other
+        results = await asyncio.gather(*(generate(session, urls[0], 10) for _ in range(6)))
+        assert [code for code, _ in results] == [200] * 6
+
+        async def rates() -> tuple[float, float] | None:
+            a, b = [(await status(session, u))["autoscaler"] for u in urls]
+            seen = (a["arrival_rate_per_s"], b["arrival_rate_per_s"])
+            return seen if seen[1] > 0 and seen[0] == seen[1] else None
+
+        rate_a, _ = await wait_for(rates, "replica B to count A's arrivals", logs[1])
+        assert rate_a == pytest.approx(6 / 120, abs=1e-3)  # 6 arrivals in the 120 s window

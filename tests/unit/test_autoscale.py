@@ -420,3 +420,17 @@ def test_a_wrong_forecast_falls_back_to_reactive() -> None:
     assert at_920.desired == 0  # reactive again: nothing came, nothing is kept
     assert "scale to zero" in " ".join(d.reason for d in clock.decisions[8640 + nine :])
     assert clock.decisions[-1].forecast_trusted  # 10:30: nothing forecast, nothing came
+
+
+def test_a_counter_that_goes_back_learns_nothing_and_restarts_the_rate() -> None:
+    clock = Clock(PREDICT)
+    seen = [
+        Observation(inflight=0, queued=0, ready=0, starting=0, arrivals=n, wall_s=MONDAY + t)
+        for t, n in ((0.0, 0), (10.0, 500), (20.0, 40))  # 40 < 500: the runtime restarted
+    ]
+    for o in seen:
+        clock.tick(o, dt=10.0)
+    assert clock.state.forecast is not None
+    assert clock.state.forecast.count == 500  # the minute counted 500, nothing for the reset
+    assert clock.state.arrivals == ((20.0, 40),)
+    assert clock.decisions[-1].rate == 0.0
