@@ -120,11 +120,32 @@ class Gate:
         self.arrivals += 1
         return await self.wait_for(job.ticket, lambda: self.admission.submit(job, self.now()))
 
+    def enqueue(self, job: Job) -> tuple[asyncio.Future[Dispatch], int | None]:
+        """Submit ``job`` now, without waiting (an asynchronous job: its rejection is
+        known at once, ``fut.done()``); then ``await slot_of(job.ticket, fut)``. Also
+        returns the job's queue position as the core answered it (None: not queued)."""
+        position: list[int] = []
+
+        def submit() -> Effects:
+            effects = self.admission.submit(job, self.now())
+            position.extend(q.position for q in effects.queued if q.ticket == job.ticket)
+            return effects
+
+        fut = self._register(job.ticket, submit)
+        return fut, position[0] if position else None
+
     async def wait_for(self, ticket: TicketId, event: Callable[[], Effects]) -> Slot:
         """Register ``ticket``'s waiter, apply ``event``, and wait for its dispatch."""
+        return await self.slot_of(ticket, self._register(ticket, event))
+
+    def _register(self, ticket: TicketId, event: Callable[[], Effects]) -> asyncio.Future[Dispatch]:
         fut: asyncio.Future[Dispatch] = asyncio.get_running_loop().create_future()
         self._waiters[ticket] = fut
         self.apply(event())
+        return fut
+
+    async def slot_of(self, ticket: TicketId, fut: asyncio.Future[Dispatch]) -> Slot:
+        """Wait for ``ticket``'s dispatch (``fut``); a cancelled wait gives it up."""
         try:
             return Slot(self, await fut)
         except asyncio.CancelledError:
@@ -154,6 +175,9 @@ class Gate:
 
     def eject(self, pod_id: PodId) -> None:
         self.apply(self.admission.eject(pod_id, self.now()))
+
+    def hold_for_ui(self, pod_ids: Iterable[PodId]) -> None:
+        self.apply(self.admission.hold_for_ui(pod_ids, self.now()))
 
     def cordon(self, pod_ids: Iterable[PodId], *, for_s: float) -> list[PodId]:
         effects = self.admission.cordon(pod_ids, self.now(), for_s=for_s)

@@ -111,10 +111,80 @@ class AutoscalerStatus:
 
 
 @dataclass(frozen=True, kw_only=True)
+class UiStatus:
+    """The browser UI (``--ui``): sessions per pod and the lobby."""
+
+    sessions: Mapping[str, int]
+    sessions_per_pod: int
+    idle_s: float
+    lobby_depth: int
+    lobby_oldest_wait_s: float
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "sessions": dict(self.sessions),
+            "sessions_per_pod": self.sessions_per_pod,
+            "idle_s": self.idle_s,
+            "lobby_depth": self.lobby_depth,
+            "lobby_oldest_wait_s": round(self.lobby_oldest_wait_s, 3),
+        }
+
+
+@dataclass(frozen=True, kw_only=True)
 class DiscoveryStatus:
     source: str
     connected: bool
     last_error: str | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class RecentJob:
+    """One recent asynchronous job as the status page shows it: no body, no prompt, and
+    only the first characters of its id (the whole id is the job's capability)."""
+
+    id: str
+    tenant: str | None
+    status: str
+    wait_s: float
+    pod: str | None
+
+
+@dataclass(frozen=True, kw_only=True)
+class JobsStatus:
+    #: jobs in the store by status (every status, 0 included; expired ones not counted)
+    counts: Mapping[str, int]
+    store_bytes: int
+    max_bytes: int
+    ttl_s: float
+    recent: tuple[RecentJob, ...] = ()
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "counts": dict(self.counts),
+            "store_bytes": self.store_bytes,
+            "max_bytes": self.max_bytes,
+            "ttl_s": self.ttl_s,
+            "recent": [
+                {
+                    "id": j.id,
+                    "tenant": j.tenant,
+                    "status": j.status,
+                    "wait_s": j.wait_s,
+                    "pod": j.pod,
+                }
+                for j in self.recent
+            ],
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> JobsStatus:
+        return cls(
+            counts=dict(data["counts"]),
+            store_bytes=int(data["store_bytes"]),
+            max_bytes=int(data["max_bytes"]),
+            ttl_s=float(data["ttl_s"]),
+            recent=tuple(RecentJob(**j) for j in data["recent"]),
+        )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -127,6 +197,10 @@ class Status:
     autoscaler: AutoscalerStatus
     discovery: DiscoveryStatus
     shutting_down: bool
+    #: None without --ui
+    ui: UiStatus | None = None
+    #: the asynchronous job store (None: not running yet)
+    jobs: JobsStatus | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -147,6 +221,9 @@ class Status:
                 "last_error": self.discovery.last_error,
             },
             "shutting_down": self.shutting_down,
+            # only with --ui: the document of a proxy without it is unchanged
+            **({"ui": self.ui.to_json()} if self.ui is not None else {}),
+            **({"jobs": self.jobs.to_json()} if self.jobs is not None else {}),
         }
 
     @classmethod
@@ -165,6 +242,8 @@ class Status:
             ),
             discovery=DiscoveryStatus(**data["discovery"]),
             shutting_down=bool(data["shutting_down"]),
+            ui=UiStatus(**data["ui"]) if data.get("ui") else None,
+            jobs=JobsStatus.from_json(data["jobs"]) if data.get("jobs") else None,
         )
 
 
