@@ -181,6 +181,9 @@ class ScalerSettings:
     #: the policy's knobs (min_pods ... max_scale_step): the core's own config is the group
     autoscale: AutoscaleConfig = field(default_factory=AutoscaleConfig)
     scale_interval_s: float = option(1.0, "how often the autoscaling policy runs", gt=0)
+    predict_state: str = option(
+        "", "--predict: JSON file the learned arrival forecast is kept in ('': memory only)"
+    )
     lease_name: str = option("sdproxy-leader", "coordination.k8s.io/v1 Lease for leader election")
     lease_duration_s: float = option(15.0, "Lease duration (renewed every third of it)")
     identity: str = option(

@@ -107,6 +107,8 @@ class Services:
         self.replica = f"{settings.scaler.identity}/{new_token()[:8]}"
         self.synced = False
         self._appeared: dict[PodId, float] = {}
+        self._arrivals_seen: dict[str, int] = {}
+        self._arrivals_total = 0
 
     def _on_reject(self, reason: RejectReason) -> None:
         self.metrics.rejected(reason)
@@ -186,11 +188,29 @@ class Services:
             "replica": self.replica,
             "queued": len(adm.queue),
             "inflight_direct": direct,
+            "arrivals": self.gate.arrivals,
         }
         ui = self.proxy.ui if self.proxy is not None else None
         if ui is not None:
             doc["ui"] = ui.peer_document(self.clock())
         return doc
+
+    def global_arrivals(self) -> int:
+        """Heavy arrivals over every replica, as a counter that only grows: each replica's
+        (this one's, every live peer's) increase since it was last seen is added; a peer
+        seen for the first time adds nothing (its count is its past), one that restarted
+        (its count went back) starts over from its new count, one gone adds no more."""
+        counts = {self.replica: self.gate.arrivals}
+        if self.peers is not None:
+            counts.update(self.peers.arrivals())
+        for replica, count in counts.items():
+            last = self._arrivals_seen.get(replica)
+            if last is None and replica == self.replica:
+                last = 0
+            if last is not None and count >= last:
+                self._arrivals_total += count - last
+            self._arrivals_seen[replica] = count
+        return self._arrivals_total
 
     def on_snapshot(self, endpoints: Sequence[Endpoint]) -> None:
         """A discovery source pushed the pods it knows."""
@@ -222,6 +242,7 @@ class Services:
                 min_pods=self.settings.scaler.autoscale.min_pods,
                 max_pods=self.settings.scaler.autoscale.max_pods,
                 events=tuple(self.autoscaler.events),
+                **self.autoscaler.model_status(),
             ),
             discovery=DiscoveryStatus(
                 source=self.discovery.name,
@@ -383,6 +404,7 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
         )
         services.proxy.async_jobs = services.jobs
         services.autoscaler.demand = services.global_demand
+        services.autoscaler.arrivals = services.global_arrivals
         services.warmer = Warmer(
             session=session, gate=services.gate, timeout_s=settings.discovery.warmup_timeout_s
         )

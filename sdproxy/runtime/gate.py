@@ -24,6 +24,7 @@ from sdproxy import errors
 from sdproxy.core.admission import Admission, Job, Pod, TicketId
 from sdproxy.core.effects import Dispatch, Effects, Outcome, RejectReason, Transition
 from sdproxy.core.pods import Endpoint, PodId
+from sdproxy.core.queueing import ServiceStats
 
 #: never sleep less than this between ticks (the clock may lag the timer a little)
 MIN_SLEEP_S = 0.001
@@ -33,12 +34,13 @@ class Slot:
     """A pod slot bound to one request. ``release`` frees it once; later calls are
     no-ops, so every exit path of a request may call it."""
 
-    __slots__ = ("_gate", "dispatch", "released")
+    __slots__ = ("_gate", "bound_at", "dispatch", "released")
 
     def __init__(self, gate: Gate, dispatch: Dispatch) -> None:
         self._gate = gate
         self.dispatch = dispatch
         self.released = False
+        self.bound_at = gate.now()
 
     @property
     def ticket(self) -> TicketId:
@@ -55,7 +57,10 @@ class Slot:
     def release(self, outcome: Outcome) -> None:
         if not self.released:
             self.released = True
-            self._gate.apply(self._gate.admission.release(self.ticket, outcome, self._gate.now()))
+            now = self._gate.now()
+            if outcome is Outcome.COMPLETED:
+                self._gate.service = self._gate.service.observe(now - self.bound_at)
+            self._gate.apply(self._gate.admission.release(self.ticket, outcome, now))
 
     async def refused(self) -> Slot:
         """The pod refused the connection (nothing was sent): wait for another pod."""
@@ -99,6 +104,10 @@ class Gate:
         self._armed: float | None = None
         self._rearm = asyncio.Event()
         self._change: asyncio.Future[None] | None = None
+        #: heavy requests that asked for a slot (the autoscaler's arrival counter) and
+        #: the service times of completed ones (its queueing model, --wait-target-s)
+        self.arrivals = 0
+        self.service = ServiceStats()
 
     def new_ticket(self) -> TicketId:
         return TicketId(next(self._tickets))
@@ -108,6 +117,7 @@ class Gate:
     async def acquire(self, job: Job) -> Slot:
         """Wait for a slot. Raises the client-facing error if rejected; if the caller is
         cancelled (client gone) the job leaves the queue and never reaches a pod."""
+        self.arrivals += 1
         return await self.wait_for(job.ticket, lambda: self.admission.submit(job, self.now()))
 
     def enqueue(self, job: Job) -> tuple[asyncio.Future[Dispatch], int | None]:

@@ -96,6 +96,18 @@ class AutoscalerStatus:
     min_pods: int
     max_pods: int
     events: tuple[ScaleEvent, ...] = ()
+    #: --wait-target-s (0: one pod per request) and the measured heavy arrivals per second
+    wait_target_s: float = 0.0
+    arrival_rate_per_s: float = 0.0
+    #: --predict: the forecast rate now and its peak over the next cold start, whether it
+    #: is followed, and forecast vs actual arrivals over the last minutes (None: off or
+    #: nothing learned yet)
+    predict: bool = False
+    forecast_rate_per_s: float | None = None
+    forecast_peak_per_s: float | None = None
+    forecast_trusted: bool = True
+    forecast_recent: float | None = None
+    actual_recent: int | None = None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -267,7 +279,19 @@ def _autoscaler_json(auto: AutoscalerStatus) -> dict[str, Any]:
         "min_pods": auto.min_pods,
         "max_pods": auto.max_pods,
         "events": [e.to_json() for e in auto.events],
+        "wait_target_s": auto.wait_target_s,
+        "arrival_rate_per_s": round(auto.arrival_rate_per_s, 4),
+        "predict": auto.predict,
+        "forecast_rate_per_s": _round(auto.forecast_rate_per_s),
+        "forecast_peak_per_s": _round(auto.forecast_peak_per_s),
+        "forecast_trusted": auto.forecast_trusted,
+        "forecast_recent": _round(auto.forecast_recent),
+        "actual_recent": auto.actual_recent,
     }
+
+
+def _round(value: float | None) -> float | None:
+    return None if value is None else round(value, 4)
 
 
 def _event_from(data: Mapping[str, Any]) -> ScaleEvent:
