@@ -52,6 +52,8 @@ class Sample:
     queue_ms: float | None = None
     #: which of an open loop's base URLs it went to (0 with one)
     base: int = 0
+    #: the X-Sdproxy-Job the answer named (the job API's id)
+    job_id: str = ""
 
     @property
     def latency(self) -> float:
@@ -183,6 +185,7 @@ async def send(
                 bytes_in=nbytes,
                 pod=resp.headers.get("X-Sdproxy-Pod", ""),
                 queue_ms=float(queue_ms) if queue_ms else None,
+                job_id=resp.headers.get("X-Sdproxy-Job", ""),
             )
     except asyncio.CancelledError:
         raise

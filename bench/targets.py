@@ -501,6 +501,7 @@ def start_sdproxy(
     max_queue: int = 20000,
     queue_timeout_s: float = 600.0,
     name: str = "sdproxy",
+    extra: Sequence[str] = (),
 ) -> Target:
     port, mport = free_port(), free_port()
     argv = [sys.executable, "-m", "sdproxy", "serve", "--listen", f"127.0.0.1:{port}"]
@@ -510,6 +511,8 @@ def start_sdproxy(
     argv += ["--queue-timeout-s", str(queue_timeout_s), "--drain-timeout-s", "2"]
     argv += ["--metrics-listen", f"127.0.0.1:{mport}"]
     argv += ["--access-log", "false", "--log-level", "warning", "--identity", name]
+    # its own job store, never the user's state directory
+    argv += ["--jobs-dir", str(workdir / f"{name}-jobs"), *extra]
     proc = spawn(stack, name=name, argv=argv, workdir=workdir)
     url = f"http://127.0.0.1:{port}"
     wait_http(url + "/-/healthz", proc=proc)

@@ -34,6 +34,13 @@
         ├── BadRequest              400 bad_request
         │   └── MalformedBody       400 bad_request (the body's framing broke mid-upload)
         ├── NotFound                404 not_found (unknown /-/ endpoint)
+        ├── NotAJob                 400 not_a_job (a light or admin route sent as a job)
+        ├── JobNotFound             404 job_not_found (no job has that id)
+        ├── JobNotFinished          409 job_not_finished (its result is not there yet)
+        ├── JobExpired              410 job_expired (its retention ended)
+        ├── InterruptedByRestart    502 interrupted_by_restart (it ran when the proxy died)
+        ├── JobsFull                503 jobs_full (the job store is at --jobs-max-mb with
+        │                           unfinished jobs; with Retry-After)
         ├── Unauthorized            401 unauthorized (an ops endpoint without --ops-token)
         ├── UiSessionEnded          410 ui_session_ended (--ui: the browser's session
         │                           idled out, was left or lost its pod)
@@ -238,6 +245,36 @@ class MalformedBody(BadRequest):
 class NotFound(ClientFacingError):
     status = 404
     code = "not_found"
+
+
+class NotAJob(ClientFacingError):
+    status = 400
+    code = "not_a_job"
+
+
+class JobNotFound(ClientFacingError):
+    status = 404
+    code = "job_not_found"
+
+
+class JobNotFinished(ClientFacingError):
+    status = 409
+    code = "job_not_finished"
+
+
+class JobExpired(ClientFacingError):
+    status = 410
+    code = "job_expired"
+
+
+class InterruptedByRestart(ClientFacingError):
+    status = 502
+    code = "interrupted_by_restart"
+
+
+class JobsFull(ClientFacingError):
+    status = 503
+    code = "jobs_full"
 
 
 class Unauthorized(ClientFacingError):

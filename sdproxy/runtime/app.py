@@ -35,6 +35,10 @@ from sdproxy.runtime.discovery import Discovery, StaticDiscovery
 from sdproxy.runtime.gate import Gate
 from sdproxy.runtime.gatewatch import GateWatch
 from sdproxy.runtime.healthcheck import HealthChecker
+from sdproxy.runtime.jobapi import AsyncJobs, open_store
+from sdproxy.runtime.jobhandoff import IMPORT_PATH, hand_over, import_job
+from sdproxy.runtime.jobroutes import add_peer_routes as add_peer_job_routes
+from sdproxy.runtime.jobroutes import add_routes as add_job_routes
 from sdproxy.runtime.jobs import new_token
 from sdproxy.runtime.local import LocalPods
 from sdproxy.runtime.logs import log_event, setup_logging
@@ -97,11 +101,14 @@ class Services:
         self.gatewatch: GateWatch | None = None
         self.checker: HealthChecker | None = None
         self.peers: Peers | None = None
+        self.jobs: AsyncJobs | None = None
         #: this replica's name at the pods' gates: its identity plus a token drawn at start,
         #: unique even for replicas sharing a host name (or restarted under the same one)
         self.replica = f"{settings.scaler.identity}/{new_token()[:8]}"
         self.synced = False
         self._appeared: dict[PodId, float] = {}
+        self._arrivals_seen: dict[str, int] = {}
+        self._arrivals_total = 0
 
     def _on_reject(self, reason: RejectReason) -> None:
         self.metrics.rejected(reason)
@@ -181,11 +188,29 @@ class Services:
             "replica": self.replica,
             "queued": len(adm.queue),
             "inflight_direct": direct,
+            "arrivals": self.gate.arrivals,
         }
         ui = self.proxy.ui if self.proxy is not None else None
         if ui is not None:
             doc["ui"] = ui.peer_document(self.clock())
         return doc
+
+    def global_arrivals(self) -> int:
+        """Heavy arrivals over every replica, as a counter that only grows: each replica's
+        (this one's, every live peer's) increase since it was last seen is added; a peer
+        seen for the first time adds nothing (its count is its past), one that restarted
+        (its count went back) starts over from its new count, one gone adds no more."""
+        counts = {self.replica: self.gate.arrivals}
+        if self.peers is not None:
+            counts.update(self.peers.arrivals())
+        for replica, count in counts.items():
+            last = self._arrivals_seen.get(replica)
+            if last is None and replica == self.replica:
+                last = 0
+            if last is not None and count >= last:
+                self._arrivals_total += count - last
+            self._arrivals_seen[replica] = count
+        return self._arrivals_total
 
     def on_snapshot(self, endpoints: Sequence[Endpoint]) -> None:
         """A discovery source pushed the pods it knows."""
@@ -217,6 +242,7 @@ class Services:
                 min_pods=self.settings.scaler.autoscale.min_pods,
                 max_pods=self.settings.scaler.autoscale.max_pods,
                 events=tuple(self.autoscaler.events),
+                **self.autoscaler.model_status(),
             ),
             discovery=DiscoveryStatus(
                 source=self.discovery.name,
@@ -225,6 +251,7 @@ class Services:
             ),
             shutting_down=adm.closed,
             ui=self._ui_status(now),
+            jobs=self.jobs.status() if self.jobs is not None else None,
         )
 
     def _ui_status(self, now: float) -> UiStatus | None:
@@ -281,6 +308,7 @@ def build_app(
     # behind --ops-listen or --ops-token
     app.router.add_get("/-/ui/lobby", _ui_lobby)
     app.router.add_delete("/-/ui/session", _ui_session)
+    add_job_routes(app, _jobs_of)
     # [\s\S]: "." would not match a newline, and a path with %0A would get aiohttp's
     # plain-text 404 instead of our JSON answer
     app.router.add_route("*", "/-/{tail:[\\s\\S]*}", _unknown_operational)
@@ -314,6 +342,8 @@ def _add_ops_routes(app: web.Application, token: str) -> None:
     app.router.add_get("/-/peer", guarded(_peer, token))
     app.router.add_get("/-/peer/job", guarded(_peer_job, token))
     app.router.add_post("/-/peer/job/cancel", guarded(_peer_cancel, token))
+    app.router.add_post(IMPORT_PATH, guarded(_peer_import, token))
+    add_peer_job_routes(app, _jobs_of, guard=lambda handler: guarded(handler, token))
 
 
 async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
@@ -368,7 +398,13 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
         services.proxy.peers = services.peers
         if services.proxy.ui is not None:
             services.proxy.ui.peer_documents = services.peers.ui_documents
+        store, temporary = open_store(settings.jobs, settings.proxy.listen)
+        services.jobs = AsyncJobs(
+            settings=settings.jobs, store=store, proxy=services.proxy, temporary=temporary
+        )
+        services.proxy.async_jobs = services.jobs
         services.autoscaler.demand = services.global_demand
+        services.autoscaler.arrivals = services.global_arrivals
         services.warmer = Warmer(
             session=session, gate=services.gate, timeout_s=settings.discovery.warmup_timeout_s
         )
@@ -391,6 +427,7 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
             )
         if services.proxy.ui is not None:
             tasks.append(asyncio.create_task(services.proxy.ui.run(), name="ui-sessions"))
+        services.jobs.start(lambda: services.synced)
         start = getattr(services.scaler, "start", None)
         if start is not None:
             await start()
@@ -405,6 +442,7 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
             await services.gatewatch.close()
             if services.checker is not None:
                 await services.checker.close()
+            await services.jobs.close()
             await services.proxy.wait_background()
             await services.scaler.close()
 
@@ -432,6 +470,21 @@ async def _ui_lobby(request: web.Request) -> web.Response:
 async def _ui_session(request: web.Request) -> web.Response:
     try:
         return await _ui_front(request).leave(request)
+    except ClientFacingError as exc:
+        return error_response(exc)
+
+
+def _jobs_of(request: web.Request) -> AsyncJobs:
+    jobs = request.app[SERVICES].jobs
+    assert jobs is not None, "the job API starts with the app"
+    return jobs
+
+
+async def _peer_import(request: web.Request) -> web.Response:
+    """A leaving peer hands a job over (sdproxy.runtime.jobhandoff)."""
+    services = request.app[SERVICES]
+    try:
+        return await import_job(_jobs_of(request), request, replica=services.replica)
     except ClientFacingError as exc:
         return error_response(exc)
 
@@ -611,3 +664,5 @@ async def _drain(services: Services, timeout_s: float) -> None:
     with contextlib.suppress(Exception):
         if services.proxy is not None:
             await asyncio.wait_for(services.proxy.wait_background(), timeout=5)
+    if services.jobs is not None:  # results stay reachable through the other replicas
+        await hand_over(services.jobs, replica=services.replica)

@@ -53,6 +53,10 @@ REFUSALS = (ClientQuota.code, RequestTooLarge.code, SpoolFull.code)
 REJECT_REASONS = (*(r.value for r in RejectReason), *REFUSALS)
 INTERRUPT_REASONS = tuple(r.value for r in InterruptReason)
 UPSTREAM_KINDS = tuple(k.value for k in UpstreamKind)
+#: sdproxy_callbacks_total{outcome} (sdproxy.runtime.callbacks.OUTCOMES)
+CALLBACK_OUTCOMES = ("delivered", "retried", "failed", "refused")
+#: sdproxy_jobs{status} (sdproxy.runtime.jobstore.JobStatus)
+JOB_STATUSES = ("queued", "running", "succeeded", "failed", "cancelled")
 
 #: light calls take milliseconds, a txt2img seconds, a large hires batch many minutes
 REQUEST_BUCKETS = (
@@ -124,6 +128,12 @@ class Metrics:
             ["direction"],
             registry=reg,
         )
+        self._callbacks = Counter(
+            "sdproxy_callbacks_total",
+            "Job callbacks, by outcome (delivered, retried, failed: gave up, refused).",
+            ["outcome"],
+            registry=reg,
+        )
 
     def _declare_ui_metrics(self, reg: CollectorRegistry) -> None:
         self._ui_lobby_wait = Histogram(
@@ -143,6 +153,8 @@ class Metrics:
             self._interrupts.labels(reason=reason)
         for direction in SCALE_DIRECTIONS:
             self._scale_events.labels(direction=direction)
+        for outcome in CALLBACK_OUTCOMES:
+            self._callbacks.labels(outcome=outcome)
 
     @staticmethod
     def _register_process_metrics(reg: CollectorRegistry) -> None:
@@ -197,6 +209,11 @@ class Metrics:
             raise ValueError(f"direction must be one of {SCALE_DIRECTIONS}, got {direction!r}")
         self._scale_events.labels(direction=direction).inc()
 
+    def callback(self, outcome: str) -> None:
+        if outcome not in CALLBACK_OUTCOMES:
+            raise ValueError(f"outcome must be one of {CALLBACK_OUTCOMES}, got {outcome!r}")
+        self._callbacks.labels(outcome=outcome).inc()
+
     def forget_pod(self, pod: str) -> None:
         """Drop every event series labelled with a pod that discovery removed.
 
@@ -233,6 +250,7 @@ def _state_metrics(snap: Status | None) -> Iterator[Metric]:
     yield from _queue_metrics(snap)
     yield from _pod_metrics(snap)
     yield from _ui_metrics(snap)
+    yield from _job_metrics(snap)
     auto = snap.autoscaler if snap is not None else None
     desired = None if auto is None else float(auto.desired or 0)
     yield _gauge(
@@ -249,6 +267,22 @@ def _state_metrics(snap: Status | None) -> Iterator[Metric]:
         "sdproxy_discovery_connected",
         "1 if the discovery source (static list, EndpointSlice watch) is in touch.",
         None if snap is None else float(snap.discovery.connected),
+    )
+
+
+def _job_metrics(snap: Status | None) -> Iterator[Metric]:
+    jobs = snap.jobs if snap is not None else None
+    by_status = GaugeMetricFamily(
+        "sdproxy_jobs", "Asynchronous jobs in the job store, by status.", labels=["status"]
+    )
+    if jobs is not None:
+        for status in JOB_STATUSES:
+            by_status.add_metric([status], jobs.counts.get(status, 0))
+    yield by_status
+    yield _gauge(
+        "sdproxy_jobs_store_bytes",
+        "Bytes of the job store's files (bodies of unfinished jobs, results).",
+        None if jobs is None else jobs.store_bytes,
     )
 
 

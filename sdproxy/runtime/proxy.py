@@ -19,7 +19,7 @@ import json
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
 from aiohttp import web
@@ -56,6 +56,9 @@ from sdproxy.runtime.podgate import GATE_HEADER, REPLICA_HEADER
 from sdproxy.runtime.tasks import Background
 from sdproxy.runtime.ui import UiFront, ui_cookie_header
 from sdproxy.runtime.ui import classify as ui_classify
+
+if TYPE_CHECKING:
+    from sdproxy.runtime.jobapi import AsyncJobs
 from sdproxy.settings import ProxySettings
 
 log = logging.getLogger("sdproxy.proxy")
@@ -91,6 +94,8 @@ class Exchange:
     job_keys: list[str] | None = None
     #: --ui: the Set-Cookie of a session opened or adopted by this request
     ui_cookie: str | None = None
+    #: submitted as an asynchronous job (/-/jobs/..., Prefer: respond-async)
+    async_job: bool = False
 
     def before_prepare(self, response: web.StreamResponse) -> None:
         """A relayed response's head is sent before ``_finish``: give a new caller its
@@ -150,6 +155,8 @@ class Proxy:
         self.clock = clock
         self.table = RouteTable.from_strings(settings.route)
         self.jobs = JobIndex()
+        #: the asynchronous job API (set by the composition root)
+        self.async_jobs: AsyncJobs | None = None
         self.limit_bytes = int(settings.max_body_mb * 1024 * 1024)
         self.spool_budget = bodies.SpoolBudget(int(settings.spool_max_mb * 1024 * 1024))
         self._background = Background()
@@ -177,6 +184,7 @@ class Proxy:
             caller=caller,
             route_class=self.table.classify(request.method, request.path),
             started=self.clock(),
+            async_job=wants_async(request),
         )
         response: web.StreamResponse | None = None
         malformed = False
@@ -253,6 +261,11 @@ class Proxy:
     def _dispatch(
         self, request: web.Request, ex: Exchange, body: forward.RequestBody | None
     ) -> Awaitable[web.StreamResponse]:
+        if ex.async_job and ex.route_class is not RouteClass.HEAVY:
+            raise errors.NotAJob(
+                f"{request.method} {request.path} is a {ex.route_class.value} route; "
+                "only heavy (generation) routes can be submitted as jobs"
+            )
         if ex.route_class is RouteClass.ADMIN and not self.settings.allow_admin:
             raise errors.Forbidden(
                 f"{request.method} {request.path} is unsafe while generations run; "
@@ -320,19 +333,22 @@ class Proxy:
         try:
             # again: the caller's queue may have filled while this body uploaded
             self._check_admissible(request, ex, info)
-            job = Job(
-                ticket=self.gate.new_ticket(),
-                enqueued_at=self.clock(),
-                cost=estimate_steps(info.fields, route=request.path.rsplit("/", 1)[-1]),
-                checkpoint=info.checkpoint,
-            )
+            if ex.async_job and self.async_jobs is not None:
+                return await self.async_jobs.submit(request, ex, body, info)
+            job = self.new_job(request.path, info)
             ex.job_id = ex.caller.job or new_token()
-            ex.job_keys = self.jobs.add(ex.caller, job.ticket, job_id=ex.job_id)
+            ex.job_keys = self.jobs.add(ex.caller, job.ticket, job_id=ex.job_id, route=request.path)
             try:
                 slot = await self.gate.acquire(job)
                 self.metrics.observe_queue_wait(slot.dispatch.queued_s)
                 ex.queue_ms = slot.dispatch.queued_s * 1000
-                return await self._run_heavy(request, ex, body, slot)
+                upstream, slot, failed = await self.bind_exchange(
+                    ex,
+                    body,
+                    slot,
+                    lambda url, expect: self._send(request, ex, url, body, expect100=expect),
+                )
+                return await self._relay_heavy(request, ex, upstream, slot, pod_failed=failed)
             finally:
                 self.jobs.remove(job.ticket)
         finally:
@@ -403,11 +419,27 @@ class Proxy:
         """How many of the caller's jobs wait in this replica's queue."""
         return sum(1 for t in self.jobs.owned(caller) if self.gate.admission.is_queued(t))
 
-    async def _run_heavy(
-        self, request: web.Request, ex: Exchange, body: bodies.ReceivedBody, slot: Slot
-    ) -> web.StreamResponse:
-        """Send to the bound pod; retry elsewhere only if nothing reached it. Every way
-        out frees the slot through ``slot.release`` with what happened."""
+    def new_job(self, path: str, info: BodyInfo) -> Job:
+        """The admission ticket of a heavy request (sent now, or an asynchronous job)."""
+        return Job(
+            ticket=self.gate.new_ticket(),
+            enqueued_at=self.clock(),
+            cost=estimate_steps(info.fields, route=path.rsplit("/", 1)[-1]),
+            checkpoint=info.checkpoint,
+        )
+
+    async def bind_exchange(
+        self,
+        ex: Exchange,
+        body: bodies.ReceivedBody,
+        slot: Slot,
+        send: Callable[[str, bool], Coroutine[Any, Any, aiohttp.ClientResponse]],
+    ) -> tuple[aiohttp.ClientResponse, Slot, bool]:
+        """Send (``send(pod_url, expect100)``) to the bound pod until one answers;
+        retry elsewhere only if nothing reached it. Returns the pod's answer (its head),
+        the slot it holds, and whether the pod's gate says sd-webui broke the exchange.
+        A way out without an answer frees the slot through ``slot.release``; a
+        cancellation (client gone, job cancelled) interrupts the pod (``_abandon``)."""
         while True:
             ex.pod = slot.pod_id
             # a large body goes to a pod behind a gate with Expect: 100-continue, so a pod
@@ -415,9 +447,7 @@ class Proxy:
             # goes at once (one round trip less per job): a gate refuses it all the same
             # before anything reaches sd-webui
             expect = self._gated(slot.pod_id) and body.size > EXPECT_OVER_BYTES
-            exchange = asyncio.ensure_future(
-                self._send(request, ex, slot.url, body, expect100=expect)
-            )
+            exchange = asyncio.ensure_future(send(slot.url, expect))
             try:
                 upstream = await asyncio.shield(exchange)
             except asyncio.CancelledError:
@@ -444,9 +474,7 @@ class Proxy:
                 # upstream_down: nothing reached sd-webui, rest the pod and try another
                 slot = await (slot.busy() if verdict == "busy" else slot.refused())
                 continue
-            return await self._relay_heavy(
-                request, ex, upstream, slot, pod_failed=verdict == "upstream_failed"
-            )
+            return upstream, slot, verdict == "upstream_failed"
 
     def _gated(self, pod_id: str) -> bool:
         pod = self.gate.admission.pods.get(PodId(pod_id))
@@ -554,12 +582,7 @@ class Proxy:
     ) -> Coroutine[Any, Any, aiohttp.ClientResponse]:
         """The client's request, as it goes to the pod at ``base_url`` (naming this replica
         and the caller, for the pod's gate)."""
-        extra = {
-            "X-Request-Id": ex.request_id,
-            REPLICA_HEADER: self.replica,
-            CALLER_KEYS_HEADER: caller_keys_header(ex.job_keys or ex.caller.keys),
-        }
-        headers = forward.upstream_headers(request, extra)
+        headers = forward.upstream_headers(request, self.upstream_extra(ex))
         url = base_url + request.path_qs
         return forward.send(
             self.session,
@@ -570,6 +593,15 @@ class Proxy:
             expect100=expect100,
             continue_timeout_s=self.settings.connect_timeout_s,
         )
+
+    def upstream_extra(self, ex: Exchange) -> dict[str, str]:
+        """What the proxy adds to a request to a pod: this replica and the caller's
+        keys (for the pod's gate)."""
+        return {
+            "X-Request-Id": ex.request_id,
+            REPLICA_HEADER: self.replica,
+            CALLER_KEYS_HEADER: caller_keys_header(ex.job_keys or ex.caller.keys),
+        }
 
     async def _answer_from(
         self, request: web.Request, ex: Exchange, pod_id: str, upstream: aiohttp.ClientResponse
@@ -789,6 +821,20 @@ def progress_document(position: int | None, depth: int, eta: float) -> dict[str,
             "eta_s": round(eta, 2),
         },
     }
+
+
+#: set on a request routed from /-/jobs/<path> (the path itself is then <path>)
+ASYNC_KEY = web.RequestKey("sdproxy_async_job", bool)
+
+
+def wants_async(request: web.Request) -> bool:
+    """Sent to /-/jobs/<path>, or with ``Prefer: respond-async`` (RFC 7240 §4.1)."""
+    if request.get(ASYNC_KEY):
+        return True
+    prefer = request.headers.get("Prefer")
+    return prefer is not None and any(
+        p.split(";", 1)[0].strip().lower() == "respond-async" for p in prefer.split(",")
+    )
 
 
 def json_body(data: Any) -> bytes:

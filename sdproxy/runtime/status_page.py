@@ -75,6 +75,21 @@ function renderEvents(events) {
     list.appendChild(item);
   }
 }
+function renderJobs(jobs) {
+  const body = $("jobs");
+  body.replaceChildren();
+  const recent = jobs && Array.isArray(jobs.recent) ? jobs.recent : [];
+  for (const job of recent) {
+    const row = document.createElement("tr");
+    cell(row, job.id, "id"); cell(row, job.tenant); cell(row, job.status, "state");
+    cell(row, (job.wait_s ?? 0).toFixed(1), "num wait"); cell(row, job.pod);
+    body.appendChild(row);
+  }
+  $("no-jobs").hidden = recent.length > 0;
+  const counts = jobs && jobs.counts ? jobs.counts : {};
+  text("jobs-counts", Object.entries(counts).map(([k, v]) => `${k} ${v}`).join(", "));
+  text("jobs-store", jobs ? `${(jobs.store_bytes / 1048576).toFixed(1)} MiB` : "");
+}
 function render(s) {
   const queue = s.queue || {}, auto = s.autoscaler || {}, disc = s.discovery || {};
   const pods = Array.isArray(s.pods) ? s.pods : [];
@@ -97,6 +112,7 @@ function render(s) {
   }
   renderPods(pods);
   renderEvents(Array.isArray(auto.events) ? auto.events : []);
+  renderJobs(s.jobs);
   text("updated", new Date().toISOString());
 }
 async function poll() {
@@ -139,6 +155,12 @@ _BODY = """<body>
 <table><thead><tr><th>pod</th><th>state</th><th>in flight / limit</th><th>checkpoint</th>
 <th>completed</th><th>errors</th></tr></thead><tbody id="pods"></tbody></table>
 <p id="no-pods" class="muted" hidden>No pods.</p>
+<h2>Recent jobs</h2>
+<p class="muted"><span id="jobs-counts"></span>; store <span id="jobs-store"></span>
+ (ids shortened: a whole id is the job's capability)</p>
+<table><thead><tr><th>job</th><th>tenant</th><th>status</th><th>wait s</th><th>pod</th>
+</tr></thead><tbody id="jobs"></tbody></table>
+<p id="no-jobs" class="muted" hidden>No jobs.</p>
 <h2>Recent scale events</h2>
 <ul id="scale-events"></ul>
 <p class="muted">Updated <span id="updated"></span> <span id="fetch-error"></span></p>

@@ -260,6 +260,24 @@ def test_proxy_probes_and_security(rendered: dict[str, list[Obj]], overlay: str)
     assert 0 < settings.build(args).proxy.spool_max_mb < size_mb
 
 
+@pytest.mark.parametrize("overlay", OVERLAY_PARAMS)
+def test_the_job_store_is_on_a_writable_volume_it_fits(
+    rendered: dict[str, list[Obj]], overlay: str
+) -> None:
+    """The root filesystem is read-only: the default --jobs-dir (under $HOME) would stop
+    the proxy at start."""
+    deployment, container, args = _proxy(rendered[overlay])
+    jobs = settings.build(args).jobs
+    assert jobs.jobs_dir.startswith("/")
+    mounts = [m for m in container["volumeMounts"] if jobs.jobs_dir.startswith(m["mountPath"])]
+    (mount,) = mounts
+    assert not mount.get("readOnly")
+    volumes = {v["name"]: v for v in deployment["spec"]["template"]["spec"]["volumes"]}
+    size = volumes[mount["name"]]["emptyDir"]["sizeLimit"]
+    units = {"Mi": 1, "Gi": 1024}
+    assert 0 < jobs.jobs_max_mb < int(size[:-2]) * units[size[-2:]]
+
+
 def test_sim_pods_run_sdproxy_sim(rendered: dict[str, list[Obj]]) -> None:
     objs = rendered["sim"]
     sims = [c for _, c in iter_containers(objs) if image_name(c["image"]) == "sdproxy-sim"]
