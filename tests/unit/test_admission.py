@@ -140,8 +140,24 @@ class Driver:
         self.last = fx
         return fx
 
-    def submit(self, n: int, *, cost: float = 1.0, checkpoint: str | None = None) -> Decision:
-        job = Job(ticket=T(n), enqueued_at=self.now, cost=cost, checkpoint=checkpoint)
+    def submit(
+        self,
+        n: int,
+        *,
+        cost: float = 1.0,
+        checkpoint: str | None = None,
+        restore: bool = False,
+        **fields: Any,
+    ) -> Decision:
+        """A job; by default one that leaves its checkpoint loaded (no restore)."""
+        job = Job(
+            ticket=T(n),
+            enqueued_at=self.now,
+            cost=cost,
+            checkpoint=checkpoint,
+            restore=restore,
+            **fields,
+        )
         return decision_for(self._checked(self.adm.submit(job, self.now)), T(n))
 
     def release(self, n: int, outcome: Outcome = Outcome.COMPLETED) -> list[Dispatch]:
