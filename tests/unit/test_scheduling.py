@@ -414,10 +414,10 @@ class FairStorm(RuleBasedStateMachine):
 
     def _apply(self, fx: Effects, head: Job | None) -> None:
         self.adm.check(self.now)
-        if fx.dispatches and head is not None and head.ticket in self.adm.queue:
-            if fx.dispatches[0].ticket != head.ticket:
-                waited = self.now - head.enqueued_at
-                assert waited < self.skip, f"ticket {head.ticket} passed after {waited} s"
+        passed_head = head is not None and head.ticket in self.adm.queue and fx.dispatches
+        if head is not None and passed_head and fx.dispatches[0].ticket != head.ticket:
+            waited = self.now - head.enqueued_at
+            assert waited < self.skip, f"ticket {head.ticket} passed after {waited} s"
         waiting = {job.tenant for job in self.adm.queue if self.adm.tenants.can_run(job)}
         tenants = [self._tenant_of(d.ticket) for d in fx.dispatches]
         for i, tenant in enumerate(tenants):
