@@ -266,9 +266,7 @@ _REJECTS: dict[str, Callable[[float | None], ClientFacingError]] = {
     "no_backends": lambda _: NoBackends(
         "no ready sd-webui pod and none is starting", retry_after_s=10
     ),
-    "job_cancelled": lambda _: JobCancelled(
-        "the job was interrupted while it waited in the queue"
-    ),
+    "job_cancelled": lambda _: JobCancelled("the job was interrupted while it waited in the queue"),
     "shutting_down": lambda _: ShuttingDown("the proxy is shutting down", retry_after_s=1),
     "client_quota": lambda _: ClientQuota(
         "the tenant has its max_queued jobs waiting; retry later", retry_after_s=5

@@ -27,6 +27,7 @@ from sdproxy import __version__
 from sdproxy.core.admission import Admission
 from sdproxy.core.effects import RejectReason, Transition
 from sdproxy.core.pods import Endpoint, PodId, PodState
+from sdproxy.core.queue import Priority
 from sdproxy.errors import ConfigError, NotFound
 from sdproxy.runtime.autoscaler import Autoscaler
 from sdproxy.runtime.catalog import Catalogs
@@ -47,6 +48,7 @@ from sdproxy.runtime.status import (
     PodStatus,
     QueueStatus,
     Status,
+    TenantStatus,
 )
 from sdproxy.runtime.status_page import status_response
 from sdproxy.runtime.warmup import Warmer
@@ -67,7 +69,7 @@ class Services:
         self.settings = settings
         self.clock = CLOCK
         self.started_at = CLOCK()
-        self.admission = Admission(settings.proxy.admission)
+        self.admission = Admission(settings.proxy.admission, tenants=settings.proxy.tenants)
         self.metrics = Metrics(snapshot=self.snapshot)
         self.gate = Gate(
             self.admission,
@@ -173,9 +175,18 @@ class Services:
                 max=adm.config.max_queue,
                 oldest_wait_s=adm.oldest_wait_s(now),
                 timeout_s=adm.config.queue_timeout_s,
+                by_priority=by_priority(adm),
+                policy=adm.config.policy,
             ),
             inflight=adm.inflight,
-            pods=tuple(PodStatus.of(pod, now) for pod in adm.pods.values()),
+            pods=tuple(
+                dataclasses.replace(
+                    PodStatus.of(pod, now),
+                    seconds_per_unit=round(adm.eta.rate(pod.pod_id, weight=pod.weight), 4),
+                )
+                for pod in adm.pods.values()
+            ),
+            tenants=tenant_statuses(adm),
             autoscaler=AutoscalerStatus(
                 scaler=self.scaler.name,
                 leader=self.scaler.is_leader(),
@@ -193,6 +204,27 @@ class Services:
             ),
             shutting_down=adm.closed,
         )
+
+
+def by_priority(adm: Admission) -> dict[str, int]:
+    depths = adm.depth_by_priority()
+    return {name: depths.get(value, 0) for name, value in Priority.BY_NAME.items()}
+
+
+def tenant_statuses(adm: Admission) -> tuple[TenantStatus, ...]:
+    """Every tenant configured or seen (served, queued or running)."""
+    book = adm.tenants
+    names = sorted({*book.tenants, *book.served_s, *book.queued, *book.running})
+    return tuple(
+        TenantStatus(
+            name=name,
+            weight=book.get(name).weight,
+            queued=book.queued.get(name, 0),
+            running=book.running.get(name, 0),
+            gpu_seconds=book.served_s.get(name, 0.0),
+        )
+        for name in names
+    )
 
 
 def _discovery(settings: Settings, scaler: Scaler) -> Discovery:

@@ -15,8 +15,9 @@ reaches exactly that job, whoever asks — an unguessable capability, indexed by
 the id so the key the pods' gates publish and peers are asked by does not give it away.
 A poll is matched by the one most specific key it carries (``Caller.own_key``).
 
-Keys are built in one place, ``_key``: when tenants come, a tenant prefix there scopes
-every identity (the index, the gates' occupancy, the peer queries) to its tenant.
+Keys are built in one place, ``_key``: the tenant's name prefixes every identity (the
+index, the gates' occupancy, the peer queries), so a caller reaches only the jobs of its
+own tenant (sdproxy.runtime.tenants), whatever identity it claims.
 """
 
 from __future__ import annotations
@@ -69,15 +70,15 @@ def new_request_id() -> str:
     return random_bytes(16).hex()
 
 
-def _key(kind: str, value: str) -> str:
-    """The index key of one identity (the seam for tenants: prefix it with the tenant)."""
-    return f"{kind}:{value}"
+def _key(kind: str, value: str, tenant: str = "") -> str:
+    """The index key of one identity, scoped to its tenant."""
+    return f"{quote(tenant, safe='')}/{kind}:{value}" if tenant else f"{kind}:{value}"
 
 
-def job_key(job_id: str) -> str:
+def job_key(job_id: str, tenant: str = "") -> str:
     """The key of a job named by its id: a hash, so what gates and peers see of it is
     not the capability itself."""
-    return _key("j", hashlib.blake2b(job_id.encode(), digest_size=16).hexdigest())
+    return _key("j", hashlib.blake2b(job_id.encode(), digest_size=16).hexdigest(), tenant)
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -93,13 +94,15 @@ class Caller:
     job: str | None = None
     #: whether the address identifies a caller that gives no identity (--address-identity)
     by_address: bool = True
+    #: the tenant the request belongs to (sdproxy.runtime.tenants): scopes every key
+    tenant: str = ""
 
     @property
     def named(self) -> str | None:
         """The key of the identity the caller gave: its header, else its cookie."""
         if self.header:
-            return _key("h", self.header)
-        return _key("c", self.cookie) if self.cookie else None
+            return _key("h", self.header, self.tenant)
+        return _key("c", self.cookie, self.tenant) if self.cookie else None
 
     @property
     def keys(self) -> list[str]:
@@ -107,22 +110,22 @@ class Caller:
         else the cookie its answer gives it and (with address identity) its address."""
         if self.named:
             return [self.named]
-        keys = [_key("c", self.new_cookie)] if self.new_cookie else []
-        return [*keys, _key("a", self.address)] if self.by_address else keys
+        keys = [_key("c", self.new_cookie, self.tenant)] if self.new_cookie else []
+        return [*keys, _key("a", self.address, self.tenant)] if self.by_address else keys
 
     @property
     def own_key(self) -> str | None:
         """The one key a job-bound call is matched by: the job it names, else the identity
         it gave, else (with address identity) its address; None: it reaches nothing."""
         if self.job:
-            return job_key(self.job)
+            return job_key(self.job, self.tenant)
         return self.quota_key if self.named or self.by_address else None
 
     @property
     def quota_key(self) -> str:
         """Whose queue places a heavy job takes (--max-queued-per-client): the identity the
         caller gave, else its address (a caller without one gets a new cookie each time)."""
-        return self.named or _key("a", self.address)
+        return self.named or _key("a", self.address, self.tenant)
 
     @property
     def id(self) -> str:
@@ -186,7 +189,7 @@ class JobIndex:
 
     def add(self, caller: Caller, ticket: TicketId, *, job_id: str) -> list[str]:
         """Index a new job; returns its keys (for the pod's gate: X-Sdproxy-Caller)."""
-        keys = [*caller.keys, job_key(job_id)]
+        keys = [*caller.keys, job_key(job_id, caller.tenant)]
         self._keys[ticket] = (keys, caller.quota_key)
         for key in keys:
             self._by_key.setdefault(key, []).append(ticket)

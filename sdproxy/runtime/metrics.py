@@ -49,6 +49,8 @@ SCALE_DIRECTIONS = ("up", "down")
 #: practices: avoid missing metrics)
 REJECT_REASONS = tuple(r.value for r in RejectReason)
 INTERRUPT_REASONS = tuple(r.value for r in InterruptReason)
+#: request faults (sdproxy.runtime.proxy.outcome_of): CUDA out of memory, a 422
+REQUEST_FAULT_KINDS = ("oom", "invalid")
 UPSTREAM_KINDS = tuple(k.value for k in UpstreamKind)
 
 #: light calls take milliseconds, a txt2img seconds, a large hires batch many minutes
@@ -114,6 +116,13 @@ class Metrics:
             ["reason"],
             registry=reg,
         )
+        self._request_faults = Counter(
+            "sdproxy_request_faults_total",
+            "Generations that failed by the request's own fault, by kind (oom: CUDA out "
+            "of memory for its size; invalid: a 422): the pod keeps its place.",
+            ["kind"],
+            registry=reg,
+        )
         self._scale_events = Counter(
             "sdproxy_scale_events_total",
             "Changes of the desired pod count, by direction (up, down).",
@@ -128,6 +137,8 @@ class Metrics:
             self._interrupts.labels(reason=reason)
         for direction in SCALE_DIRECTIONS:
             self._scale_events.labels(direction=direction)
+        for kind in REQUEST_FAULT_KINDS:
+            self._request_faults.labels(kind=kind)
 
     @staticmethod
     def _register_process_metrics(reg: CollectorRegistry) -> None:
@@ -168,6 +179,9 @@ class Metrics:
 
     def backend_error(self, *, pod: str, kind: UpstreamKind) -> None:
         self._backend_errors.labels(pod=pod, kind=kind.value).inc()
+
+    def request_fault(self, kind: str) -> None:
+        self._request_faults.labels(kind=kind).inc()
 
     def interrupt(self, reason: InterruptReason) -> None:
         self._interrupts.labels(reason=reason.value).inc()
@@ -233,11 +247,23 @@ def _state_metrics(snap: Status | None) -> Iterator[Metric]:
 
 def _queue_metrics(snap: Status | None) -> Iterator[Metric]:
     queue = snap.queue if snap is not None else None
-    yield _gauge(
+    depth = GaugeMetricFamily(
         "sdproxy_queue_depth",
-        "Heavy requests waiting in the shared queue.",
-        None if queue is None else queue.depth,
+        "Heavy requests waiting in the shared queue, by priority (high, normal, low).",
+        labels=["priority"],
     )
+    if queue is not None:
+        for priority, count in queue.by_priority.items():
+            depth.add_metric([priority], count)
+    yield depth
+    served = CounterMetricFamily(
+        "sdproxy_tenant_gpu_seconds",
+        "GPU time served to each tenant's jobs (pod slot held, checkpoint loads included).",
+        labels=["tenant"],
+    )
+    for tenant in snap.tenants if snap is not None else ():
+        served.add_metric([tenant.name], tenant.gpu_seconds)
+    yield served
     yield _gauge(
         "sdproxy_queue_capacity",
         "Bound of the shared queue (--max-queue); beyond it requests get 503 queue_full.",
