@@ -496,7 +496,7 @@ class Admission:
             if self.book.running(job.ticket) is not None:
                 raise StateError(f"ticket {job.ticket} is both queued and running")
         free = self._free(now)
-        if free and self.placement.match(self.queue, free, now, self.tenants.can_run):
+        if free and self.placement.match(self.queue, free, now, self.tenants.can_run, commit=False):
             raise StateError(f"jobs wait while {[p.pod_id for p in free]} have a free slot")
         if self.shut and len(self.queue):
             raise StateError("jobs wait after shutdown")

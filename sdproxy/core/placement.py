@@ -13,12 +13,18 @@ recently used (packing work leaves other pods idle, so they can be scaled in).
 ``CheckpointPlacement`` (``--policy fair``, the default): a free pod takes, among the jobs
 of the highest priority class waiting, the first in service order that it can run
 WITHOUT a checkpoint switch — ahead of an older job that would force one — unless the
-job whose turn it is (the head) has waited ``max_skip_s`` (``--affinity-max-skip-s``):
-then the head goes first, wherever it costs least. A switch costs seconds of GPU time for
-nothing; waiting a little costs the skipped job less than that, and the age bound keeps
-it from starving. Switches follow sd-webui (``sdproxy.core.cost.switches``): a job naming
-another checkpoint costs two loads under restore-afterwards, one without, a job naming
-none runs on the pod's default. Among free pods the choice is the least estimated
+job whose turn it is (the head) has been passed over for ``max_skip_s``
+(``--affinity-max-skip-s``) since it was first passed: then the head goes first,
+wherever it costs least. A switch costs seconds of GPU time for nothing; waiting a little
+costs the passed job less than that, and the bound keeps it from starving. The bound
+counts from the first pass, not from arrival: in an overloaded queue every head has
+waited longer than any bound by the time it is the head, and a bound on arrival age
+would turn affinity off exactly when switches cost the most; this way affinity adds at
+most ``max_skip_s`` to any job's wait once it is its turn.
+
+Switches follow sd-webui (``sdproxy.core.cost.switches``): a job naming another
+checkpoint costs two loads under restore-afterwards, one without, a job naming none runs
+on the pod's default. Among free pods the choice is the least estimated
 GPU-seconds (learned rate per pod and checkpoint, switches at the learned switch cost:
 ``sdproxy.core.eta``), then the least loaded, then the most recently used.
 """
@@ -30,7 +36,7 @@ from typing import Protocol
 
 from sdproxy.core.cost import switches
 from sdproxy.core.eta import SpeedModel
-from sdproxy.core.queue import Job, Queue
+from sdproxy.core.queue import Job, Queue, TicketId
 from sdproxy.core.slots import Pod
 
 
@@ -40,9 +46,16 @@ class Placement(Protocol):
         ...
 
     def match(
-        self, queue: Queue, free: Sequence[Pod], now: float, eligible: Callable[[Job], bool]
+        self,
+        queue: Queue,
+        free: Sequence[Pod],
+        now: float,
+        eligible: Callable[[Job], bool],
+        *,
+        commit: bool = True,
     ) -> tuple[Job, Pod] | None:
-        """The next (queued job, free pod) pair to dispatch, or None."""
+        """The next (queued job, free pod) pair to dispatch, or None; ``commit`` False:
+        only asked (invariant checks), the pair will not be dispatched."""
         ...
 
 
@@ -74,7 +87,13 @@ class AffinityPlacement:
         return best
 
     def match(
-        self, queue: Queue, free: Sequence[Pod], now: float, eligible: Callable[[Job], bool]
+        self,
+        queue: Queue,
+        free: Sequence[Pod],
+        now: float,
+        eligible: Callable[[Job], bool],
+        *,
+        commit: bool = True,
     ) -> tuple[Job, Pod] | None:
         job = queue.next_for(eligible) if free else None
         pod = self.choose(job, free) if job is not None else None
@@ -88,6 +107,8 @@ class CheckpointPlacement:
     def __init__(self, speed: SpeedModel, *, max_skip_s: float) -> None:
         self.speed = speed
         self.max_skip_s = max_skip_s
+        #: when each passed-over head was first passed (entries of jobs gone are pruned)
+        self.passed: dict[TicketId, float] = {}
 
     def choose(self, job: Job, free: Sequence[Pod]) -> Pod | None:
         best: Pod | None = None
@@ -100,26 +121,46 @@ class CheckpointPlacement:
         return best
 
     def match(
-        self, queue: Queue, free: Sequence[Pod], now: float, eligible: Callable[[Job], bool]
+        self,
+        queue: Queue,
+        free: Sequence[Pod],
+        now: float,
+        eligible: Callable[[Job], bool],
+        *,
+        commit: bool = True,
     ) -> tuple[Job, Pod] | None:
         if not free:
             return None
         head: Job | None = None
+        pair: tuple[Job, Pod] | None = None
         for job in queue:
             if not eligible(job):
                 continue
             if head is None:
                 head = job
-                if now - head.enqueued_at >= self.max_skip_s:
-                    break  # its turn, and it waited long enough: no more skipping
+                if now - self.passed.get(job.ticket, now) >= self.max_skip_s:
+                    break  # passed over long enough (or a bound of 0): its turn now
             elif job.priority != head.priority:
                 break  # strict between classes: affinity never jumps one
             fits = [pod for pod in free if pod_switches(job, pod) == 0]
             if fits:
-                return job, self._cheapest(job, fits)
+                pair = job, self._cheapest(job, fits)
+                break
         if head is None:
             return None
-        return head, self._cheapest(head, free)
+        if pair is None:
+            pair = head, self._cheapest(head, free)
+        if commit:
+            self._note(pair[0], head, now, queue)
+        return pair
+
+    def _note(self, chosen: Job, head: Job, now: float, queue: Queue) -> None:
+        """``chosen`` goes now: if it is not the head, the head was passed over."""
+        self.passed.pop(chosen.ticket, None)
+        if chosen.ticket != head.ticket:
+            self.passed.setdefault(head.ticket, now)
+        if len(self.passed) > 2 * len(queue) + 64:  # cancelled or expired heads: forget
+            self.passed = {t: at for t, at in self.passed.items() if t in queue}
 
     def _cheapest(self, job: Job, pods: Sequence[Pod]) -> Pod:
         pod = self.choose(job, pods)
