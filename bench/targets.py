@@ -277,10 +277,12 @@ def start_sim(
     workdir: Path,
     threads: int | None = None,
     timeout_s: float = 30.0,
+    extra: Sequence[str] = (),
 ) -> Sim:
-    """Start ``pods`` simulated pods on free ports; read their URLs from stdout."""
+    """Start ``pods`` simulated pods on free ports; read their URLs from stdout
+    (``extra``: more ``sdproxy sim`` flags, e.g. ``--checkpoints``)."""
     argv = [*sim_argv(), "--pods", str(pods), "--port", "0", "--host", "127.0.0.1"]
-    argv += ["--step-ms", str(step_ms)]
+    argv += ["--step-ms", str(step_ms), *extra]
     if threads is not None:
         argv += ["--threads", str(threads)]
     workdir.mkdir(parents=True, exist_ok=True)
@@ -499,11 +501,15 @@ def start_sdproxy(
     max_queue: int = 20000,
     queue_timeout_s: float = 600.0,
     name: str = "sdproxy",
+    extra: Sequence[str] = (),
 ) -> Target:
+    """``sdproxy serve`` in front of ``backends`` (``extra``: more flags, e.g.
+    ``--policy fifo``)."""
     port, mport = free_port(), free_port()
     argv = [sys.executable, "-m", "sdproxy", "serve", "--listen", f"127.0.0.1:{port}"]
     for url in backends:
         argv += ["--backend", url]
+    argv += list(extra)
     argv += ["--max-inflight", str(max_inflight), "--max-queue", str(max_queue)]
     argv += ["--queue-timeout-s", str(queue_timeout_s), "--drain-timeout-s", "2"]
     argv += ["--metrics-listen", f"127.0.0.1:{mport}"]

@@ -18,7 +18,7 @@ from typing import Any
 
 from bench.targets import Target, TargetUnavailable, start_system
 
-SCENARIOS = ("overload", "overhead", "bigbody", "queue", "replicas")
+SCENARIOS = ("overload", "overhead", "bigbody", "queue", "replicas", "checkpoints", "tenants")
 
 
 @dataclass(frozen=True, kw_only=True)
