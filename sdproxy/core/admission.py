@@ -191,6 +191,10 @@ class Admission:
                     return self._refuse(
                         fx, job.ticket, RejectReason.DEADLINE_UNMEETABLE, now, cost_s
                     )
+                # through the queue's books (its virtual time, the tenant's tag) as any
+                # served job, without waiting in it
+                self.queue.push(job, deadline=self._deadline(job))
+                self.queue.take(job.ticket)
                 fx.dispatches.append(self._bind(job, pod, now))
                 return self._settle(fx, now)
         if len(self.queue) >= self.config.max_queue:
@@ -231,8 +235,14 @@ class Admission:
     def _dequeue(self, ticket: TicketId, *, serve: bool = False) -> Job | None:
         job = self.queue.take(ticket) if serve else self.queue.remove(ticket)
         if job is not None:
-            self.tenants.add(self.tenants.queued, job.tenant, -1)
+            self._left(job, served=serve)
         return job
+
+    def _left(self, job: Job, *, served: bool) -> None:
+        """``job`` left the queue; one that will not run costs its tenant nothing."""
+        self.tenants.add(self.tenants.queued, job.tenant, -1)
+        if not served:
+            self.queue.charge(job, 0.0)
 
     def release(self, ticket: TicketId, outcome: Outcome, now: float) -> Effects:
         """A dispatched job's exchange with its pod ended as ``outcome``: free its slot
@@ -301,7 +311,7 @@ class Admission:
         """Time passes: expire jobs past their deadline; re-admit rested pods."""
         fx = EffectsBuilder()
         for job in self.queue.expired(now):
-            self.tenants.add(self.tenants.queued, job.tenant, -1)
+            self._left(job, served=False)
             fx.rejects.append(Reject(ticket=job.ticket, reason=RejectReason.QUEUE_TIMEOUT))
         return self._settle(fx, now)
 

@@ -252,6 +252,9 @@ class FairQueue:
         self.virtual = 0.0
         #: each tenant's finish tag (the tag its next job starts at, at the earliest)
         self.finish: dict[str, float] = {}
+        #: each tenant's latest start tag: a correction never puts its next job before
+        #: one it already has in line (FIFO within a tenant)
+        self._last_start: dict[str, float] = {}
 
     def weight(self, tenant: str) -> float:
         return self._weights.get(tenant, 1.0)
@@ -268,6 +271,7 @@ class FairQueue:
     def push(self, job: Job, *, deadline: float) -> int:
         start = max(self.virtual, self.finish.get(job.tenant, 0.0))
         self.finish[job.tenant] = start + job.cost / self.weight(job.tenant)
+        self._last_start[job.tenant] = start
         return self._insert(job, start, deadline)
 
     def requeue(self, job: Job, *, deadline: float) -> int:
@@ -302,11 +306,13 @@ class FairQueue:
         return self.remove(ticket)
 
     def charge(self, job: Job, units: float) -> None:
-        """The job's tenant pays what the job really cost: its finish tag moves by the
-        difference (never below the virtual time: an overestimate banks no credit)."""
+        """The job's tenant pays what the job really cost (0 for one that left without
+        running): its finish tag moves by the difference — never below the virtual time
+        (an overestimate banks no credit) nor below its latest job's start tag."""
         if job.tenant in self.finish:
             moved = self.finish[job.tenant] + (units - job.cost) / self.weight(job.tenant)
-            self.finish[job.tenant] = max(moved, self.virtual)
+            floor = max(self.virtual, self._last_start.get(job.tenant, 0.0))
+            self.finish[job.tenant] = max(moved, floor)
 
     def next_for(self, accepts: Callable[[Job], bool]) -> Job | None:
         return next((job for job in self if accepts(job)), None)

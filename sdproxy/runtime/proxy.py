@@ -328,10 +328,12 @@ class Proxy:
         try:
             # again: the caller's queue may have filled while this body uploaded
             self._check_admissible(request, ex, info)
+            now = self.clock()
+            if deadline_s is not None:  # it counts from arrival: the upload took some
+                deadline_s -= now - ex.started
             job = Job(
                 ticket=self.gate.new_ticket(),
-                # the deadline counts from arrival: the upload's time is the caller's
-                enqueued_at=ex.started,
+                enqueued_at=now,
                 cost=estimate_steps(info.fields, route=request.path.rsplit("/", 1)[-1]),
                 checkpoint=info.checkpoint,
                 restore=info.restore,

@@ -277,7 +277,8 @@ def test_tenant_max_queued_and_max_priority() -> None:
     assert d.submit(2, tenant="t", priority=HIGH) == queued(2, 1)
     assert next(iter(d.adm.queue)).priority == NORMAL, "capped at the tenant's maximum"
     assert d.submit(3, tenant="t").reason is RejectReason.CLIENT_QUOTA  # type: ignore[union-attr]
-    assert d.submit(4, tenant="other") == queued(4, 2)
+    # t already runs one: the other tenant's first job goes ahead of t's second
+    assert d.submit(4, tenant="other") == queued(4, 1)
 
 
 def test_gpu_seconds_served_are_counted_per_tenant() -> None:
@@ -511,3 +512,24 @@ TestFairStorm.settings = settings(
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow],
 )
+
+
+def test_a_correction_never_puts_a_tenants_job_before_its_own_older_ones() -> None:
+    q = FairQueue()
+    q.push(fair_job(1, "a", cost=5.0), deadline=1e9)
+    q.push(fair_job(2, "a", cost=1.0), deadline=1e9)
+    q.charge(fair_job(1, "a", cost=5.0), 0.0)  # it left without running: refunded
+    q.push(fair_job(3, "a", cost=1.0), deadline=1e9)
+    assert [j.ticket for j in q] == [1, 2, 3]
+
+
+def test_a_cancelled_job_costs_its_tenant_nothing() -> None:
+    d = Driver(ep("a"), seconds_per_unit=1.0)
+    d.at(0).submit(1, tenant="x")  # runs at once: charged like any served job
+    d.submit(2, tenant="x", cost=10.0)
+    d.submit(3, tenant="y")
+    d.cancel(2)
+    d.submit(4, tenant="x")
+    d.submit(5, tenant="y")
+    # x's finish tag went back by the cancelled job: 4 starts where 2 would have
+    assert d.queue() == [3, 4, 5]
