@@ -7,8 +7,8 @@ named by ``targetRef.name`` (else its address); the port is the one named ``port
 (else the slice's first port). A pod listed by several slices (slices being replaced)
 appears once, preferring its ready entry. A slice labelled ``sdproxy.io/weight: "2"``
 gives its endpoints that relative GPU speed (the first guess of their learned rate, as
-``#weight=N`` on a static backend); the EndpointSlice controller copies a Service's
-labels onto its slices, so one Service per GPU type carries it (a bad value is logged and
+``#weight=N`` on a static backend): slices managed by hand, or the Service's own labels,
+which the EndpointSlice controller copies onto its slices (a bad value is logged and
 ignored). No I/O here, so it is tested with plain dicts.
 """
 
