@@ -22,8 +22,6 @@
         │                           max_queued; with Retry-After)
         ├── DeadlineUnmeetable      503 deadline_unmeetable (X-Sdproxy-Deadline-S is
         │                           before the job's ETA; the body has eta_s)
-        ├── Unauthorized            401 unauthorized ([tenants] configured and the
-        │                           request's API key is missing or unknown)
         ├── RequestTooLarge         422 request_too_large (a field over --max-steps,
         │                           --max-pixels or --max-batch; names field and bound)
         ├── ShuttingDown            503 shutting_down
@@ -33,10 +31,14 @@
         ├── BodyTooLarge            413 body_too_large
         ├── BodyTimeout             408 body_timeout (the upload took over
         │                           --client-body-timeout-s)
+        ├── SpoolFull               503 spool_full (spooled bodies at --spool-max-mb;
+        │                           with Retry-After)
         ├── Forbidden               403 forbidden_route
         ├── BadRequest              400 bad_request
         │   └── MalformedBody       400 bad_request (the body's framing broke mid-upload)
         ├── NotFound                404 not_found (unknown /-/ endpoint)
+        ├── Unauthorized            401 unauthorized (an ops endpoint without --ops-token;
+        │                           with [tenants], a request without a known API key)
         └── InternalError           500 internal_error (a bug; logged with its traceback)
 
 Kubernetes and aiohttp client errors are translated at the runtime boundary with
@@ -182,11 +184,6 @@ class DeadlineUnmeetable(ClientFacingError):
         return {**super().body(), "eta_s": round(self.eta_s, 2)}
 
 
-class Unauthorized(ClientFacingError):
-    status = 401
-    code = "unauthorized"
-
-
 class RequestTooLarge(ClientFacingError):
     """A request over the proxy's bounds; the body names the field and the bound too."""
 
@@ -227,6 +224,11 @@ class BodyTooLarge(ClientFacingError):
     code = "body_too_large"
 
 
+class SpoolFull(ClientFacingError):
+    status = 503
+    code = "spool_full"
+
+
 class BodyTimeout(ClientFacingError):
     status = 408
     code = "body_timeout"
@@ -250,6 +252,11 @@ class MalformedBody(BadRequest):
 class NotFound(ClientFacingError):
     status = 404
     code = "not_found"
+
+
+class Unauthorized(ClientFacingError):
+    status = 401
+    code = "unauthorized"
 
 
 class InternalError(ClientFacingError):

@@ -243,7 +243,7 @@ class Option:
             return str(int(value))
         if isinstance(value, tuple):
             return ",".join(value) or "none"
-        return "''" if value == "" else str(value)
+        return "''" if value == "" or value is None else str(value)
 
 
 def _shape(hint: Any) -> tuple[Any, bool, bool]:

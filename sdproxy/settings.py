@@ -78,12 +78,34 @@ class ProxySettings:
         HostPort(host="127.0.0.1", port=9100),
         "where Prometheus /metrics is served ('' disables)",
     )
+    ops_listen: HostPort | None = option(
+        None,
+        "serve the operational endpoints (/-/status, /-/metrics, /-/peer*) here instead of "
+        "on --listen; /-/healthz and /-/readyz answer on both ('' = on --listen)",
+    )
+    ops_token: str = option(
+        "",
+        "bearer token the operational endpoints require wherever served, /metrics on "
+        "--metrics-listen too; /-/healthz and /-/readyz stay open (prefer the env variable)",
+    )
     #: the admission knobs (max_inflight, max_queue, queue_timeout_s, warmup): the core's
     #: own config is the group
     admission: AdmissionConfig = field(default_factory=AdmissionConfig)
     max_body_mb: float = option(64.0, "request body limit in MiB (then 413)", gt=0)
+    spool_max_mb: float = option(
+        2048.0,
+        "request bodies over 1 MiB wait on disk; all of them together stay within this "
+        "many MiB (then 503 spool_full; 0 = no bound)",
+        min=0,
+    )
     client_body_timeout_s: float = option(
         60.0, "a heavy request's whole body must arrive within this (then 408)", gt=0
+    )
+    client_idle_timeout_s: float = option(
+        75.0,
+        "a client connection with no request under way (idle between requests, or its "
+        "request head still incomplete: slowloris) is closed after this",
+        gt=0,
     )
     #: the request bounds (max_steps, max_pixels, max_batch): the core's own config
     limits: RequestLimits = field(default_factory=RequestLimits)

@@ -18,7 +18,8 @@ PATCH understands application/merge-patch+json (RFC 7386), application/json-patc
 as a merge patch: none of the objects served here has a list with a merge key).
 
 Test controls: ``add_endpoint`` / ``set_endpoint`` / ``remove_endpoint`` (also create and
-delete the Pod object), ``bookmark()``, ``compact()``, ``on_scale`` (a hook, sync or async,
+delete the Pod object), ``bookmark()``, ``compact()``, ``expire_watches()`` (410 on every
+open watch), ``on_scale`` (a hook, sync or async,
 called with (deployment, old, new) before the PATCH is answered), ``outage("reset"|"503")``
 and ``recover()``, ``requests`` (a log of every call: verb, group, resource, subresource,
 name, status), ``scale_in_victims(n)`` (the pods a ReplicaSet would delete, by
@@ -460,6 +461,14 @@ class FakeKube:
         """Forget history: a watch from an older resourceVersion now gets 410 Gone."""
         self._compacted = self.resource_version
         self._history.clear()
+
+    def expire_watches(self) -> None:
+        """Compact, and end every open watch with a 410 ERROR event, as an API server
+        does when etcd compacts past a watch's resourceVersion: each client re-lists."""
+        self.compact()
+        status = status_body(410, "Expired", f"too old resource version ({self._compacted})")
+        self._signal_watchers({"type": "ERROR", "object": status})
+        self._signal_watchers(_END)
 
     def watch_count(self) -> int:
         return len(self._watchers)

@@ -29,6 +29,7 @@ from sdproxy.core.effects import RejectReason, Transition
 from sdproxy.core.pods import Endpoint, PodId, PodState
 from sdproxy.core.queue import Priority
 from sdproxy.errors import ConfigError, NotFound
+from sdproxy.runtime.auth import guarded
 from sdproxy.runtime.autoscaler import Autoscaler
 from sdproxy.runtime.catalog import Catalogs
 from sdproxy.runtime.discovery import Discovery, StaticDiscovery
@@ -56,8 +57,10 @@ from sdproxy.settings import HostPort, Settings
 
 log = logging.getLogger("sdproxy")
 CLOCK = time.monotonic
-#: the port of the proxy's own Service that peers are reached on (--peer-service)
+#: the port of the proxy's own Service that peers are reached on (--peer-service): the
+#: proxy port, or the operational one when the peer endpoints live there (--ops-listen)
 PEER_PORT_NAME = "http"
+OPS_PORT_NAME = "ops"
 
 
 class Services:
@@ -259,19 +262,42 @@ def build_app(
     services = Services(settings, discovery=discovery, scaler=scaler)
     app = web.Application(client_max_size=int(settings.proxy.max_body_mb * 1024 * 1024))
     app[SERVICES] = services
-    app.router.add_get("/-/healthz", _healthz)
-    app.router.add_get("/-/readyz", _readyz)
-    app.router.add_get("/-/status", _status)
-    app.router.add_get("/-/metrics", _metrics)
-    app.router.add_get("/-/peer", _peer)
-    app.router.add_get("/-/peer/job", _peer_job)
-    app.router.add_post("/-/peer/job/cancel", _peer_cancel)
+    _add_probes(app)
+    if settings.proxy.ops_listen is None:
+        _add_ops_routes(app, settings.proxy.ops_token)
     # [\s\S]: "." would not match a newline, and a path with %0A would get aiohttp's
     # plain-text 404 instead of our JSON answer
     app.router.add_route("*", "/-/{tail:[\\s\\S]*}", _unknown_operational)
     app.router.add_route("*", "/{tail:[\\s\\S]*}", _proxy)
     app.cleanup_ctx.append(_lifecycle)
     return app
+
+
+def build_ops_app(services: Services) -> web.Application:
+    """The --ops-listen listener: the operational endpoints, the probes, /metrics too."""
+    app = web.Application()
+    app[SERVICES] = services
+    _add_probes(app)
+    _add_ops_routes(app, services.settings.proxy.ops_token)
+    app.router.add_get("/metrics", guarded(_metrics, services.settings.proxy.ops_token))
+    app.router.add_route("*", "/{tail:[\\s\\S]*}", _unknown_operational)
+    return app
+
+
+def _add_probes(app: web.Application) -> None:
+    """Liveness and readiness: open on every listener (kubelet and load balancers)."""
+    app.router.add_get("/-/healthz", _healthz)
+    app.router.add_get("/-/readyz", _readyz)
+
+
+def _add_ops_routes(app: web.Application, token: str) -> None:
+    """What an operator or a peer replica reads: pod addresses, queue state, checkpoints,
+    callers' queue places (--ops-listen decides where, --ops-token who)."""
+    app.router.add_get("/-/status", guarded(_status, token))
+    app.router.add_get("/-/metrics", guarded(_metrics, token))
+    app.router.add_get("/-/peer", guarded(_peer, token))
+    app.router.add_get("/-/peer/job", guarded(_peer_job, token))
+    app.router.add_post("/-/peer/job/cancel", guarded(_peer_cancel, token))
 
 
 async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
@@ -320,6 +346,7 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
             replica=services.replica,
             urls=settings.proxy.peer,
             clock=services.clock,
+            token=settings.proxy.ops_token,
         )
         services.proxy.gatewatch = services.gatewatch
         services.proxy.peers = services.peers
@@ -397,9 +424,11 @@ def _peer_discovery(settings: Settings) -> Discovery | None:
         return None
     from sdproxy.runtime.kube import KubernetesDiscovery
 
-    # the replicas' Service port named "http" (the proxy port; deploy/base/sdproxy.yaml)
+    # the replicas' Service port: "http" (the proxy port) or "ops" (deploy/base/sdproxy.yaml)
     own = dataclasses.replace(
-        settings.discovery, service=settings.proxy.peer_service, port_name=PEER_PORT_NAME
+        settings.discovery,
+        service=settings.proxy.peer_service,
+        port_name=PEER_PORT_NAME if settings.proxy.ops_listen is None else OPS_PORT_NAME,
     )
     return KubernetesDiscovery(own)
 
@@ -441,13 +470,23 @@ async def serve(
     setup_logging(settings.log)
     app = build_app(settings, discovery=discovery, scaler=scaler)
     services = app[SERVICES]
-    runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
+    # aiohttp closes a connection that has no request under way after keepalive_timeout,
+    # counted from the connection's start or its last answer: a request head trickled in
+    # byte by byte (slowloris) is cut then too. (aiohttp's own default is an hour.)
+    runner = web.AppRunner(
+        app,
+        handler_cancellation=True,
+        access_log=None,
+        keepalive_timeout=settings.proxy.client_idle_timeout_s,
+    )
     await runner.setup()
     metrics_runner: web.AppRunner | None = None
+    ops_runner: web.AppRunner | None = None
     try:
         listen = settings.proxy.listen
         site = await listen_on(runner, listen, backlog=4096)
         metrics_runner = await _start_metrics(settings, services.metrics)
+        ops_runner = await _start_ops(services)
         log.info("sdproxy %s listening on http://%s", __version__, listen)
         if stop is None:
             stop = stop_on_signals()
@@ -461,8 +500,9 @@ async def serve(
         await site.stop()
         await _drain(services, settings.proxy.drain_timeout_s)
     finally:
-        if metrics_runner is not None:
-            await metrics_runner.cleanup()
+        for extra in (metrics_runner, ops_runner):
+            if extra is not None:
+                await extra.cleanup()
         await runner.cleanup()
     return 0
 
@@ -490,14 +530,28 @@ async def _start_metrics(settings: Settings, metrics: Metrics) -> web.AppRunner 
     where = settings.proxy.metrics_listen
     if where is None:
         return None
-    runner = web.AppRunner(metrics_app(metrics), access_log=None)
+    runner = await _start_extra(metrics_app(metrics, token=settings.proxy.ops_token), where)
+    log.info("metrics on http://%s/metrics", where)
+    return runner
+
+
+async def _start_ops(services: Services) -> web.AppRunner | None:
+    where = services.settings.proxy.ops_listen
+    if where is None:
+        return None
+    runner = await _start_extra(build_ops_app(services), where)
+    log.info("operational endpoints on http://%s/-/status", where)
+    return runner
+
+
+async def _start_extra(app: web.Application, where: HostPort) -> web.AppRunner:
+    runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     try:
         await listen_on(runner, where)
     except ConfigError:
         await runner.cleanup()
         raise
-    log.info("metrics on http://%s/metrics", where)
     return runner
 
 

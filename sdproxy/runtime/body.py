@@ -13,6 +13,12 @@ number of times (``payload``): a pod's gate that answers ``pod_busy`` is no loss
 ``--max-body-mb`` still bounds the whole body (413), and the caller bounds the time the
 upload may take (``--client-body-timeout-s``, 408); a body whose framing breaks (a
 malformed chunk) is the client's ``400``. None of it ever reaches a pod.
+
+All spools together stay within ``--spool-max-mb`` (``SpoolBudget``): a body whose size is
+announced takes its whole share before its first byte is read, a chunked one grows its
+share as it arrives; a body that does not fit is ``503 spool_full`` with Retry-After (it
+fits once queued bodies have gone to their pods), and the share returns when the spool
+is closed. Many concurrent large uploads thus never fill the disk.
 """
 
 from __future__ import annotations
@@ -27,7 +33,7 @@ from typing import IO, Any, TypeVar
 from aiohttp import web
 from aiohttp.web_protocol import RequestPayloadError
 
-from sdproxy.errors import BodyTooLarge, InternalError, MalformedBody
+from sdproxy.errors import BodyTooLarge, InternalError, MalformedBody, SpoolFull
 
 log = logging.getLogger("sdproxy.body")
 
@@ -38,6 +44,35 @@ MEMORY_BYTES = 1024 * 1024
 SPOOL_CHUNK = 256 * 1024
 
 T = TypeVar("T")
+#: how soon a client refused spool_full may try again
+SPOOL_RETRY_S = 5
+
+
+class SpoolBudget:
+    """The bytes every spool of this process may hold together (0: no bound)."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self.used = 0
+
+    def take(self, size: int) -> None:
+        self.check(size)
+        self.used += size
+
+    def check(self, size: int) -> None:
+        """Raise ``SpoolFull`` unless ``size`` more bytes fit now."""
+        if self.max_bytes and self.used + size > self.max_bytes:
+            raise SpoolFull(
+                f"the proxy holds {self.used} bytes of request bodies waiting for pods, "
+                f"at its --spool-max-mb bound; retry shortly",
+                retry_after_s=SPOOL_RETRY_S,
+            )
+
+    def give_back(self, size: int) -> None:
+        self.used -= size
+
+
+UNBOUNDED = SpoolBudget(0)
 
 
 class Spool:
@@ -48,10 +83,19 @@ class Spool:
     spool, and the file is closed once no thread uses it.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, budget: SpoolBudget = UNBOUNDED) -> None:
         self._file: IO[bytes] | None = None
         self._busy = 0
         self._closed = False
+        self._budget = budget
+        #: this spool's share of the budget
+        self.reserved = 0
+
+    def reserve(self, size: int) -> None:
+        """Make sure the spool may hold ``size`` bytes (raises ``SpoolFull``)."""
+        if size > self.reserved:
+            self._budget.take(size - self.reserved)
+            self.reserved = size
 
     async def open(self) -> None:
         await self._run(self._create)
@@ -98,6 +142,8 @@ class Spool:
             self._close_file()
 
     def close(self) -> None:
+        if not self._closed:
+            self._budget.give_back(self.reserved)
         self._closed = True
         if not self._busy:
             self._close_file()
@@ -156,19 +202,21 @@ async def receive(
     prefix: bytes,
     complete: bool,
     limit_bytes: int,
+    budget: SpoolBudget = UNBOUNDED,
 ) -> ReceivedBody:
     """Read the rest of the body after the ``prefix`` already read (``complete``: that
     was all of it). Raises ``BodyTooLarge`` over ``limit_bytes``, ``MalformedBody`` when
-    its framing breaks; the caller bounds the time it takes."""
+    its framing breaks, ``SpoolFull`` when the spools' ``budget`` cannot hold it; the
+    caller bounds the time it takes."""
     if complete:
         return ReceivedBody(data=prefix, size=len(prefix), spool=None)
     length = request.content_length
     if length is not None and length > limit_bytes:
         raise BodyTooLarge(f"request body of {length} bytes is over the {limit_bytes} limit")
-    sink = _Sink()
+    sink = _Sink(budget)
     try:
         if length is not None and length > MEMORY_BYTES:
-            await sink.spill()  # it cannot stay in memory: to disk from the first byte
+            await sink.spill(length)  # it cannot stay in memory: to disk from the first byte
         await sink.add(prefix)
         while chunk := await _read(request):
             if sink.size + len(chunk) > limit_bytes:
@@ -184,15 +232,18 @@ class _Sink:
     """Where ``receive`` puts the body: memory until ``MEMORY_BYTES``, then a spool,
     written ``SPOOL_CHUNK`` at a time."""
 
-    def __init__(self) -> None:
+    def __init__(self, budget: SpoolBudget) -> None:
         self.parts: list[bytes] = []
         self.pending = 0
         self.size = 0
         self.spool: Spool | None = None
+        self.budget = budget
 
-    async def spill(self) -> None:
-        self.spool = Spool()
-        await _spooling(self.spool.open())
+    async def spill(self, expected: int = 0) -> None:
+        spool = Spool(self.budget)
+        spool.reserve(max(expected, self.size))  # before the file: SpoolFull costs nothing
+        self.spool = spool
+        await _spooling(spool.open())
 
     async def add(self, chunk: bytes) -> None:
         if not chunk:
@@ -202,6 +253,8 @@ class _Sink:
         self.size += len(chunk)
         if self.spool is None and self.size > MEMORY_BYTES:
             await self.spill()
+        if self.spool is not None:
+            self.spool.reserve(self.size)  # a chunked body grows its share as it comes
         if self.spool is not None and self.pending >= SPOOL_CHUNK:
             await self._flush(self.spool)
 

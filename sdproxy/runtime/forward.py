@@ -19,8 +19,9 @@ import asyncio
 import contextlib
 import logging
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Coroutine, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import aiohttp
 from aiohttp import web
@@ -154,13 +155,16 @@ async def send(
     headers: CIMultiDict[str],
     body: RequestBody | ReceivedBody | bytes | None,
     expect100: bool = False,
+    continue_timeout_s: float = 5.0,
 ) -> aiohttp.ClientResponse:
     """Send the request and return once the pod's response headers arrived.
 
     ``Accept-Encoding`` goes exactly as the client sent it, absent included.
     ``expect100``: send the head with ``Expect: 100-continue`` and the body only after the
     pod's ``100 Continue`` (a pod-side gate refuses a busy pod before any body byte); a
-    received body then records in ``started`` whether its first byte went.
+    received body then records in ``started`` whether its first byte went. A gate answers
+    at once (100, or 503 busy): with neither within ``continue_timeout_s`` the exchange
+    is dropped as never sent (``UpstreamTimeout``, ``sent=False``: retried elsewhere).
     """
     data: bytes | AsyncIterator[bytes] | AsyncIterator[bytes | bytearray] | None
     if isinstance(body, ReceivedBody):
@@ -169,16 +173,19 @@ async def send(
     else:
         data = body.payload() if isinstance(body, RequestBody) else body
     skip = None if "Accept-Encoding" in headers else NO_AUTO_ENCODING
+    exchange = session.request(
+        method,
+        url,
+        headers=headers,
+        data=data,
+        allow_redirects=False,
+        skip_auto_headers=skip,
+        expect100=expect100,
+    )
     try:
-        return await session.request(
-            method,
-            url,
-            headers=headers,
-            data=data,
-            allow_redirects=False,
-            skip_auto_headers=skip,
-            expect100=expect100,
-        )
+        if expect100 and isinstance(body, ReceivedBody):
+            return await _continued(exchange, body, url=url, timeout_s=continue_timeout_s)
+        return await exchange
     except aiohttp.ClientConnectorError as exc:
         raise ConnectFailed(f"cannot connect to {url}: {exc}") from exc
     except aiohttp.ConnectionTimeoutError as exc:
@@ -235,6 +242,29 @@ def _drop(into: CIMultiDict[str], source: Mapping[str, str], names: frozenset[st
     for name in names:
         if name in into:
             del into[name]  # every occurrence
+
+
+async def _continued(
+    exchange: Coroutine[Any, Any, aiohttp.ClientResponse],
+    body: ReceivedBody,
+    *,
+    url: str,
+    timeout_s: float,
+) -> aiohttp.ClientResponse:
+    """``exchange`` with Expect: the pod must say ``100 Continue`` (the body's first byte
+    goes) or answer within ``timeout_s``; after that, only the backend timeout bounds it."""
+    task = asyncio.ensure_future(exchange)
+    try:
+        done, _ = await asyncio.wait({task}, timeout=timeout_s)
+        if not done and not body.started:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, aiohttp.ClientError):
+                await task
+            raise UpstreamTimeout(f"{url} sent no 100 Continue within {timeout_s:g} s", sent=False)
+        return await task
+    finally:
+        if not task.done():
+            task.cancel()
 
 
 async def relay(

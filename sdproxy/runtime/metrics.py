@@ -36,7 +36,8 @@ import sdproxy
 from sdproxy.core.effects import InterruptReason, RejectReason
 from sdproxy.core.pods import PodState
 from sdproxy.core.routing import RouteClass
-from sdproxy.errors import UpstreamKind
+from sdproxy.errors import ClientQuota, RequestTooLarge, SpoolFull, UpstreamKind
+from sdproxy.runtime.auth import guarded
 from sdproxy.runtime.status import Status, count_states
 
 Snapshot = Callable[[], Status]
@@ -47,7 +48,10 @@ POD_STATES = tuple(s.value for s in PodState)
 SCALE_DIRECTIONS = ("up", "down")
 #: pre-created at 0 so rate()/increase() see the first event (Prometheus "Instrumentation"
 #: practices: avoid missing metrics)
-REJECT_REASONS = tuple(r.value for r in RejectReason)
+#: the core's rejections, and those the proxy makes before a request takes a queue place
+REFUSALS = (ClientQuota.code, RequestTooLarge.code, SpoolFull.code)
+#: one label value each (a tenant's max_queued is a core reject with the client_quota code)
+REJECT_REASONS = tuple(dict.fromkeys((*(r.value for r in RejectReason), *REFUSALS)))
 INTERRUPT_REASONS = tuple(r.value for r in InterruptReason)
 #: request faults (sdproxy.runtime.proxy.outcome_of): CUDA out of memory, a 422
 REQUEST_FAULT_KINDS = ("oom", "invalid")
@@ -176,6 +180,11 @@ class Metrics:
 
     def rejected(self, reason: RejectReason) -> None:
         self._rejected.labels(reason=reason.value).inc()
+
+    def refused(self, exc: ClientQuota | RequestTooLarge | SpoolFull) -> None:
+        """A heavy request refused before it took a queue place (counted with the
+        rejections: the same question, "why did this not reach a pod")."""
+        self._rejected.labels(reason=exc.code).inc()
 
     def backend_error(self, *, pod: str, kind: UpstreamKind) -> None:
         self._backend_errors.labels(pod=pod, kind=kind.value).inc()
@@ -318,9 +327,10 @@ async def _serve_metrics(request: web.Request) -> web.Response:
     return web.Response(body=body, headers={"Content-Type": content_type})
 
 
-def metrics_app(metrics: Metrics) -> web.Application:
-    """A small app serving GET /metrics (for the separate --metrics-listen port)."""
+def metrics_app(metrics: Metrics, *, token: str = "") -> web.Application:
+    """A small app serving GET /metrics (for the separate --metrics-listen port), behind
+    the operator's token when one is set."""
     app = web.Application()
     app[METRICS_KEY] = metrics
-    app.router.add_get("/metrics", _serve_metrics)
+    app.router.add_get("/metrics", guarded(_serve_metrics, token))
     return app

@@ -15,7 +15,9 @@ asked of the peers (``GET /-/peer/job?caller=KEY``, ``POST /-/peer/job/cancel?ca
 KEY being the caller identity the call is matched by, as in sdproxy.runtime.jobs); one
 RUNNING on a gated pod is found in that gate's occupancy, which names the callers.
 A replica answering with this replica's own id (the Service lists every replica) is
-skipped.
+skipped. The peer endpoints are operational ones: served on ``--ops-listen`` when set (then
+``--peer`` names that address, and ``--peer-service`` uses the Service port ``ops``), and
+behind ``--ops-token``, which the replicas share and send.
 """
 
 from __future__ import annotations
@@ -51,8 +53,11 @@ class Peers:
         replica: str,
         urls: Sequence[str],
         clock: Callable[[], float],
+        token: str = "",
     ) -> None:
         self.session = session
+        #: the replicas share --ops-token, which guards /-/peer* like every ops endpoint
+        self._headers = {"Authorization": f"Bearer {token}"} if token else {}
         self.replica = replica
         self.clock = clock
         self._urls: list[str] = list(urls)
@@ -118,7 +123,9 @@ class Peers:
     async def _request_json(self, method: str, url: str, **kw: Any) -> dict[str, Any] | None:
         timeout = aiohttp.ClientTimeout(total=2.0)
         try:
-            async with self.session.request(method, url, timeout=timeout, **kw) as resp:
+            async with self.session.request(
+                method, url, timeout=timeout, headers=self._headers, **kw
+            ) as resp:
                 if resp.status != 200:
                     return None
                 data = await resp.json()

@@ -18,7 +18,7 @@ import contextlib
 import dataclasses
 import json
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -173,6 +173,7 @@ class Proxy:
         self.tenants = Tenants(settings.tenants)
         self.jobs = JobIndex()
         self.limit_bytes = int(settings.max_body_mb * 1024 * 1024)
+        self.spool_budget = bodies.SpoolBudget(int(settings.spool_max_mb * 1024 * 1024))
         self._background = Background()
 
     # ---- entry ------------------------------------------------------------------------
@@ -315,6 +316,10 @@ class Proxy:
         """Check what the body's first bytes say, receive the whole body, then queue: a
         slot never waits for a client's upload (a stalled or slow one kept a GPU idle),
         and a body at hand can go again to another pod when a gate answers pod_busy."""
+        length = request.content_length
+        if length is not None and length > bodies.MEMORY_BYTES:
+            with self._counted_refusal():
+                self.spool_budget.check(length)  # refused before a byte of it is read
         if prefix is None:
             async with self._body_deadline(ex):
                 prefix = await forward.read_prefix(
@@ -358,14 +363,25 @@ class Proxy:
         self, request: web.Request, ex: Exchange, prefix: forward.RequestBody
     ) -> bodies.ReceivedBody:
         async with self._body_deadline(ex):
-            body = await bodies.receive(
-                request,
-                prefix=prefix.prefix,
-                complete=prefix.complete,
-                limit_bytes=self.limit_bytes,
-            )
+            with self._counted_refusal():
+                body = await bodies.receive(
+                    request,
+                    prefix=prefix.prefix,
+                    complete=prefix.complete,
+                    limit_bytes=self.limit_bytes,
+                    budget=self.spool_budget,
+                )
         ex.bytes_in = body.size
         return body
+
+    @contextlib.contextmanager
+    def _counted_refusal(self) -> Iterator[None]:
+        """A body the spool budget cannot hold is counted in sdproxy_rejected_total."""
+        try:
+            yield
+        except errors.SpoolFull as exc:
+            self.metrics.refused(exc)
+            raise
 
     @contextlib.asynccontextmanager
     async def _body_deadline(self, ex: Exchange) -> AsyncIterator[None]:
@@ -389,15 +405,19 @@ class Proxy:
             )
         route = request.path.rsplit("/", 1)[-1]
         excess = check_request(info.fields, route=route, limits=self.settings.limits)
+        refusal: errors.ClientQuota | errors.RequestTooLarge | None = None
         if excess is not None:
-            raise errors.RequestTooLarge(excess.detail, field=excess.field, limit=excess.limit)
+            refusal = errors.RequestTooLarge(excess.detail, field=excess.field, limit=excess.limit)
         cap = self.settings.max_queued_per_client
-        if cap and self.queued_of(ex.caller) >= cap:
-            raise errors.ClientQuota(
+        if refusal is None and cap and self.queued_of(ex.caller) >= cap:
+            refusal = errors.ClientQuota(
                 f"{cap} requests of this caller already wait in the queue "
                 "(--max-queued-per-client); retry when one has started",
                 retry_after_s=QUOTA_RETRY_S,
             )
+        if refusal is not None:
+            self.metrics.refused(refusal)
+            raise refusal
 
     def queued_of(self, caller: Caller) -> int:
         """How many of the caller's jobs wait in this replica's queue."""
@@ -580,6 +600,7 @@ class Proxy:
             headers=headers,
             body=body,
             expect100=expect100,
+            continue_timeout_s=self.settings.connect_timeout_s,
         )
 
     async def _answer_from(

@@ -188,7 +188,15 @@ def test_proxy_args_point_at_objects_that_exist(
     assert args["port_name"] in {p["name"] for p in service["spec"]["ports"]}
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
     assert args["listen"].port == ports["http"]
-    assert args["metrics_listen"].port == ports["metrics"]
+    # the operational endpoints on their own port, which the probes, Prometheus and the
+    # peers use; the public port serves none of them (hardening: --ops-listen)
+    assert args["ops_listen"].port == ports["ops"]
+    assert args["metrics_listen"] is None
+    for probe in ("livenessProbe", "readinessProbe"):
+        assert container[probe]["httpGet"]["port"] == "ops"
+    if args["peer_service"]:
+        peers = one(objs, "Service", args["peer_service"])
+        assert {"http", "ops"} <= {p["name"] for p in peers["spec"]["ports"]}
     # the pod name is the replica's identity at the gates (and for the Lease): given by
     # the Downward API in every overlay, as --identity or through its POD_NAME default
     env = {e["name"]: e for e in container.get("env", [])}
@@ -232,7 +240,7 @@ def test_the_proxy_bounds_what_one_request_may_ask(
 
 @pytest.mark.parametrize("overlay", OVERLAY_PARAMS)
 def test_proxy_probes_and_security(rendered: dict[str, list[Obj]], overlay: str) -> None:
-    deployment, container, _ = _proxy(rendered[overlay])
+    deployment, container, args = _proxy(rendered[overlay])
     assert container["livenessProbe"]["httpGet"]["path"] == "/-/healthz"
     assert container["readinessProbe"]["httpGet"]["path"] == "/-/readyz"
     assert container["securityContext"]["readOnlyRootFilesystem"] is True
@@ -246,6 +254,10 @@ def test_proxy_probes_and_security(rendered: dict[str, list[Obj]], overlay: str)
     spool = volumes[mount["name"]]["emptyDir"]
     assert spool.get("medium") != "Memory", "a tmpfs spool would count against the memory limit"
     assert not mount.get("readOnly")
+    # every spooled body together fits the volume (else the disk fills before 503)
+    units = {"Mi": 1, "Gi": 1024}
+    size_mb = int(spool["sizeLimit"][:-2]) * units[spool["sizeLimit"][-2:]]
+    assert 0 < settings.build(args).proxy.spool_max_mb < size_mb
 
 
 def test_sim_pods_run_sdproxy_sim(rendered: dict[str, list[Obj]]) -> None:
@@ -693,5 +705,10 @@ def test_readme_runs_two_replicas_over_gated_sim_pods() -> None:
     gate_urls = {f"http://{g.listen.host}:{g.listen.port}" for g in gates}
     for serve in serves:
         assert set(serve.discovery.backend) == gate_urls, "the replicas talk to the gates"
-    addresses = [a for s in serves for a in (s.proxy.listen, s.proxy.metrics_listen)]
+    addresses = [
+        a
+        for s in serves
+        for a in (s.proxy.listen, s.proxy.metrics_listen, s.proxy.ops_listen)
+        if a is not None
+    ]
     assert len(set(addresses)) == len(addresses), "every listener needs its own port"

@@ -77,8 +77,8 @@ async def test_thousands_of_random_disconnects(tmp_path: Path, sim_pods: SimFact
                 answered.append(resp.status)
 
         peak = before
-        for _wave in range(10):  # 10 waves of 300 clients, most of whom give up
-            tasks = [asyncio.create_task(client()) for _ in range(300)]
+        for _wave in range(20):  # 20 waves of 500 clients (10,000), most of whom give up
+            tasks = [asyncio.create_task(client()) for _ in range(500)]
             await asyncio.sleep(0.05)
             for task in tasks:
                 if rng.random() < 0.8:
@@ -87,7 +87,7 @@ async def test_thousands_of_random_disconnects(tmp_path: Path, sim_pods: SimFact
             peak = max(peak, proc.memory_info().rss)
         await idle(session, url)
         assert set(answered) <= {200}, sorted(set(answered))
-        assert len(answered) > 300, "enough clients stayed to the end"
+        assert len(answered) > 1000, "enough clients stayed to the end"
         for index in range(2):
             assert (await sims.stats(index))["heavy_inflight_max"] == 1
         # and a newcomer is served at once

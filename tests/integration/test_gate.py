@@ -398,3 +398,60 @@ async def test_a_client_leaving_through_a_replica_is_interrupted_by_the_gate_alo
         assert resp.status == 200
     assert (await cluster.sims.stats(0))["interrupts_received"] == 1, "only the gate's"
     await proxy.wait_idle()
+
+
+async def _strip_continue_relay(target: str) -> tuple[asyncio.Server, str]:
+    """A TCP relay to ``target`` that swallows every ``100 Continue`` interim answer (a
+    broken middlebox): the gate says continue, the sender never hears it."""
+    host, port = target.removeprefix("http://").rsplit(":", 1)
+
+    async def pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, strip: bool) -> None:
+        try:
+            while chunk := await reader.read(65536):
+                if strip:  # loopback: the gate writes the interim answer in one piece
+                    chunk = chunk.replace(b"HTTP/1.1 100 Continue\r\n\r\n", b"")
+                writer.write(chunk)
+                await writer.drain()
+        except ConnectionError:
+            pass
+        finally:
+            writer.close()
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection(host, int(port))
+        await asyncio.gather(
+            pump(reader, up_writer, strip=False), pump(up_reader, writer, strip=True)
+        )
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    return server, f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+
+
+async def test_a_gate_whose_100_continue_never_arrives_costs_a_bounded_wait(
+    gated_pods: GatedFactory, proxy_factory: ProxyFactory
+) -> None:
+    """A large body goes to a gated pod with Expect: 100-continue; if the 100 never
+    arrives, the job goes elsewhere after --connect-timeout-s, not after the backend
+    timeout, and nothing reached the silent pod's sd-webui."""
+    cluster = await gated_pods(2, step_ms=1.0)
+    server, relayed = await _strip_continue_relay(cluster.urls[0])
+    async with server:
+        proxy = await proxy_factory([relayed, cluster.urls[1]], "--connect-timeout-s", "1")
+
+        async def gated() -> bool:
+            return all(p["mode"] == "gated" for p in (await proxy.status())["pods"])
+
+        await eventually(gated, what="both pods seen through their gates")
+        big = gen_body(2, init_images=["A" * (200 * 1024)])  # over the Expect threshold
+        loop = asyncio.get_running_loop()
+        served_by = []
+        for _ in range(4):
+            start = loop.time()
+            async with proxy.client.post("/sdapi/v1/img2img", json=big) as resp:
+                assert resp.status == 200, await resp.text()
+                served_by.append(resp.headers["X-Sdproxy-Pod"])
+            assert loop.time() - start < 10, "bounded by the connect timeout, not 1800 s"
+        assert set(served_by) == {cluster.urls[1].removeprefix("http://")}, served_by
+        assert (await cluster.sims.stats(0))["completed"] == 0
+        assert (await cluster.sims.stats(1))["completed"] == 4
+        await proxy.wait_idle()

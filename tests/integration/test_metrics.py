@@ -172,7 +172,10 @@ def test_label_sets_come_from_the_enums_of_the_code_that_emits_them() -> None:
     interrupted = {
         s.labels["reason"] for s in samples(metrics) if s.name == "sdproxy_interrupts_total"
     }
-    assert rejected == {r.value for r in RejectReason}
+    # plus the refusals the proxy makes before the queue (client_quota, 429;
+    # request_too_large, 422; spool_full, 503)
+    refusals = {"client_quota", "request_too_large", "spool_full"}
+    assert rejected == {r.value for r in RejectReason} | refusals
     assert interrupted == {r.value for r in InterruptReason} == {"client_gone", "user"}
 
 

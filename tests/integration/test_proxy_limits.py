@@ -14,6 +14,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.integration.conftest import TXT2IMG, ProxyFactory, SimFactory, gen_body
 
@@ -27,6 +28,17 @@ async def generate(
 ) -> tuple[int, Any, Mapping[str, str]]:
     async with session.post(url + TXT2IMG, json=body, headers=headers) as resp:
         return resp.status, await resp.json(), resp.headers
+
+
+async def rejected(session: aiohttp.ClientSession, url: str, reason: str) -> float:
+    """sdproxy_rejected_total{reason} as the proxy exports it."""
+    async with session.get(url + "/-/metrics") as resp:
+        text = await resp.text()
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == "sdproxy_rejected_total" and sample.labels["reason"] == reason:
+                return sample.value
+    raise AssertionError(f"no sdproxy_rejected_total{{reason={reason!r}}}")
 
 
 async def test_a_caller_at_its_queue_quota_is_answered_429_and_others_still_queue(
@@ -53,6 +65,8 @@ async def test_a_caller_at_its_queue_quota_is_answered_429_and_others_still_queu
     assert status == 429 and data["error"] == "client_quota", data
     assert [r[0] for r in await asyncio.gather(running, queued, *others)] == [200] * 4
     assert (await sims.stats(0))["completed"] == 4, "the refused ones never reached the pod"
+    assert await rejected(s, url, "client_quota") == 2
+    assert await rejected(s, url, "request_too_large") == 0
     await proxy.wait_idle()
 
 
@@ -99,4 +113,5 @@ async def test_a_request_over_a_bound_is_refused_422_before_it_reaches_a_pod(
             assert resp.status == 200, "at the bounds is within them"
     stats = await sims.stats(0)
     assert stats["completed"] == 2, "only the requests within the bounds reached the pod"
+    assert await rejected(proxy.client, proxy.url, "request_too_large") == 1
     await proxy.wait_idle()

@@ -139,6 +139,53 @@ async def test_stalled_uploads_hold_no_slot_and_another_clients_txt2img_is_serve
     assert not backend_errors(proxy)
 
 
+async def test_spooled_bodies_stay_within_the_spool_budget(
+    sim_pods: SimFactory, proxy_factory: ProxyFactory
+) -> None:
+    """--spool-max-mb 3: a stalled 2 MiB upload holds 2 MiB of it; another announced
+    2 MiB is 503 spool_full at once (nothing read, nothing queued), a chunked one is
+    refused when it grows past what is left; once the first is gone the budget is back."""
+    sims = await sim_pods(1, step_ms=1.0)
+    proxy = await proxy_factory(sims.urls, "--spool-max-mb", "3")
+    async with raw_upload(proxy, upload_head(2 * MIB)) as holder:
+        await holder.send(b'{"steps": 2, "init_images": ["' + b"A" * 300_000)
+
+        async def holding() -> bool:
+            return proxy.services.proxy is not None and (
+                proxy.services.proxy.spool_budget.used == 2 * MIB
+            )
+
+        await eventually(holding, what="the stalled upload's share of the spool budget")
+        async with raw_upload(proxy, upload_head(2 * MIB)) as refused:
+            status, headers, answer = await refused.answer()
+        assert status == 503, answer
+        assert json.loads(answer)["error"] == "spool_full"
+        assert int(headers["retry-after"]) >= 1
+        async with raw_upload(proxy, upload_head(None)) as chunked:
+            piece = b"A" * (256 * 1024)
+            await chunked.send(b'%x\r\n{"steps": 2, "init_images": ["\r\n' % 30)
+            with contextlib.suppress(ConnectionError):
+                for _ in range(8):  # 2 MiB: past the 1 MiB left
+                    await chunked.send(b"%x\r\n%s\r\n" % (len(piece), piece))
+            status, _headers, answer = await chunked.answer()
+        assert (status, json.loads(answer)["error"]) == (503, "spool_full")
+    # the holder hung up: its share is back, and a big body goes through
+    await eventually(holding_nothing(proxy), what="the budget given back")
+    status, data, _ = await _post(proxy, IMG2IMG, json.loads(image_body(2 * MIB)))
+    assert status == 200, data
+    await eventually(holding_nothing(proxy), what="the budget given back again")
+    assert await sims.total("completed") == 1
+    exposition, _ = proxy.services.metrics.exposition()
+    assert b'sdproxy_rejected_total{reason="spool_full"} 2.0' in exposition
+
+
+def holding_nothing(proxy: ProxyUnderTest) -> Any:
+    async def check() -> bool:
+        return proxy.services.proxy is not None and proxy.services.proxy.spool_budget.used == 0
+
+    return check
+
+
 async def test_a_trickling_upload_is_answered_408_after_the_client_body_timeout(
     sim_pods: SimFactory, proxy_factory: ProxyFactory
 ) -> None:

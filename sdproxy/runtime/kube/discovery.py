@@ -6,7 +6,11 @@ https://kubernetes.io/docs/reference/using-api/api-concepts/#efficient-detection
 
 - a watch that ends normally (server timeout) resumes from the last resourceVersion seen
   (an event's or a BOOKMARK's);
-- 410 Gone (resourceVersion compacted away) re-lists;
+- 410 Gone (resourceVersion compacted away) re-lists: at once the first time; when 410s
+  follow each other within ``GONE_WINDOW_S`` (a storm: an API server compacting hard, a
+  bad proxy in the way), after a growing pause (``GONE_PAUSE_S`` doubling up to
+  ``GONE_PAUSE_MAX_S``), so a storm costs the API server one LIST per few seconds per
+  replica, not one per round trip; the source stays connected and the pods routable;
 - any other failure marks the source disconnected, backs off (exponential, jittered) and
   re-lists, which both proves the API server is back and catches up on missed changes.
 
@@ -35,6 +39,12 @@ log = logging.getLogger(__name__)
 
 SERVICE_LABEL = "kubernetes.io/service-name"  # set by the EndpointSlice controller
 ApiFactory = Callable[[], Awaitable[KubeApi]]
+
+
+#: a re-list after consecutive 410s waits this long, doubling per 410, at most the max
+GONE_PAUSE_S = 0.25
+GONE_PAUSE_MAX_S = 4.0
+GONE_WINDOW_S = 30.0
 
 
 class _Gone(Exception):
@@ -66,6 +76,9 @@ class KubernetesDiscovery:
         self._pushed: list[Endpoint] | None = None
         self._health = DiscoveryHealth(connected=False, last_error=None)
         self._failures = 0
+        #: 410s less than GONE_WINDOW_S apart, and when the last came: a storm
+        self._gone = 0
+        self._gone_at = -GONE_WINDOW_S
 
     def health(self) -> DiscoveryHealth:
         return self._health
@@ -79,7 +92,7 @@ class KubernetesDiscovery:
                     await self._list(api, sink)
                     await self._watch_until_error(api, sink)
                 except _Gone:
-                    log.info("EndpointSlice watch: resourceVersion expired (410); re-listing")
+                    await self._expired()
                 except KubernetesError as exc:
                     await self._failed(str(exc))
                 except Exception as exc:  # never crash the proxy; log it and re-list
@@ -94,6 +107,23 @@ class KubernetesDiscovery:
                 return await self._api_factory()
             except ConfigError as exc:
                 await self._failed(str(exc))
+
+    async def _expired(self) -> None:
+        now = asyncio.get_running_loop().time()
+        if now - self._gone_at > GONE_WINDOW_S:
+            self._gone = 0
+        self._gone_at = now
+        self._gone += 1
+        if self._gone == 1:
+            log.info("EndpointSlice watch: resourceVersion expired (410); re-listing")
+            return
+        pause = min(GONE_PAUSE_MAX_S, GONE_PAUSE_S * 2 ** (self._gone - 2))
+        log.warning(
+            "EndpointSlice watch: %d expiries (410) in a row; re-listing in %.2fs",
+            self._gone,
+            pause,
+        )
+        await asyncio.sleep(pause * random.uniform(0.5, 1.0))
 
     async def _failed(self, error: str) -> None:
         """Record the error, keep the last snapshot, wait before trying again."""
