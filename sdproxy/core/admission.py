@@ -273,9 +273,9 @@ class Admission:
                 self.health.failed_generation(pod, now, limit=self.config.outlier_failures)
             elif outcome is Outcome.FAILED:
                 pod.errors += 1
-                self.health.eject(pod, now, "failed")
+                self.health.eject(pod, now)
             elif outcome is Outcome.REFUSED:
-                self.health.eject(pod, now, "refused")
+                self.health.eject(pod, now)
             elif outcome is Outcome.BUSY:
                 pod.foreign = max(pod.foreign, pod.limit - len(pod.running))
             if not pod.running:

@@ -54,8 +54,9 @@ class Pod:
     checkpoint: str | None = None
     #: relative speed (``#weight=2`` on a backend URL): the first guess of its rate
     weight: float = 1.0
-    #: why it was last ejected ("refused", "failed", "outlier": N failed generations in a
-    #: row that were not the request's fault), shown by /-/status while it rests
+    #: why it was last ejected: "ejected" (refused a connection, broke an exchange, failed
+    #: a light call) or "outlier" (N failed generations in a row that were not the
+    #: request's fault), shown by /-/status while it rests
     eject_reason: str = "ejected"
     #: generations in a row that failed for no reason of the request (outlier ejection)
     consecutive_failures: int = 0

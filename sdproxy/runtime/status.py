@@ -57,9 +57,9 @@ class PodStatus:
     mode: str
     #: heavy requests its gate runs for other senders
     foreign: int
-    #: why a ready pod takes no new work: gate_lost, pod_down, health_check, refused,
-    #: failed (broke an exchange), outlier (failed generations in a row), ejected (a
-    #: light call failed), cordoned (None: it takes work)
+    #: why a ready pod takes no new work: gate_lost, pod_down, health_check, ejected
+    #: (refused, broke an exchange or a light call), outlier (failed generations in a
+    #: row), cordoned (None: it takes work)
     out: str | None
     #: relative GPU speed (#weight=N)
     weight: float = 1.0

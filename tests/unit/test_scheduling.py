@@ -346,11 +346,11 @@ def test_consecutive_pod_errors_eject_the_pod_as_an_outlier() -> None:
     assert d.pod("a").errors == 5
 
 
-def test_a_broken_exchange_names_its_reason() -> None:
+def test_a_broken_exchange_rests_the_pod_as_ejected_not_as_an_outlier() -> None:
     d = Driver(ep("a"), ep("b"))
     d.submit(1)
     d.release(1, Outcome.FAILED)
-    assert d.pod("a").out_reason(0.0) == "failed"
+    assert d.pod("a").out_reason(0.0) == "ejected"
 
 
 def test_check_catches_a_tenant_over_its_running_cap() -> None:
