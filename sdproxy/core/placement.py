@@ -24,9 +24,11 @@ most ``max_skip_s`` to any job's wait once it is its turn.
 
 Switches follow sd-webui (``sdproxy.core.cost.switches``): a job naming another
 checkpoint costs two loads under restore-afterwards, one without, a job naming none runs
-on the pod's default. Among free pods the choice is the least estimated
-GPU-seconds (learned rate per pod and checkpoint, switches at the learned switch cost:
-``sdproxy.core.eta``), then the least loaded, then the most recently used.
+on the pod's default. The search looks at most ``LOOKAHEAD`` jobs past the head (in a
+deep queue each dispatch costs a bounded scan, not one of every job). Among free pods the
+choice is the least estimated GPU-seconds (learned rate per pod and checkpoint, switches
+at the learned switch cost: ``sdproxy.core.eta``), then the least loaded, then the most
+recently used.
 """
 
 from __future__ import annotations
@@ -38,6 +40,9 @@ from sdproxy.core.cost import switches
 from sdproxy.core.eta import SpeedModel
 from sdproxy.core.queue import Job, Queue, TicketId
 from sdproxy.core.slots import Pod
+
+#: queued jobs a freed pod looks through for one it can run without a switch
+LOOKAHEAD = 256
 
 
 class Placement(Protocol):
@@ -133,9 +138,13 @@ class CheckpointPlacement:
             return None
         head: Job | None = None
         pair: tuple[Job, Pod] | None = None
+        looked = 0
         for job in queue:
             if not eligible(job):
                 continue
+            looked += 1
+            if looked > LOOKAHEAD + 1:
+                break
             if head is None:
                 head = job
                 if now - self.passed.get(job.ticket, now) >= self.max_skip_s:

@@ -533,3 +533,14 @@ def test_a_cancelled_job_costs_its_tenant_nothing() -> None:
     d.submit(5, tenant="y")
     # x's finish tag went back by the cancelled job: 4 starts where 2 would have
     assert d.queue() == [3, 4, 5]
+
+
+def test_a_freed_pod_looks_a_bounded_way_down_the_queue() -> None:
+    from sdproxy.core.placement import LOOKAHEAD
+
+    d = loaded(Driver(ep("a"), max_queue=LOOKAHEAD + 10), a="sd15")
+    d.at(0).submit(1)
+    for n in range(2, LOOKAHEAD + 4):  # the head and LOOKAHEAD more all need sdxl
+        d.submit(n, checkpoint="sdxl", restore=True)
+    d.submit(LOOKAHEAD + 4, checkpoint="sd15")  # beyond the look-ahead
+    assert d.at(1).release(1) == [dispatch(2, "a", queued_s=1.0)]
