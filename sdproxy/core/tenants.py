@@ -6,7 +6,9 @@ tables are configured, by the API key the request carries (the runtime maps it:
 tenants of a priority class (``sdproxy.core.queue.FairQueue``); ``max_queued`` bounds its
 waiting jobs (then ``429 client_quota``), ``max_running`` its jobs on pods at once (0: no
 cap; a tenant at its cap waits while others use the pods: the cap is what it is for),
-``max_priority`` the highest class it may ask for (a higher one is lowered to it).
+``max_priority`` the highest class it may ask for (a higher one is lowered to it). A
+tenant that is not configured (named by the header only, or the anonymous one) has weight
+1, no ``max_queued`` of its own (``--max-queue`` bounds it) and no caps.
 
 ``TenantBook`` counts, per tenant, the jobs queued and running and the GPU-seconds served
 (``sdproxy_tenant_gpu_seconds_total``).
@@ -55,7 +57,10 @@ class TenantBook:
         return cap <= 0 or self.running.get(job.tenant, 0) < cap
 
     def queue_full(self, job: Job) -> bool:
-        return self.queued.get(job.tenant, 0) >= self.get(job.tenant).max_queued
+        """Only a configured tenant has a ``max_queued``: one named by the header alone
+        (or the anonymous tenant) is bounded by --max-queue, as before tenants existed."""
+        tenant = self.tenants.get(job.tenant)
+        return tenant is not None and self.queued.get(job.tenant, 0) >= tenant.max_queued
 
     def capped(self, job: Job) -> int:
         """The job's priority, lowered to its tenant's ``max_priority``."""

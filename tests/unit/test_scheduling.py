@@ -544,3 +544,13 @@ def test_a_freed_pod_looks_a_bounded_way_down_the_queue() -> None:
         d.submit(n, checkpoint="sdxl", restore=True)
     d.submit(LOOKAHEAD + 4, checkpoint="sd15")  # beyond the look-ahead
     assert d.at(1).release(1) == [dispatch(2, "a", queued_s=1.0)]
+
+
+def test_an_unconfigured_tenant_is_bounded_by_the_queue_only() -> None:
+    """The 1000 of max_queued is a configured tenant's default, not everyone's: the
+    anonymous tenant may fill --max-queue (the queue bench queues 10,000)."""
+    d = Driver(ep("a"), max_queue=1500)
+    d.submit(1)
+    decisions = [d.submit(n) for n in range(2, 1503)]
+    assert all(isinstance(x, type(queued(0, 1))) for x in decisions[:1500])
+    assert decisions[-1].reason is RejectReason.QUEUE_FULL  # type: ignore[union-attr]
