@@ -474,12 +474,9 @@ class Admission:
             rate = slots / speed
         return self.eta.eta_s(ahead=ahead, running=running, slots=slots, own=own, rate=rate)
 
-    def depth_by_priority(self) -> dict[int, int]:
+    def depth_by_priority(self) -> Mapping[int, int]:
         """Queued jobs per priority class."""
-        out: dict[int, int] = {}
-        for job in self.queue:
-            out[job.priority] = out.get(job.priority, 0) + 1
-        return out
+        return self.queue.depth_by_priority()
 
     def oldest_wait_s(self, now: float) -> float:
         head = self.queue.oldest()
@@ -514,8 +511,12 @@ class Admission:
         for job in self.book.running_jobs():
             running[job.tenant] = running.get(job.tenant, 0) + 1
         queued: dict[str, int] = {}
+        depths: dict[int, int] = {}
         for job in self.queue:
             queued[job.tenant] = queued.get(job.tenant, 0) + 1
+            depths[job.priority] = depths.get(job.priority, 0) + 1
+        if depths != dict(self.queue.depth_by_priority()):
+            raise StateError(f"queue depths {self.queue.depth_by_priority()} are off")
         if running != self.tenants.running or queued != self.tenants.queued:
             raise StateError(f"tenant counts {self.tenants.running} {self.tenants.queued} are off")
         for tenant, count in running.items():

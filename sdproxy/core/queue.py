@@ -123,6 +123,10 @@ class Queue(Protocol):
         """``job`` ran and really cost ``units`` (its estimate was ``job.cost``)."""
         ...
 
+    def depth_by_priority(self) -> Mapping[int, int]:
+        """Queued jobs per priority class (O(1): read by every status scrape)."""
+        ...
+
 
 @dataclass(frozen=True, slots=True)
 class _Entry:
@@ -130,6 +134,20 @@ class _Entry:
     of the same job is never mistaken for the live one)."""
 
     job: Job
+
+
+class _Depths:
+    """Queued jobs per priority class, kept as jobs come and go."""
+
+    def __init__(self) -> None:
+        self.counts: dict[int, int] = {}
+
+    def add(self, priority: int, delta: int) -> None:
+        count = self.counts.get(priority, 0) + delta
+        if count:
+            self.counts[priority] = count
+        else:
+            self.counts.pop(priority, None)
 
 
 class FifoQueue:
@@ -140,9 +158,13 @@ class FifoQueue:
         self._live: dict[TicketId, _Entry] = {}
         self._deadline: dict[TicketId, float] = {}
         self._heap: list[tuple[float, TicketId]] = []
+        self._depths = _Depths()
 
     def __len__(self) -> int:
         return len(self._live)
+
+    def depth_by_priority(self) -> Mapping[int, int]:
+        return self._depths.counts
 
     def __contains__(self, ticket: TicketId) -> bool:
         return ticket in self._live
@@ -166,6 +188,7 @@ class FifoQueue:
             raise ValueError(f"ticket {job.ticket} is queued already")
         entry = _Entry(job)
         self._live[job.ticket] = entry
+        self._depths.add(job.priority, 1)
         self._deadline[job.ticket] = deadline
         heapq.heappush(self._heap, (deadline, job.ticket))
         return entry
@@ -178,6 +201,8 @@ class FifoQueue:
 
     def remove(self, ticket: TicketId) -> Job | None:
         entry = self._live.pop(ticket, None)
+        if entry is not None:
+            self._depths.add(entry.job.priority, -1)
         self._deadline.pop(ticket, None)
         if len(self._order) > 2 * len(self._live) + 64:
             self._order = deque(e for e in self._order if self._alive(e))
@@ -247,6 +272,9 @@ class FairQueue:
         self._key: dict[TicketId, tuple[int, float, int]] = {}
         self._deadline: dict[TicketId, float] = {}
         self._heap: list[tuple[float, TicketId]] = []
+        #: (enqueued_at, sequence, ticket): the oldest job in O(log n), dead ones skipped
+        self._ages: list[tuple[float, int, TicketId]] = []
+        self._depths = _Depths()
         self._seq = itertools.count()
         #: the system's virtual time: the largest start tag served so far
         self.virtual = 0.0
@@ -266,7 +294,7 @@ class FairQueue:
         return ticket in self._key
 
     def __iter__(self) -> Iterator[Job]:
-        return (self._jobs[key] for key in list(self._order))
+        return (self._jobs[key] for key in self._order)  # no change while iterating
 
     def push(self, job: Job, *, deadline: float) -> int:
         start = max(self.virtual, self.finish.get(job.tenant, 0.0))
@@ -283,7 +311,9 @@ class FairQueue:
         key = (-job.priority, start, next(self._seq))
         self._key[job.ticket] = key
         self._jobs[key] = job
+        self._depths.add(job.priority, 1)
         bisect.insort(self._order, key)
+        heapq.heappush(self._ages, (job.enqueued_at, key[2], job.ticket))
         self._deadline[job.ticket] = deadline
         heapq.heappush(self._heap, (deadline, job.ticket))
         return bisect.bisect_left(self._order, key) + 1
@@ -293,11 +323,19 @@ class FairQueue:
         if key is None:
             return None
         del self._order[bisect.bisect_left(self._order, key)]
+        self._depths.add(-key[0], -1)
         self._deadline.pop(ticket, None)
         if len(self._heap) > 2 * len(self._key) + 64:
             self._heap = [(d, t) for d, t in self._heap if self._deadline.get(t) == d]
             heapq.heapify(self._heap)
+        if len(self._ages) > 2 * len(self._key) + 64:
+            self._ages = [a for a in self._ages if self._age_alive(a)]
+            heapq.heapify(self._ages)
         return self._jobs.pop(key)
+
+    def _age_alive(self, age: tuple[float, int, TicketId]) -> bool:
+        key = self._key.get(age[2])
+        return key is not None and key[2] == age[1]
 
     def take(self, ticket: TicketId) -> Job | None:
         key = self._key.get(ticket)
@@ -339,15 +377,16 @@ class FairQueue:
         return None if head is None else head[0]
 
     def oldest(self) -> Job | None:
-        """O(n): asked for by the status snapshot and the autoscaler's observation."""
-        return min(self._jobs.values(), key=lambda j: j.enqueued_at, default=None)
+        """The job that entered first (not the head: fair order is not arrival order)."""
+        while self._ages and not self._age_alive(self._ages[0]):
+            heapq.heappop(self._ages)
+        if not self._ages:
+            return None
+        return self._jobs[self._key[self._ages[0][2]]]
 
     def position(self, ticket: TicketId) -> int | None:
         key = self._key.get(ticket)
         return None if key is None else bisect.bisect_left(self._order, key) + 1
 
-    def depth_by_priority(self) -> dict[int, int]:
-        out: dict[int, int] = {}
-        for neg_priority, _start, _seq in self._order:
-            out[-neg_priority] = out.get(-neg_priority, 0) + 1
-        return out
+    def depth_by_priority(self) -> Mapping[int, int]:
+        return self._depths.counts

@@ -554,3 +554,19 @@ def test_an_unconfigured_tenant_is_bounded_by_the_queue_only() -> None:
     decisions = [d.submit(n) for n in range(2, 1503)]
     assert all(isinstance(x, type(queued(0, 1))) for x in decisions[:1500])
     assert decisions[-1].reason is RejectReason.QUEUE_FULL  # type: ignore[union-attr]
+
+
+def test_the_oldest_job_is_the_first_in_not_the_head() -> None:
+    q = FairQueue()
+    q.push(fair_job(5, "a"), deadline=1e9)  # entered at 5
+    q.push(fair_job(3, "b", priority=LOW), deadline=1e9)  # entered at 3, served last
+    q.push(fair_job(4, "c", priority=HIGH), deadline=1e9)
+    assert (next(iter(q)).ticket, q.oldest()) == (4, fair_job(3, "b", priority=LOW))
+    q.remove(T(3))
+    assert q.oldest() == fair_job(4, "c", priority=HIGH)
+    q.requeue(fair_job(3, "b", priority=LOW), deadline=1e9)
+    assert q.oldest() == fair_job(3, "b", priority=LOW)
+    assert q.depth_by_priority() == {LOW: 1, NORMAL: 1, HIGH: 1}
+    for n in (3, 4, 5):
+        q.take(T(n))
+    assert (q.oldest(), dict(q.depth_by_priority())) == (None, {})
