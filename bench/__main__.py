@@ -1,6 +1,6 @@
 """Bench CLI: ``python -m bench <scenario|all> [--quick] [--out DIR]``.
 
-Scenarios: overload, overhead, bigbody, queue, replicas, checkpoints, tenants
+Scenarios: overload, overhead, bigbody, queue, replicas, jobs, checkpoints, tenants
 (bench/scenarios/) and autoscale
 (bench/autoscale.py, imported only when asked for). Each writes ``<scenario>.json``,
 ``<scenario>.md`` and PNG plots into DIR (default ``bench/out/<timestamp>``); ``all``

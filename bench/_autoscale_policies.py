@@ -29,9 +29,8 @@ def _clamp(n: int, *, low: int, high: int) -> int:
 class SdproxyPolicy:
     """sdproxy.core.autoscale.decide, exactly as the runtime calls it."""
 
-    name = "sdproxy"
-
-    def __init__(self, config: AutoscaleConfig) -> None:
+    def __init__(self, config: AutoscaleConfig, *, name: str = "sdproxy") -> None:
+        self.name = name
         self.config = config
         self.state = AutoscaleState()
 
@@ -43,6 +42,10 @@ class SdproxyPolicy:
             starting=obs.starting,
             per_pod_limit=obs.per_pod_limit,
             cold_start_s=obs.cold_start_s,
+            arrivals=obs.arrivals,
+            service_s=obs.service_s,
+            service_scv=obs.service_scv,
+            wall_s=obs.wall_s,
         )
         decision, self.state = decide(observation, self.state, config=self.config, now=now)
         return decision.desired
@@ -51,17 +54,26 @@ class SdproxyPolicy:
 class KpaPolicy:
     """Knative KPA at ``containerConcurrency: 1`` with the config-autoscaler defaults."""
 
-    name = "knative-kpa"
-    target_utilization = 0.7  # container-concurrency-target-percentage: 70
-    stable_window_s = 60.0  # stable-window
-    panic_window_s = 6.0  # panic-window-percentage: 10 (% of stable-window)
+    # defaults: container-concurrency-target-percentage 70 (target_utilization 0.7),
+    # stable-window 60 s, panic window 10 % of it (panic-window-percentage)
     panic_threshold = 2.0  # panic-threshold-percentage: 200
     max_scale_up_rate = 1000.0  # max-scale-up-rate
     max_scale_down_rate = 2.0  # max-scale-down-rate
     grace_s = 30.0  # scale-to-zero-grace-period
 
-    def __init__(self, *, max_pods: int) -> None:
+    def __init__(
+        self,
+        *,
+        max_pods: int,
+        target_utilization: float = 0.7,
+        stable_window_s: float = 60.0,
+        name: str = "knative-kpa",
+    ) -> None:
         self.max_pods = max_pods
+        self.name = name
+        self.target_utilization = target_utilization
+        self.stable_window_s = stable_window_s
+        self.panic_window_s = stable_window_s / 10.0  # panic-window-percentage: 10
         self.samples: deque[tuple[float, float]] = deque()
         self.panic_since: float | None = None
         self.max_panic_pods = 0
@@ -119,14 +131,21 @@ class KedaPolicy:
     with no pending request.
     """
 
-    name = "keda-http"
     sync_s = 15.0
     tolerance = 0.1
-    stabilization_s = 300.0
-    cooldown_s = 300.0
 
-    def __init__(self, *, max_pods: int) -> None:
+    def __init__(
+        self,
+        *,
+        max_pods: int,
+        stabilization_s: float = 300.0,
+        cooldown_s: float = 300.0,
+        name: str = "keda-http",
+    ) -> None:
         self.max_pods = max_pods
+        self.name = name
+        self.stabilization_s = stabilization_s
+        self.cooldown_s = cooldown_s
         self.replicas = 0
         self.next_sync = 0.0
         self.recommendations: deque[tuple[float, int]] = deque()

@@ -28,6 +28,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from sdproxy.core.queueing import ServiceStats
+
 
 @dataclass(frozen=True, kw_only=True)
 class Request:
@@ -50,6 +52,13 @@ class SimObservation:
     #: the last measured order-to-READY time (0 before any pod became ready), as
     #: sdproxy's runtime measures it from discovery; only sdproxy's policy reads it
     cold_start_s: float = 0.0
+    #: requests that arrived so far, and the measured service-time mean and squared
+    #: coefficient of variation (what sdproxy's runtime measures; only sdproxy reads them)
+    arrivals: int = 0
+    service_s: float = 0.0
+    service_scv: float = 1.0
+    #: virtual Unix time (the trace starts at ``SimConfig.epoch_s``, a Monday 00:00 UTC)
+    wall_s: float = 0.0
 
 
 class Policy(Protocol):
@@ -76,11 +85,17 @@ class SimConfig:
     queue_timeout_s: float = 600.0
     #: time-series sample spacing for plots
     sample_s: float = 60.0
+    #: the virtual wall clock at t = 0: Monday 2026-11-30 00:00 UTC
+    epoch_s: float = 1_795_996_800.0
 
 
 @dataclass(kw_only=True)
 class SimResult:
     waits: list[float] = field(default_factory=list)
+    #: arrival time of each served request, in the order of ``waits``
+    served_at: list[float] = field(default_factory=list)
+    #: (ordered, removed) of every pod, for the bill of a part of the trace
+    pod_intervals: list[tuple[float, float]] = field(default_factory=list)
     dropped: int = 0
     gpu_pod_seconds: float = 0.0
     pods_ordered: int = 0
@@ -101,6 +116,7 @@ class Simulation:
     def __init__(self, *, trace: Sequence[Request], policy: Policy, config: SimConfig) -> None:
         self.trace, self.policy, self.cfg = trace, policy, config
         self.pods: list[_Pod] = []
+        self.running: dict[int, float] = {}  # pod index -> service time of its request
         self.queue: deque[Request] = deque()
         self.events: list[tuple[float, int, int, int]] = []  # (t, kind, seq, pod index)
         self.seq = 0
@@ -109,6 +125,8 @@ class Simulation:
         self.area = 0.0  # integral of demand dt since the last tick
         self.last_t = 0.0
         self.measured_cold_start = 0.0
+        self.arrived = 0
+        self.service = ServiceStats()
         self.out = SimResult()
 
     # -- bookkeeping ---------------------------------------------------------------
@@ -143,11 +161,14 @@ class Simulation:
 
     def _start(self, i: int, req: Request, t: float) -> None:
         self.pods[i].busy = True
+        self.running[i] = req.service_s
         self.inflight += 1
         self.out.waits.append(t - req.arrival_s)
+        self.out.served_at.append(req.arrival_s)
         self._push(t + req.service_s, _DONE, i)
 
     def _on_done(self, i: int, t: float) -> None:
+        self.service = self.service.observe(self.running[i])
         self.pods[i].busy = False
         self.inflight -= 1
         if len(self._alive()) > self.target:  # surplus busy pod: finished, now removable
@@ -169,6 +190,10 @@ class Simulation:
             per_pod_limit=1,
             mean_demand=mean,
             cold_start_s=self.measured_cold_start,
+            arrivals=self.arrived,
+            service_s=self.service.mean_s,
+            service_scv=self.service.scv,
+            wall_s=self.cfg.epoch_s + t,
         )
 
     def _scale(self, desired: int, t: float) -> None:
@@ -218,6 +243,7 @@ class Simulation:
             elif next_arrival <= tick_t:
                 self._advance(next_arrival)
                 self.queue.append(self.trace[k])
+                self.arrived += 1
                 k += 1
                 self._dispatch(next_arrival)
             elif tick_t > horizon_s and not self.queue and not self.inflight:
@@ -230,7 +256,13 @@ class Simulation:
 
     def _close(self, end: float) -> SimResult:
         self.out.end_s = end
-        self.out.gpu_pod_seconds = sum(
-            (end if p.removed_s is None else p.removed_s) - p.ordered_s for p in self.pods
-        )
+        self.out.pod_intervals = [
+            (p.ordered_s, end if p.removed_s is None else p.removed_s) for p in self.pods
+        ]
+        self.out.gpu_pod_seconds = sum(b - a for a, b in self.out.pod_intervals)
         return self.out
+
+    @staticmethod
+    def billed(result: SimResult, start_s: float, end_s: float = math.inf) -> float:
+        """GPU-pod-seconds billed between ``start_s`` and ``end_s``."""
+        return sum(max(0.0, min(b, end_s) - max(a, start_s)) for a, b in result.pod_intervals)

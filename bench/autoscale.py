@@ -23,6 +23,13 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from bench._autoscale_frontier import (
+    dominance,
+    frontier_markdown,
+    predict_table,
+    run_sweep,
+    summarise,
+)
 from bench._autoscale_policies import KedaPolicy, KpaPolicy, OraclePolicy, SdproxyPolicy
 from bench._autoscale_sim import Policy, Request, SimConfig, SimResult, Simulation
 from sdproxy.core.autoscale import AutoscaleConfig
@@ -79,16 +86,50 @@ def _service_s(rng: random.Random) -> float:
     return rng.triangular(2.0, 8.0, 4.0)
 
 
-def make_trace(*, quick: bool, seed: int) -> tuple[list[Request], float]:
-    """Arrivals (non-homogeneous Poisson by thinning) and the trace length in seconds."""
+def make_trace(*, quick: bool, seed: int, days: int = 1) -> tuple[list[Request], float]:
+    """Arrivals (non-homogeneous Poisson by thinning) and the trace length in seconds.
+
+    One day: the day shape plus random bursts. Several days (``days`` > 1): the same
+    shape every day, the bursts become daily batch jobs (the same schedule each day, each
+    start moved by up to 30 s and its length by up to 15 %), and the last day has one more
+    burst at a random time that no history can foresee."""
     rng = random.Random(seed)
     shape = QUICK_SHAPE if quick else DAY_SHAPE
-    duration = shape[-1][0] * HOUR
-    spikes = _spikes(rng, duration_s=duration, count=2 if quick else 6)
+    day_s = shape[-1][0] * HOUR
+    spikes = _spikes(rng, duration_s=day_s, count=2 if quick else 6)
+    if days > 1:
+        spikes = [
+            (d * day_s + start + rng.uniform(-30.0, 30.0), length * rng.uniform(0.85, 1.15))
+            for d in range(days)
+            for start, length in spikes
+        ]
+        spikes.extend(_spikes(rng, duration_s=day_s, count=1))
+        spikes[-1] = (spikes[-1][0] + (days - 1) * day_s, spikes[-1][1])
+    duration = days * day_s
+    if days == 1:
+        return _thinned(rng, duration=duration, spikes=spikes, shape=shape), duration
+    # several days: the shape by thinning, each burst as its own Poisson stream
+    # (a superposition, so the thinning need not draw at the burst rate all week)
+    out = _thinned(rng, duration=duration, spikes=[], shape=shape, day_s=day_s)
+    for start, length in spikes:
+        t = start
+        while (t := t + rng.expovariate(2.5)) < min(start + length, duration):
+            out.append(Request(arrival_s=t, service_s=_service_s(rng)))
+    out.sort(key=lambda r: r.arrival_s)
+    return out, duration
 
+
+def _thinned(
+    rng: random.Random,
+    *,
+    duration: float,
+    spikes: Sequence[tuple[float, float]],
+    shape: Sequence[tuple[float, float]],
+    day_s: float = math.inf,
+) -> list[Request]:
     def rate(t: float) -> float:
         extra = sum(2.5 for start, length in spikes if start <= t < start + length)
-        return _rate(shape, t) + extra
+        return _rate(shape, t % day_s) + extra
 
     peak = max(r for _, r in shape) + 2.5 * len(spikes)
     out: list[Request] = []
@@ -96,7 +137,7 @@ def make_trace(*, quick: bool, seed: int) -> tuple[list[Request], float]:
     while True:
         t += rng.expovariate(peak)
         if t >= duration:
-            return out, duration
+            return out
         if rng.random() * peak < rate(t):
             out.append(Request(arrival_s=t, service_s=_service_s(rng)))
 
@@ -126,25 +167,12 @@ def _policies(trace: Sequence[Request], horizon: float) -> list[Callable[[], Pol
     ]
 
 
-def _percentile(sorted_values: Sequence[float], q: float) -> float:
-    """Nearest-rank percentile; 0.0 for no values."""
-    if not sorted_values:
-        return 0.0
-    rank = max(1, math.ceil(q / 100.0 * len(sorted_values)))
-    return sorted_values[rank - 1]
-
-
 def _summary(res: SimResult, *, arrivals: int) -> dict[str, Any]:
     waits = sorted(res.waits)
     return {
-        "gpu_pod_seconds": round(res.gpu_pod_seconds, 1),
-        "wait_p50_s": round(_percentile(waits, 50), 3),
-        "wait_p95_s": round(_percentile(waits, 95), 3),
-        "wait_p99_s": round(_percentile(waits, 99), 3),
-        "wait_max_s": round(waits[-1] if waits else 0.0, 3),
+        **summarise(res),
         "wait_mean_s": round(sum(waits) / len(waits), 3) if waits else 0.0,
         "arrivals": arrivals,
-        "served": len(waits),
         "dropped": res.dropped,
         "pods_ordered": res.pods_ordered,
         "end_s": res.end_s,
@@ -177,8 +205,54 @@ def _targets(policies: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
     }
 
 
+def _find(rows: list[dict[str, Any]], family: str, **knobs: float) -> dict[str, Any]:
+    return next(r for r in rows if r["family"] == family and r["knobs"] == {**r["knobs"], **knobs})
+
+
+def _frontier_targets(frontier: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Issue 16's targets over the two sweeps."""
+    out: dict[str, dict[str, Any]] = {}
+    for name, data in frontier.items():
+        dom = data["dominance"]
+        share = round(dom["dominated"] / dom["total"], 3) if dom["total"] else None
+        out[f"peers_dominated_{name}"] = {
+            "value": share,
+            "dominated": dom["dominated"],
+            "total": dom["total"],
+            "target": "== 1.0 (every KPA/KEDA point: some sdproxy point <= GPU-pod-s, < p95)",
+            "met": share == 1.0,
+        }
+        w10 = _find(data["rows"], "sdproxy", wait_target_s=10.0, idle_to_zero_s=300.0)
+        out[f"wait_target_10_p95_{name}"] = {
+            "value": w10["wait_p95_s"],
+            "target": "<= 10 s (--wait-target-s 10, reactive)",
+            "met": w10["wait_p95_s"] <= 10.0,
+        }
+    table = frontier["3day"]["predict"]
+    good = [r for r in table if r["predict_p99_s"] <= 10.0 and r["gpu_ratio"] <= 1.05]
+    best = min(good, key=lambda r: r["predict_gpu"], default=None)
+    if best is None:  # none meets both: report the lowest-p99 one honestly
+        best = min(table, key=lambda r: (r["predict_p99_s"], r["predict_gpu"]))
+    knobs = {k: best[k] for k in ("wait_target_s", "idle_to_zero_s")}
+    out["predict_p99_days_2_3"] = {
+        "value": best["predict_p99_s"],
+        "reactive_p99_s": best["reactive_p99_s"],
+        "at": knobs,
+        "target": "<= 10 s",
+        "met": best["predict_p99_s"] <= 10.0,
+    }
+    out["predict_gpu_vs_reactive_days_2_3"] = {
+        "value": best["gpu_ratio"],
+        "at": knobs,
+        "target": "<= 1.05",
+        "met": best["gpu_ratio"] <= 1.05,
+    }
+    return out
+
+
 def run_autoscale(*, quick: bool, seed: int = 1) -> dict[str, Any]:
-    """Replay one trace against every policy; JSON-serialisable results and targets."""
+    """Replay the day trace against each policy at its defaults (time series), then sweep
+    every policy's knobs on the day trace and the 3-day trace (the frontier)."""
     trace, horizon = make_trace(quick=quick, seed=seed)
     sim = SimConfig(cold_start_s=COLD_START_S, tick_s=TICK_S, sample_s=10.0 if quick else 60.0)
     policies: dict[str, dict[str, Any]] = {}
@@ -186,6 +260,27 @@ def run_autoscale(*, quick: bool, seed: int = 1) -> dict[str, Any]:
         policy = make()
         res = Simulation(trace=trace, policy=policy, config=sim).run(horizon_s=horizon)
         policies[policy.name] = _summary(res, arrivals=len(trace))
+    frontier: dict[str, dict[str, Any]] = {}
+    for name, days in (("day", 1), ("3day", 3)):
+        rows = run_sweep(
+            quick=quick,
+            seed=seed,
+            days=days,
+            sim=SimConfig(cold_start_s=COLD_START_S, tick_s=TICK_S, sample_s=math.inf),
+            max_pods=MAX_PODS,
+            lookahead_s=COLD_START_S + TICK_S,
+        )
+        many, length = make_trace(quick=quick, seed=seed, days=days)
+        frontier[name] = {
+            "days": days,
+            "duration_s": length,
+            "arrivals": len(many),
+            "rows": rows,
+            "dominance": dominance(rows),
+        }
+        if days > 1:
+            frontier[name]["dominance_days_2_on"] = dominance(rows, key="days_2_on")
+            frontier[name]["predict"] = predict_table(rows)
     return {
         "scenario": "autoscale",
         "quick": quick,
@@ -199,7 +294,9 @@ def run_autoscale(*, quick: bool, seed: int = 1) -> dict[str, Any]:
         "sim": asdict(sim),
         "sdproxy_config": asdict(sdproxy_config()),
         "policies": policies,
-        "targets": _targets(policies),
+        "frontier": frontier,
+        "table_md": frontier_markdown(frontier),
+        "targets": {**_targets(policies), **_frontier_targets(frontier)},
     }
 
 
@@ -235,7 +332,66 @@ def plot_autoscale(result: dict[str, Any], out_dir: Path) -> list[Path]:
         fig.savefig(path, dpi=100)
         plt.close(fig)
         written.append(path)
+    for name, data in result.get("frontier", {}).items():
+        written.append(_plot_frontier(plt, name, data, out_dir))
     return written
+
+
+MARKERS = {
+    "sdproxy": ("o", "tab:blue"),
+    "sdproxy+predict": ("D", "tab:green"),
+    "knative-kpa": ("s", "tab:red"),
+    "keda-http": ("^", "tab:orange"),
+    "oracle": ("*", "black"),
+}
+
+
+def _plot_frontier(plt: Any, name: str, data: dict[str, Any], out_dir: Path) -> Path:
+    """GPU-pod-seconds against p95 and p99 wait, one marker per policy setting; for a
+    several-day trace a second row for days 2 on (what --predict learned for)."""
+    parts: list[tuple[str, Callable[[dict[str, Any]], dict[str, Any]]]] = [
+        ("all days", lambda r: r)
+    ]
+    if data["days"] > 1:
+        parts.append(("days 2-3", lambda r: r["days_2_on"]))
+    fig, axes = plt.subplots(len(parts), 2, figsize=(13, 5 * len(parts)), squeeze=False)
+    for (title, pick), row_axes in zip(parts, axes, strict=True):
+        for ax, key in zip(row_axes, ("wait_p95_s", "wait_p99_s"), strict=True):
+            _frontier_panel(ax, data["rows"], pick, key)
+            ax.set_title(f"{title}: {key[5:8]}", fontsize=9)
+    axes[0][0].legend(fontsize=8)
+    fig.suptitle(
+        f"autoscale frontier, {data['days']}-day trace ({data['arrivals']} requests); "
+        "labels: --wait-target-s (idle-to-zero 300 s)"
+    )
+    fig.tight_layout()
+    path = out_dir / f"autoscale_frontier_{name}.png"
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def _frontier_panel(
+    ax: Any, rows: list[dict[str, Any]], pick: Callable[[dict[str, Any]], dict[str, Any]], key: str
+) -> None:
+    for family, (marker, colour) in MARKERS.items():
+        mine = sorted(
+            (r for r in rows if r["family"] == family), key=lambda r: pick(r)["gpu_pod_seconds"]
+        )
+        if not mine:
+            continue
+        xs = [pick(r)["gpu_pod_seconds"] / 1000 for r in mine]
+        ys = [max(pick(r)[key], 0.05) for r in mine]
+        ax.scatter(xs, ys, marker=marker, color=colour, label=family, s=28, alpha=0.85)
+        for r, x, y in zip(mine, xs, ys, strict=True):
+            w = r["knobs"].get("wait_target_s")
+            if w is not None and r["knobs"].get("idle_to_zero_s") == 300.0:
+                ax.annotate(f"{w:g}", (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    ax.set_yscale("log")
+    ax.set_xlabel("GPU-pod-seconds (thousands)")
+    ax.set_ylabel(f"{key[5:8]} queue wait (s, log; 0 drawn at 0.05)")
+    ax.axhline(10.0, color="grey", linewidth=0.6, linestyle="--")
+    ax.grid(alpha=0.3, which="both")
 
 
 if __name__ == "__main__":  # python -m bench.autoscale [--quick]
@@ -243,11 +399,4 @@ if __name__ == "__main__":  # python -m bench.autoscale [--quick]
     import sys
 
     result = run_autoscale(quick="--quick" in sys.argv)
-    brief = {
-        k: {m: v for m, v in d.items() if m != "series"} for k, d in result["policies"].items()
-    }
-    print(
-        json.dumps(
-            {"trace": result["trace"], "policies": brief, "targets": result["targets"]}, indent=1
-        )
-    )
+    print(json.dumps(result["targets"], indent=1))

@@ -54,6 +54,8 @@ class Sample:
     base: int = 0
     #: an open loop's request number (``make_spec(index)``); -1 elsewhere
     index: int = -1
+    #: the X-Sdproxy-Job the answer named (the job API's id)
+    job_id: str = ""
 
     @property
     def latency(self) -> float:
@@ -185,6 +187,7 @@ async def send(
                 bytes_in=nbytes,
                 pod=resp.headers.get("X-Sdproxy-Pod", ""),
                 queue_ms=float(queue_ms) if queue_ms else None,
+                job_id=resp.headers.get("X-Sdproxy-Job", ""),
             )
     except asyncio.CancelledError:
         raise

@@ -36,6 +36,7 @@ ORDER = (
     "bigbody",
     "queue",
     "replicas",
+    "jobs",
     "checkpoints",
     "tenants",
     "autoscale",

@@ -280,7 +280,7 @@ def start_sim(
     extra: Sequence[str] = (),
 ) -> Sim:
     """Start ``pods`` simulated pods on free ports; read their URLs from stdout
-    (``extra``: more ``sdproxy sim`` flags, e.g. ``--checkpoints``)."""
+    (``extra``: more ``sdproxy sim`` flags, e.g. ``--checkpoints``, ``--ui``)."""
     argv = [*sim_argv(), "--pods", str(pods), "--port", "0", "--host", "127.0.0.1"]
     argv += ["--step-ms", str(step_ms), *extra]
     if threads is not None:
@@ -509,11 +509,12 @@ def start_sdproxy(
     argv = [sys.executable, "-m", "sdproxy", "serve", "--listen", f"127.0.0.1:{port}"]
     for url in backends:
         argv += ["--backend", url]
-    argv += list(extra)
     argv += ["--max-inflight", str(max_inflight), "--max-queue", str(max_queue)]
     argv += ["--queue-timeout-s", str(queue_timeout_s), "--drain-timeout-s", "2"]
     argv += ["--metrics-listen", f"127.0.0.1:{mport}"]
     argv += ["--access-log", "false", "--log-level", "warning", "--identity", name]
+    # its own job store, never the user's state directory
+    argv += ["--jobs-dir", str(workdir / f"{name}-jobs"), *extra]
     proc = spawn(stack, name=name, argv=argv, workdir=workdir)
     url = f"http://127.0.0.1:{port}"
     wait_http(url + "/-/healthz", proc=proc)

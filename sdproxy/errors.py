@@ -37,8 +37,19 @@
         ├── BadRequest              400 bad_request
         │   └── MalformedBody       400 bad_request (the body's framing broke mid-upload)
         ├── NotFound                404 not_found (unknown /-/ endpoint)
+        ├── NotAJob                 400 not_a_job (a light or admin route sent as a job)
+        ├── JobNotFound             404 job_not_found (no job has that id)
+        ├── JobNotFinished          409 job_not_finished (its result is not there yet)
+        ├── JobExpired              410 job_expired (its retention ended)
+        ├── InterruptedByRestart    502 interrupted_by_restart (it ran when the proxy died)
+        ├── JobsFull                503 jobs_full (the job store is at --jobs-max-mb with
+        │                           unfinished jobs; with Retry-After)
         ├── Unauthorized            401 unauthorized (an ops endpoint without --ops-token;
         │                           with [tenants], a request without a known API key)
+        ├── UiSessionEnded          410 ui_session_ended (--ui: the browser's session
+        │                           idled out, was left or lost its pod)
+        ├── UiNoSession             409 ui_no_session (--ui: a UI call from a browser
+        │                           that has no session yet; the page opens one)
         └── InternalError           500 internal_error (a bug; logged with its traceback)
 
 Kubernetes and aiohttp client errors are translated at the runtime boundary with
@@ -254,9 +265,49 @@ class NotFound(ClientFacingError):
     code = "not_found"
 
 
+class NotAJob(ClientFacingError):
+    status = 400
+    code = "not_a_job"
+
+
+class JobNotFound(ClientFacingError):
+    status = 404
+    code = "job_not_found"
+
+
+class JobNotFinished(ClientFacingError):
+    status = 409
+    code = "job_not_finished"
+
+
+class JobExpired(ClientFacingError):
+    status = 410
+    code = "job_expired"
+
+
+class InterruptedByRestart(ClientFacingError):
+    status = 502
+    code = "interrupted_by_restart"
+
+
+class JobsFull(ClientFacingError):
+    status = 503
+    code = "jobs_full"
+
+
 class Unauthorized(ClientFacingError):
     status = 401
     code = "unauthorized"
+
+
+class UiSessionEnded(ClientFacingError):
+    status = 410
+    code = "ui_session_ended"
+
+
+class UiNoSession(ClientFacingError):
+    status = 409
+    code = "ui_no_session"
 
 
 class InternalError(ClientFacingError):

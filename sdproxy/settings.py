@@ -32,6 +32,7 @@ from sdproxy.core.autoscale import AutoscaleConfig
 from sdproxy.core.limits import RequestLimits
 from sdproxy.core.queue import Priority
 from sdproxy.core.tenants import Tenant
+from sdproxy.core.uisessions import UiConfig
 from sdproxy.errors import ConfigError
 from sdproxy.options import (
     ENV_PREFIX,
@@ -52,6 +53,7 @@ __all__ = [
     "OPTIONS",
     "DiscoverySettings",
     "HostPort",
+    "JobSettings",
     "LogSettings",
     "ProxySettings",
     "ScalerSettings",
@@ -144,6 +146,8 @@ class ProxySettings:
     tenants: tuple[Tenant, ...] = field(
         default=(), metadata={"derived": "the [tenants.<name>] tables of --config"}
     )
+    #: the browser UI (--ui, --ui-sessions-per-pod, --ui-idle-s): the core's own config
+    ui: UiConfig = field(default_factory=UiConfig)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -185,6 +189,9 @@ class ScalerSettings:
     #: the policy's knobs (min_pods ... max_scale_step): the core's own config is the group
     autoscale: AutoscaleConfig = field(default_factory=AutoscaleConfig)
     scale_interval_s: float = option(1.0, "how often the autoscaling policy runs", gt=0)
+    predict_state: str = option(
+        "", "--predict: JSON file the learned arrival forecast is kept in ('': memory only)"
+    )
     lease_name: str = option("sdproxy-leader", "coordination.k8s.io/v1 Lease for leader election")
     lease_duration_s: float = option(15.0, "Lease duration (renewed every third of it)")
     identity: str = option(
@@ -198,6 +205,40 @@ class ScalerSettings:
     local_step_ms: float = option(20.0, "local scaler: simulated ms per 512x512 step")
     local_gates: bool = option(
         False, "local scaler: an sdproxy gate in front of each simulated pod", switch=True
+    )
+    local_ui: bool = option(
+        False,
+        "local scaler: simulated pods serve the browser UI too (sim --ui; the ui extra)",
+        switch=True,
+    )
+
+
+@dataclass(frozen=True, kw_only=True)
+class JobSettings:
+    """The asynchronous job API: where jobs are kept, for how long, and their callbacks."""
+
+    jobs_dir: str = option(
+        "",
+        "directory of the job store (SQLite records, bodies, results; a volume in Kubernetes)",
+        shown_default="$XDG_STATE_HOME/sdproxy/jobs/HOST-PORT (a temporary one on port 0)",
+        metavar="PATH",
+    )
+    jobs_ttl_s: float = option(
+        3600.0, "a finished job's result is kept this long (then 410 job_expired)", gt=0
+    )
+    jobs_max_mb: float = option(
+        1024.0, "bound of the job store's files in MiB: the oldest finished results go first", gt=0
+    )
+    callback_secret: str = option(
+        "", "HMAC-SHA256 key signing callbacks (X-Sdproxy-Signature); '' refuses callbacks"
+    )
+    callback_allow: tuple[str, ...] = option(
+        (),
+        "callback destination allowed, a host name or CIDR (repeatable; none: any public address)",
+        metavar="HOST|CIDR",
+    )
+    callback_retry_s: float = option(
+        300.0, "a failing callback is retried with backoff for this long", min=0
     )
 
 
@@ -217,6 +258,7 @@ class Settings:
     proxy: ProxySettings = field(default_factory=ProxySettings)
     discovery: DiscoverySettings = field(default_factory=DiscoverySettings)
     scaler: ScalerSettings = field(default_factory=ScalerSettings)
+    jobs: JobSettings = field(default_factory=JobSettings)
     log: LogSettings = field(default_factory=LogSettings)
 
 
@@ -238,6 +280,15 @@ class GateOptions:
         (),
         "extra classification rule 'METHOD /path/prefix=heavy|light|job|admin' (repeatable)",
         toml_alias="routes",
+    )
+    ui: bool = option(
+        False,
+        "pass sd-webui's browser UI through (websockets relayed); a UI generation claims "
+        "the slot while it runs",
+        switch=True,
+    )
+    ui_api_prefix: tuple[str, ...] = option(
+        (), "with --ui: path prefix of an extension's API (repeatable; /sdapi/ always is)"
     )
 
 

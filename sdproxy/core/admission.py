@@ -368,10 +368,20 @@ class Admission:
         fx = EffectsBuilder()
         for pod_id in pod_ids:
             pod = self.book.pods.get(pod_id)
-            if pod is not None and pod.listed and not pod.running:
+            if pod is not None and pod.listed and not pod.running and not pod.ui_held:
                 pod.cordoned_until = now + for_s
                 fx.cordoned.append(pod_id)
         return self._settle(fx, now)
+
+    def hold_for_ui(self, pod_ids: Iterable[PodId], now: float) -> Effects:
+        """Exactly ``pod_ids`` are held by browser UI sessions (sdproxy.core.uisessions):
+        they take no new API jobs (what they run finishes) and are not scaled in."""
+        held = set(pod_ids)
+        for pod in self.book.pods.values():
+            if pod.ui_held and pod.pod_id not in held and not pod.running:
+                pod.idle_since = now  # idle from now: the UI used it until now
+            pod.ui_held = pod.pod_id in held
+        return self._settle(EffectsBuilder(), now)
 
     def observe_gate(
         self,
@@ -464,6 +474,15 @@ class Admission:
                 own = job.cost
                 break
             ahead.append(job.cost)
+        return self._eta(ahead, own)
+
+    def eta_at(self, position: int, cost: float) -> float:
+        """``eta_s`` of a job of ``cost`` at ``position``, taking the jobs ahead to cost as
+        much together as that many of it: O(1), for the answer to a submit (``eta_s``
+        sums the real costs, O(n); the two differ when jobs ahead cost otherwise)."""
+        return self._eta([cost * max(0, position - 1)], cost)
+
+    def _eta(self, ahead: Iterable[float], own: float) -> float:
         running = [job.cost for job in self.book.running_jobs()]
         ready = [p for p in self.book.pods.values() if p.state is PodState.READY]
         slots = sum(p.limit for p in ready)
@@ -487,7 +506,7 @@ class Admission:
 
     def idle_pods(self, now: float) -> list[PodId]:
         """The scale-in candidates, first to remove first (``sdproxy.core.scalein``)."""
-        return scale_in_order(self.book.pods.values(), now)
+        return scale_in_order((p for p in self.book.pods.values() if not p.ui_held), now)
 
     def pick_light(self, now: float, *, exclude: Sequence[PodId] = ()) -> Pod | None:
         """A pod for a light call (``sdproxy.core.light``)."""
@@ -527,7 +546,12 @@ class Admission:
     # ---- internals --------------------------------------------------------------------
 
     def _free(self, now: float) -> list[Pod]:
-        return [p for p in self.book.pods.values() if p.has_slot and self.health.usable(p, now)]
+        """Pods that take a new API job: a slot free, usable, not held by the UI."""
+        return [
+            p
+            for p in self.book.pods.values()
+            if p.has_slot and not p.ui_held and self.health.usable(p, now)
+        ]
 
     def _bind(self, job: Job, pod: Pod, now: float) -> Dispatch:
         cost_s, loads = job_cost_s(self.eta, job, pod)

@@ -25,12 +25,35 @@ The rules, in order (why each differs from Knative's KPA, see docs/prior-art.md)
    need 1 > 0, rule 2: scale from zero on the same tick.
 5. **Bounds**: at most ``max_scale_step`` pods added or removed per decision, then clamp to
    ``[min_pods, max_pods]``.
+
+With ``wait_target_s`` > 0 (``--wait-target-s``) rule 1 sizes for a waiting time instead
+of one pod per request: need = the fewest pods whose predicted p95 queue wait is at or
+under the target (``sdproxy.core.queueing``: M/G/c, Erlang C with the arrival rate
+measured over ``RATE_WINDOW_S`` and the measured service-time mean and variance), and
+never fewer than the queue already there needs to drain within the target
+(queued × service time / target servers, at most one per request) nor than run now.
+Rules 2-5 apply to that need unchanged, so scale-in happens when fewer pods would have
+met the target over the whole scale-down window.
+
+With ``predict`` (``--predict``) the need is also at least the pods the forecast rate
+(``sdproxy.core.forecast``: learned per minute of the day and weekday) needs at any
+minute of the next cold start, so pods are READY when the predicted demand arrives; a
+forecast recent traffic fell far short of is ignored (reactive alone), and one that is
+too low changes nothing (the reactive need is the larger).
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, fields
+
+from sdproxy.core.forecast import Forecast
+from sdproxy.core.queueing import servers_for_wait
+
+#: the queue-wait quantile ``wait_target_s`` bounds
+WAIT_QUANTILE = 0.95
+#: arrivals are counted over this window for the measured rate
+RATE_WINDOW_S = 120.0
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -50,6 +73,14 @@ class Observation:
     #: recent time from a pod being asked for to READY, as the runtime measured it
     #: (0: not measured yet); it lengthens the scale-down window, rule 3
     cold_start_s: float = 0.0
+    #: heavy requests that arrived since the runtime started (a monotonic counter)
+    arrivals: int = 0
+    #: measured mean time of one generation (0: not measured yet) and its squared
+    #: coefficient of variation (variance / mean²)
+    service_s: float = 0.0
+    service_scv: float = 1.0
+    #: Unix time, for the time of day ``predict`` learns (None: not given)
+    wall_s: float | None = None
 
     @property
     def demand(self) -> int:
@@ -70,10 +101,31 @@ class AutoscaleConfig:
     )
     scale_down_delay_s: float = field(
         default=60.0,
-        metadata={"help": "a lower need must last this long before pods are removed", "min": 0},
+        metadata={
+            "help": "a lower need must last this long before pods are removed (never less "
+            "than one measured cold start: a shorter delay acts as the cold start)",
+            "min": 0,
+        },
     )
     max_scale_step: int = field(
         default=4, metadata={"help": "most pods added or removed in one decision", "min": 1}
+    )
+    wait_target_s: float = field(
+        default=0.0,
+        metadata={
+            "help": "keep the predicted p95 queue wait at or under this with the fewest pods "
+            "(M/G/c model of the measured arrival rate and service time); 0: one pod per "
+            "request in flight or queued",
+            "min": 0,
+        },
+    )
+    predict: bool = field(
+        default=False,
+        metadata={
+            "help": "learn the arrival rate by time of day and weekday and order pods one "
+            "cold start ahead of the forecast (reactive when the forecast is wrong)",
+            "switch": True,
+        },
     )
 
     def __post_init__(self) -> None:
@@ -95,6 +147,10 @@ class AutoscaleState:
     last_heavy_at: float | None = None
     #: (time, need) samples inside the scale-down window, oldest first
     history: tuple[tuple[float, int], ...] = ()
+    #: (time, arrivals counter) samples covering the rate window, oldest first
+    arrivals: tuple[tuple[float, int], ...] = ()
+    #: what ``predict`` learned (None until the first tick with ``predict`` and wall time)
+    forecast: Forecast | None = None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -104,6 +160,14 @@ class Decision:
     desired: int
     previous: int
     reason: str
+    #: measured arrivals per second over the rate window
+    rate: float = 0.0
+    #: forecast arrivals per second now, and the highest over the next cold start
+    #: (None without ``predict`` or before anything was learned)
+    forecast_rate: float | None = None
+    forecast_peak: float | None = None
+    #: whether the forecast is followed (False: recent traffic fell far short of it)
+    forecast_trusted: bool = True
 
     @property
     def changed(self) -> bool:
@@ -120,7 +184,12 @@ def decide(
     observation: Observation, state: AutoscaleState, *, config: AutoscaleConfig, now: float
 ) -> tuple[Decision, AutoscaleState]:
     """One tick of the policy (rules in the module docstring)."""
-    need = pods_needed(observation)
+    arrivals, rate, came = _arrival_rate(observation, state, now)
+    forecast = state.forecast
+    if config.predict and observation.wall_s is not None:
+        forecast = (forecast or Forecast()).observe(wall_s=observation.wall_s, arrivals=came)
+    sizing = _size(observation, rate=rate, forecast=forecast, config=config)
+    need = sizing.need
     last_heavy = now if observation.demand > 0 else state.last_heavy_at
     window_s = max(config.scale_down_delay_s, observation.cold_start_s)
     window_start = now - window_s
@@ -130,7 +199,7 @@ def decide(
         previous = observation.ready + observation.starting
     target, reason = _target(
         observation=observation,
-        need=need,
+        sizing=sizing,
         held=max(n for _, n in history),
         previous=previous,
         idle_s=None if last_heavy is None else now - last_heavy,
@@ -141,14 +210,120 @@ def decide(
     if desired != target:
         reason += f"; bounded to {desired} (max_scale_step {config.max_scale_step}, "
         reason += f"pods {config.min_pods}..{config.max_pods})"
-    new_state = AutoscaleState(last_desired=desired, last_heavy_at=last_heavy, history=history)
-    return Decision(desired=desired, previous=previous, reason=reason), new_state
+    new_state = AutoscaleState(
+        last_desired=desired,
+        last_heavy_at=last_heavy,
+        history=history,
+        arrivals=arrivals,
+        forecast=forecast,
+    )
+    decision = Decision(
+        desired=desired,
+        previous=previous,
+        reason=reason,
+        rate=rate,
+        forecast_rate=sizing.forecast_rate,
+        forecast_peak=sizing.forecast_peak,
+        forecast_trusted=forecast.trusted if forecast is not None else True,
+    )
+    return decision, new_state
+
+
+def _arrival_rate(
+    observation: Observation, state: AutoscaleState, now: float
+) -> tuple[tuple[tuple[float, int], ...], float, int]:
+    """(samples covering the rate window, arrivals per second over it, arrivals since
+    the previous tick). A counter that went back (the runtime restarted) starts over."""
+    total = observation.arrivals
+    samples = state.arrivals
+    if samples and total < samples[-1][1]:
+        samples, came = (), 0  # how many came since is unknown: none learned
+    else:
+        came = total - samples[-1][1] if samples else total
+    samples = (*samples, (now, total))
+    cut = 0
+    while cut + 1 < len(samples) and samples[cut + 1][0] <= now - RATE_WINDOW_S:
+        cut += 1
+    samples = samples[cut:]
+    t0, n0 = samples[0]
+    rate = (total - n0) / max(now - t0, RATE_WINDOW_S)
+    return samples, rate, came
+
+
+@dataclass(frozen=True, kw_only=True)
+class _Sizing:
+    """Rule 1's answer: the pods needed now, those the forecast needs, and why."""
+
+    need: int
+    #: pods the forecast needs over the next cold start (0: none, or not followed)
+    ahead: int
+    why: str
+    forecast_rate: float | None = None
+    forecast_peak: float | None = None
+
+
+def _size(
+    observation: Observation, *, rate: float, forecast: Forecast | None, config: AutoscaleConfig
+) -> _Sizing:
+    """Rule 1: one pod per request, or the wait-target model; then the forecast's floor."""
+    per_pod = max(1, observation.per_pod_limit)
+    service, target = observation.service_s, config.wait_target_s
+    model = _ModelInputs(
+        service_s=service,
+        scv=observation.service_scv,
+        target_s=target,
+        servers_limit=config.max_pods * per_pod,
+    )
+    if target > 0.0 and service > 0.0:
+        servers = model.servers(rate)
+        backlog = min(observation.demand, math.ceil(observation.queued * service / target))
+        need = math.ceil(max(servers, backlog, observation.inflight) / per_pod)
+        why = (
+            f"wait target {target:g}s: {rate:.3f}/s x {service:.1f}s needs {servers} "
+            f"slots, the queue {backlog}"
+        )
+    else:
+        need = pods_needed(observation)
+        why = ""
+    if forecast is None or observation.wall_s is None or not forecast.learned:
+        return _Sizing(need=need, ahead=0, why=why)
+    wall = observation.wall_s
+    now_rate = forecast.rate_at(wall)
+    peak = forecast.peak_rate(wall, wall + observation.cold_start_s)
+    ahead = 0
+    # worth ordering only if a pod ordered now would see work before it is given back
+    worth = peak * (observation.cold_start_s + config.idle_to_zero_s) >= 1.0
+    if forecast.trusted and worth and service > 0.0:
+        ahead = math.ceil(model.servers(peak) / per_pod)
+        if ahead > need:
+            why = f"{why}; " if why else ""
+            why += f"forecast {peak:.3f}/s within the next cold start needs {ahead}"
+            need = ahead
+    return _Sizing(need=need, ahead=ahead, why=why, forecast_rate=now_rate, forecast_peak=peak)
+
+
+@dataclass(frozen=True, kw_only=True)
+class _ModelInputs:
+    service_s: float
+    scv: float
+    target_s: float
+    servers_limit: int
+
+    def servers(self, rate: float) -> int:
+        return servers_for_wait(
+            rate=rate,
+            service_s=self.service_s,
+            scv=self.scv,
+            target_s=self.target_s,
+            quantile=WAIT_QUANTILE,
+            limit=self.servers_limit,
+        )
 
 
 def _target(
     *,
     observation: Observation,
-    need: int,
+    sizing: _Sizing,
     held: int,
     previous: int,
     idle_s: float | None,
@@ -156,13 +331,18 @@ def _target(
     config: AutoscaleConfig,
 ) -> tuple[int, str]:
     """Rules 2-4: the unbounded target and why."""
+    need = sizing.need
     seen = (
         f"demand {observation.demand} (in flight {observation.inflight}, queued "
         f"{observation.queued}), pods ready {observation.ready} starting {observation.starting}"
     )
+    if sizing.why:
+        seen += f"; {sizing.why}"
     if need > previous:
         return need, f"scale up: {seen}, need {need} > {previous} asked for"
     if idle_s is not None and idle_s >= config.idle_to_zero_s:
+        if sizing.ahead > 0:
+            return min(previous, sizing.ahead), f"hold for the forecast: {seen}"
         if previous > 0:
             return 0, f"scale to zero: no heavy work for {idle_s:.0f}s"
         return 0, "hold at zero: idle"

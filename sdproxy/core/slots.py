@@ -87,6 +87,9 @@ class Pod:
     checked_out: bool = False
     check_failures: int = 0
     check_passes: int = 0
+    #: held by browser UI sessions (sdproxy.core.uisessions): its heavy slots are the
+    #: UI's, so it takes no API jobs, and it is not scaled in, while they last
+    ui_held: bool = False
 
     def cordoned(self, now: float) -> bool:
         return now < self.cordoned_until

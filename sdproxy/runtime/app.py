@@ -28,7 +28,7 @@ from sdproxy.core.admission import Admission
 from sdproxy.core.effects import RejectReason, Transition
 from sdproxy.core.pods import Endpoint, PodId, PodState
 from sdproxy.core.queue import Priority
-from sdproxy.errors import ConfigError, NotFound
+from sdproxy.errors import ClientFacingError, ConfigError, NotFound
 from sdproxy.runtime.auth import guarded
 from sdproxy.runtime.autoscaler import Autoscaler
 from sdproxy.runtime.catalog import Catalogs
@@ -36,6 +36,10 @@ from sdproxy.runtime.discovery import Discovery, StaticDiscovery
 from sdproxy.runtime.gate import Gate
 from sdproxy.runtime.gatewatch import GateWatch
 from sdproxy.runtime.healthcheck import HealthChecker
+from sdproxy.runtime.jobapi import AsyncJobs, open_store
+from sdproxy.runtime.jobhandoff import IMPORT_PATH, hand_over, import_job
+from sdproxy.runtime.jobroutes import add_peer_routes as add_peer_job_routes
+from sdproxy.runtime.jobroutes import add_routes as add_job_routes
 from sdproxy.runtime.jobs import new_token
 from sdproxy.runtime.local import LocalPods
 from sdproxy.runtime.logs import log_event, setup_logging
@@ -50,8 +54,10 @@ from sdproxy.runtime.status import (
     QueueStatus,
     Status,
     TenantStatus,
+    UiStatus,
 )
 from sdproxy.runtime.status_page import status_response
+from sdproxy.runtime.ui import UiFront
 from sdproxy.runtime.warmup import Warmer
 from sdproxy.settings import HostPort, Settings
 
@@ -97,16 +103,21 @@ class Services:
         self.gatewatch: GateWatch | None = None
         self.checker: HealthChecker | None = None
         self.peers: Peers | None = None
+        self.jobs: AsyncJobs | None = None
         #: this replica's name at the pods' gates: its identity plus a token drawn at start,
         #: unique even for replicas sharing a host name (or restarted under the same one)
         self.replica = f"{settings.scaler.identity}/{new_token()[:8]}"
         self.synced = False
         self._appeared: dict[PodId, float] = {}
+        self._arrivals_seen: dict[str, int] = {}
+        self._arrivals_total = 0
 
     def _on_reject(self, reason: RejectReason) -> None:
         self.metrics.rejected(reason)
 
     def _on_transitions(self, transitions: Sequence[Transition]) -> None:
+        if transitions and self.proxy is not None and self.proxy.ui is not None:
+            self.proxy.ui.poke()  # a pod came or went: the lobby and sessions follow
         for pod_id, old, new in transitions:
             log_event(
                 "pod_state",
@@ -152,13 +163,56 @@ class Services:
             len(p.running) + (p.foreign if p.gated and p.gate_live else 0)
             for p in adm.pods.values()
         )
-        return inflight + peers_direct, len(adm.queue) + peers_queued
+        ui_inflight, ui_queued = self.ui_demand()
+        return inflight + peers_direct + ui_inflight, len(adm.queue) + peers_queued + ui_queued
+
+    def ui_demand(self) -> tuple[int, int]:
+        """(in flight, queued) of the browser UI in slots: a held pod is a whole pod's
+        worth (its free slots too), and so is each ``--ui-sessions-per-pod`` waiters."""
+        ui = self.proxy.ui if self.proxy is not None else None
+        if ui is None:
+            return 0, 0
+        adm = self.admission
+        view = ui.peer_view(self.clock())
+        held_ids = {p.pod_id for p in adm.pods.values() if p.ui_held}
+        held_ids |= {pod for pod, _seen in view.sessions.values()}
+        held = [p for p in adm.pods.values() if p.pod_id in held_ids]
+        inflight = sum(max(0, p.limit - len(p.running)) for p in held)
+        per_pod = ui.config.ui_sessions_per_pod
+        waiting_pods = -(-(len(ui.sessions.lobby) + view.lobby) // per_pod)
+        return inflight, waiting_pods * adm.config.max_inflight
 
     def peer_document(self) -> dict[str, Any]:
         """What this replica tells its peers (``GET /-/peer``)."""
         adm = self.admission
         direct = sum(len(p.running) for p in adm.pods.values() if not p.gated)
-        return {"replica": self.replica, "queued": len(adm.queue), "inflight_direct": direct}
+        doc: dict[str, Any] = {
+            "replica": self.replica,
+            "queued": len(adm.queue),
+            "inflight_direct": direct,
+            "arrivals": self.gate.arrivals,
+        }
+        ui = self.proxy.ui if self.proxy is not None else None
+        if ui is not None:
+            doc["ui"] = ui.peer_document(self.clock())
+        return doc
+
+    def global_arrivals(self) -> int:
+        """Heavy arrivals over every replica, as a counter that only grows: each replica's
+        (this one's, every live peer's) increase since it was last seen is added; a peer
+        seen for the first time adds nothing (its count is its past), one that restarted
+        (its count went back) starts over from its new count, one gone adds no more."""
+        counts = {self.replica: self.gate.arrivals}
+        if self.peers is not None:
+            counts.update(self.peers.arrivals())
+        for replica, count in counts.items():
+            last = self._arrivals_seen.get(replica)
+            if last is None and replica == self.replica:
+                last = 0
+            if last is not None and count >= last:
+                self._arrivals_total += count - last
+            self._arrivals_seen[replica] = count
+        return self._arrivals_total
 
     def on_snapshot(self, endpoints: Sequence[Endpoint]) -> None:
         """A discovery source pushed the pods it knows."""
@@ -199,6 +253,7 @@ class Services:
                 min_pods=self.settings.scaler.autoscale.min_pods,
                 max_pods=self.settings.scaler.autoscale.max_pods,
                 events=tuple(self.autoscaler.events),
+                **self.autoscaler.model_status(),
             ),
             discovery=DiscoveryStatus(
                 source=self.discovery.name,
@@ -206,6 +261,22 @@ class Services:
                 last_error=health.last_error,
             ),
             shutting_down=adm.closed,
+            ui=self._ui_status(now),
+            jobs=self.jobs.status() if self.jobs is not None else None,
+        )
+
+    def _ui_status(self, now: float) -> UiStatus | None:
+        ui = self.proxy.ui if self.proxy is not None else None
+        if ui is None:
+            return None
+        lobby = ui.sessions.lobby
+        oldest = min((w.joined_at for w in lobby.values()), default=now)
+        return UiStatus(
+            sessions={str(pod): n for pod, n in ui.sessions.per_pod().items()},
+            sessions_per_pod=ui.config.ui_sessions_per_pod,
+            idle_s=ui.config.ui_idle_s,
+            lobby_depth=len(lobby),
+            lobby_oldest_wait_s=now - oldest,
         )
 
 
@@ -265,6 +336,11 @@ def build_app(
     _add_probes(app)
     if settings.proxy.ops_listen is None:
         _add_ops_routes(app, settings.proxy.ops_token)
+    # the browser UI's own endpoints are user-facing (the lobby page polls one): never
+    # behind --ops-listen or --ops-token
+    app.router.add_get("/-/ui/lobby", _ui_lobby)
+    app.router.add_delete("/-/ui/session", _ui_session)
+    add_job_routes(app, _jobs_of)
     # [\s\S]: "." would not match a newline, and a path with %0A would get aiohttp's
     # plain-text 404 instead of our JSON answer
     app.router.add_route("*", "/-/{tail:[\\s\\S]*}", _unknown_operational)
@@ -298,6 +374,8 @@ def _add_ops_routes(app: web.Application, token: str) -> None:
     app.router.add_get("/-/peer", guarded(_peer, token))
     app.router.add_get("/-/peer/job", guarded(_peer_job, token))
     app.router.add_post("/-/peer/job/cancel", guarded(_peer_cancel, token))
+    app.router.add_post(IMPORT_PATH, guarded(_peer_import, token))
+    add_peer_job_routes(app, _jobs_of, guard=lambda handler: guarded(handler, token))
 
 
 async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
@@ -350,7 +428,15 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
         )
         services.proxy.gatewatch = services.gatewatch
         services.proxy.peers = services.peers
+        if services.proxy.ui is not None:
+            services.proxy.ui.peer_documents = services.peers.ui_documents
+        store, temporary = open_store(settings.jobs, settings.proxy.listen)
+        services.jobs = AsyncJobs(
+            settings=settings.jobs, store=store, proxy=services.proxy, temporary=temporary
+        )
+        services.proxy.async_jobs = services.jobs
         services.autoscaler.demand = services.global_demand
+        services.autoscaler.arrivals = services.global_arrivals
         services.warmer = Warmer(
             session=session, gate=services.gate, timeout_s=settings.discovery.warmup_timeout_s
         )
@@ -371,6 +457,9 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
             tasks.append(
                 asyncio.create_task(peer_source.run(services.on_peers), name="peer-discovery")
             )
+        if services.proxy.ui is not None:
+            tasks.append(asyncio.create_task(services.proxy.ui.run(), name="ui-sessions"))
+        services.jobs.start(lambda: services.synced)
         start = getattr(services.scaler, "start", None)
         if start is not None:
             await start()
@@ -385,6 +474,7 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
             await services.gatewatch.close()
             if services.checker is not None:
                 await services.checker.close()
+            await services.jobs.close()
             await services.proxy.wait_background()
             await services.scaler.close()
 
@@ -393,6 +483,42 @@ async def _proxy(request: web.Request) -> web.StreamResponse:
     proxy = request.app[SERVICES].proxy
     assert proxy is not None, "the proxy starts with the app"
     return await proxy.handle(request)
+
+
+def _ui_front(request: web.Request) -> UiFront:
+    proxy = request.app[SERVICES].proxy
+    if proxy is None or proxy.ui is None:
+        raise NotFound(f"no proxy endpoint {request.path} (the browser UI needs --ui)")
+    return proxy.ui
+
+
+async def _ui_lobby(request: web.Request) -> web.Response:
+    try:
+        return await _ui_front(request).lobby(request)
+    except ClientFacingError as exc:
+        return error_response(exc)
+
+
+async def _ui_session(request: web.Request) -> web.Response:
+    try:
+        return await _ui_front(request).leave(request)
+    except ClientFacingError as exc:
+        return error_response(exc)
+
+
+def _jobs_of(request: web.Request) -> AsyncJobs:
+    jobs = request.app[SERVICES].jobs
+    assert jobs is not None, "the job API starts with the app"
+    return jobs
+
+
+async def _peer_import(request: web.Request) -> web.Response:
+    """A leaving peer hands a job over (sdproxy.runtime.jobhandoff)."""
+    services = request.app[SERVICES]
+    try:
+        return await import_job(_jobs_of(request), request, replica=services.replica)
+    except ClientFacingError as exc:
+        return error_response(exc)
 
 
 async def _unknown_operational(request: web.Request) -> web.Response:
@@ -570,3 +696,5 @@ async def _drain(services: Services, timeout_s: float) -> None:
     with contextlib.suppress(Exception):
         if services.proxy is not None:
             await asyncio.wait_for(services.proxy.wait_background(), timeout=5)
+    if services.jobs is not None:  # results stay reachable through the other replicas
+        await hand_over(services.jobs, replica=services.replica)

@@ -103,6 +103,13 @@ class Spool:
     def _create(self) -> None:  # in a thread
         self._file = tempfile.TemporaryFile(buffering=0)  # noqa: SIM115 (closed by close)
 
+    async def open_file(self, path: str) -> None:
+        """Read an existing file instead (an asynchronous job's stored body)."""
+        await self._run(self._open_path, path)
+
+    def _open_path(self, path: str) -> None:  # in a thread
+        self._file = open(path, "rb", buffering=0)  # noqa: SIM115 (closed by close)
+
     async def write(self, parts: list[bytes]) -> None:
         """Append ``parts`` (handed over: the caller makes a new list)."""
         await self._run(self._write_all, parts)
@@ -180,6 +187,15 @@ class ReceivedBody:
 
     async def _stream(self) -> AsyncIterator[bytes | bytearray]:
         self.started = True
+        async for chunk in self.chunks():
+            yield chunk
+
+    def close(self) -> None:
+        if self.spool is not None:
+            self.spool.close()
+
+    async def chunks(self) -> AsyncIterator[bytes | bytearray]:
+        """The whole body again, without touching ``started`` (to copy it elsewhere)."""
         if self.spool is None:
             yield self.data
             return
@@ -191,9 +207,12 @@ class ReceivedBody:
             offset += len(chunk)
             yield chunk
 
-    def close(self) -> None:
-        if self.spool is not None:
-            self.spool.close()
+
+async def from_file(path: str, size: int) -> ReceivedBody:
+    """A body stored in a file (read from there whenever it is sent)."""
+    spool = Spool()
+    await spool.open_file(path)
+    return ReceivedBody(data=b"", size=size, spool=spool)
 
 
 async def receive(

@@ -24,6 +24,7 @@ from sdproxy import errors
 from sdproxy.core.admission import Admission, Job, Pod, TicketId
 from sdproxy.core.effects import Dispatch, Effects, Outcome, RejectReason, Transition
 from sdproxy.core.pods import Endpoint, PodId
+from sdproxy.core.queueing import ServiceStats
 
 #: never sleep less than this between ticks (the clock may lag the timer a little)
 MIN_SLEEP_S = 0.001
@@ -33,12 +34,13 @@ class Slot:
     """A pod slot bound to one request. ``release`` frees it once; later calls are
     no-ops, so every exit path of a request may call it."""
 
-    __slots__ = ("_gate", "dispatch", "released")
+    __slots__ = ("_gate", "bound_at", "dispatch", "released")
 
     def __init__(self, gate: Gate, dispatch: Dispatch) -> None:
         self._gate = gate
         self.dispatch = dispatch
         self.released = False
+        self.bound_at = gate.now()
 
     @property
     def ticket(self) -> TicketId:
@@ -55,7 +57,10 @@ class Slot:
     def release(self, outcome: Outcome) -> None:
         if not self.released:
             self.released = True
-            self._gate.apply(self._gate.admission.release(self.ticket, outcome, self._gate.now()))
+            now = self._gate.now()
+            if outcome is Outcome.COMPLETED:
+                self._gate.service = self._gate.service.observe(now - self.bound_at)
+            self._gate.apply(self._gate.admission.release(self.ticket, outcome, now))
 
     async def refused(self) -> Slot:
         """The pod refused the connection (nothing was sent): wait for another pod."""
@@ -99,6 +104,10 @@ class Gate:
         self._armed: float | None = None
         self._rearm = asyncio.Event()
         self._change: asyncio.Future[None] | None = None
+        #: heavy requests that asked for a slot (the autoscaler's arrival counter) and
+        #: the service times of completed ones (its queueing model, --wait-target-s)
+        self.arrivals = 0
+        self.service = ServiceStats()
 
     def new_ticket(self) -> TicketId:
         return TicketId(next(self._tickets))
@@ -108,13 +117,35 @@ class Gate:
     async def acquire(self, job: Job) -> Slot:
         """Wait for a slot. Raises the client-facing error if rejected; if the caller is
         cancelled (client gone) the job leaves the queue and never reaches a pod."""
+        self.arrivals += 1
         return await self.wait_for(job.ticket, lambda: self.admission.submit(job, self.now()))
+
+    def enqueue(self, job: Job) -> tuple[asyncio.Future[Dispatch], int | None]:
+        """Submit ``job`` now, without waiting (an asynchronous job: its rejection is
+        known at once, ``fut.done()``); then ``await slot_of(job.ticket, fut)``. Also
+        returns the job's queue position as the core answered it (None: not queued)."""
+        position: list[int] = []
+
+        def submit() -> Effects:
+            effects = self.admission.submit(job, self.now())
+            position.extend(q.position for q in effects.queued if q.ticket == job.ticket)
+            return effects
+
+        fut = self._register(job.ticket, submit)
+        return fut, position[0] if position else None
 
     async def wait_for(self, ticket: TicketId, event: Callable[[], Effects]) -> Slot:
         """Register ``ticket``'s waiter, apply ``event``, and wait for its dispatch."""
+        return await self.slot_of(ticket, self._register(ticket, event))
+
+    def _register(self, ticket: TicketId, event: Callable[[], Effects]) -> asyncio.Future[Dispatch]:
         fut: asyncio.Future[Dispatch] = asyncio.get_running_loop().create_future()
         self._waiters[ticket] = fut
         self.apply(event())
+        return fut
+
+    async def slot_of(self, ticket: TicketId, fut: asyncio.Future[Dispatch]) -> Slot:
+        """Wait for ``ticket``'s dispatch (``fut``); a cancelled wait gives it up."""
         try:
             return Slot(self, await fut)
         except asyncio.CancelledError:
@@ -144,6 +175,9 @@ class Gate:
 
     def eject(self, pod_id: PodId) -> None:
         self.apply(self.admission.eject(pod_id, self.now()))
+
+    def hold_for_ui(self, pod_ids: Iterable[PodId]) -> None:
+        self.apply(self.admission.hold_for_ui(pod_ids, self.now()))
 
     def cordon(self, pod_ids: Iterable[PodId], *, for_s: float) -> list[PodId]:
         effects = self.admission.cordon(pod_ids, self.now(), for_s=for_s)

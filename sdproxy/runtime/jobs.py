@@ -15,9 +15,10 @@ reaches exactly that job, whoever asks — an unguessable capability, indexed by
 the id so the key the pods' gates publish and peers are asked by does not give it away.
 A poll is matched by the one most specific key it carries (``Caller.own_key``).
 
-Keys are built in one place, ``_key``: the tenant's name prefixes every identity (the
-index, the gates' occupancy, the peer queries), so a caller reaches only the jobs of its
-own tenant (sdproxy.runtime.tenants), whatever identity it claims.
+Keys are built in one place, ``_key``: the tenant's name prefixes every identity key
+(header, cookie, address — in the index, the gates' occupancy, the peer queries), so a
+caller reaches only the jobs of its own tenant by them, whatever identity it claims
+(sdproxy.runtime.tenants); a job id stays the capability it is, whoever holds it.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import base64
 import hashlib
 import os
 import re
+import time
 from dataclasses import dataclass
 from urllib.parse import quote, unquote
 
@@ -75,10 +77,11 @@ def _key(kind: str, value: str, tenant: str = "") -> str:
     return f"{quote(tenant, safe='')}/{kind}:{value}" if tenant else f"{kind}:{value}"
 
 
-def job_key(job_id: str, tenant: str = "") -> str:
+def job_key(job_id: str) -> str:
     """The key of a job named by its id: a hash, so what gates and peers see of it is
-    not the capability itself."""
-    return _key("j", hashlib.blake2b(job_id.encode(), digest_size=16).hexdigest(), tenant)
+    not the capability itself. Not scoped to a tenant: the id is the capability (an
+    asynchronous job is reached by it from anywhere)."""
+    return _key("j", hashlib.blake2b(job_id.encode(), digest_size=16).hexdigest())
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -118,7 +121,7 @@ class Caller:
         """The one key a job-bound call is matched by: the job it names, else the identity
         it gave, else (with address identity) its address; None: it reaches nothing."""
         if self.job:
-            return job_key(self.job, self.tenant)
+            return job_key(self.job)
         return self.quota_key if self.named or self.by_address else None
 
     @property
@@ -174,6 +177,17 @@ def set_cookie(response: web.StreamResponse, caller: Caller) -> None:
         response.headers.add(hdrs.SET_COOKIE, value)
 
 
+@dataclass(frozen=True, kw_only=True, slots=True)
+class LiveJob:
+    """A heavy job the proxy holds now, as ``GET /-/jobs/{id}`` shows a synchronous one."""
+
+    ticket: TicketId
+    route: str
+    owner: str
+    #: wall-clock seconds (the job API's timestamps survive restarts)
+    created_at: float
+
+
 class JobIndex:
     """identity key -> the heavy jobs indexed under it still in the proxy, oldest first.
 
@@ -185,22 +199,34 @@ class JobIndex:
     def __init__(self) -> None:
         self._by_key: dict[str, list[TicketId]] = {}
         self._by_owner: dict[str, list[TicketId]] = {}
-        self._keys: dict[TicketId, tuple[list[str], str]] = {}
+        self._keys: dict[TicketId, tuple[list[str], str, str]] = {}
+        self._by_id: dict[str, LiveJob] = {}
 
-    def add(self, caller: Caller, ticket: TicketId, *, job_id: str) -> list[str]:
+    def add(self, caller: Caller, ticket: TicketId, *, job_id: str, route: str = "") -> list[str]:
         """Index a new job; returns its keys (for the pod's gate: X-Sdproxy-Caller)."""
-        keys = [*caller.keys, job_key(job_id, caller.tenant)]
-        self._keys[ticket] = (keys, caller.quota_key)
+        keys = [*caller.keys, job_key(job_id)]
+        self.add_keys(keys, owner=caller.quota_key, ticket=ticket, job_id=job_id, route=route)
+        return keys
+
+    def add_keys(
+        self, keys: list[str], *, owner: str, ticket: TicketId, job_id: str, route: str
+    ) -> None:
+        """Index a job under ``keys`` for ``owner`` (an asynchronous job taken up again
+        after a restart has only its id's key)."""
+        self._keys[ticket] = (keys, owner, job_id)
+        self._by_id[job_id] = LiveJob(
+            ticket=ticket, route=route, owner=owner, created_at=time.time()
+        )
         for key in keys:
             self._by_key.setdefault(key, []).append(ticket)
-        self._by_owner.setdefault(caller.quota_key, []).append(ticket)
-        return keys
+        self._by_owner.setdefault(owner, []).append(ticket)
 
     def remove(self, ticket: TicketId) -> None:
         found = self._keys.pop(ticket, None)
         if found is None:
             return
-        keys, owner = found
+        keys, owner, job_id = found
+        self._by_id.pop(job_id, None)
         for key in keys:
             _drop(self._by_key, key, ticket)
         _drop(self._by_owner, owner, ticket)
@@ -213,6 +239,10 @@ class JobIndex:
         """The newest job indexed under ``key`` (a peer replica asks by key)."""
         tickets = self._by_key.get(key)
         return tickets[-1] if tickets else None
+
+    def by_id(self, job_id: str) -> LiveJob | None:
+        """The job named ``job_id``, while the proxy holds it."""
+        return self._by_id.get(job_id)
 
     def owned(self, caller: Caller) -> list[TicketId]:
         """The jobs the caller owns (``Caller.quota_key``), oldest first."""

@@ -98,6 +98,7 @@ class LocalPods:
             "--host", "127.0.0.1", "--port", str(port),
             "--startup-s", str(self.settings.local_startup_s),
             "--step-ms", str(self.settings.local_step_ms),
+            *(["--ui"] if self.settings.local_ui else []),
             stdout=asyncio.subprocess.DEVNULL,
         )  # fmt: skip
         pod_id = PodId(f"sim-{port}")

@@ -56,6 +56,10 @@ INTERRUPT_REASONS = tuple(r.value for r in InterruptReason)
 #: request faults (sdproxy.runtime.proxy.outcome_of): CUDA out of memory, a 422
 REQUEST_FAULT_KINDS = ("oom", "invalid")
 UPSTREAM_KINDS = tuple(k.value for k in UpstreamKind)
+#: sdproxy_callbacks_total{outcome} (sdproxy.runtime.callbacks.OUTCOMES)
+CALLBACK_OUTCOMES = ("delivered", "retried", "failed", "refused")
+#: sdproxy_jobs{status} (sdproxy.runtime.jobstore.JobStatus)
+JOB_STATUSES = ("queued", "running", "succeeded", "failed", "cancelled")
 
 #: light calls take milliseconds, a txt2img seconds, a large hires batch many minutes
 REQUEST_BUCKETS = (
@@ -75,6 +79,7 @@ class Metrics:
         self._request_children: dict[tuple[str, int], tuple[Counter, Histogram]] = {}
         self._declare_request_metrics(self.registry)
         self._declare_pod_event_metrics(self.registry)
+        self._declare_ui_metrics(self.registry)
         self._pre_create()
         self._register_process_metrics(self.registry)
         if snapshot is not None:
@@ -133,6 +138,23 @@ class Metrics:
             ["direction"],
             registry=reg,
         )
+        self._callbacks = Counter(
+            "sdproxy_callbacks_total",
+            "Job callbacks, by outcome (delivered, retried, failed: gave up, refused).",
+            ["outcome"],
+            registry=reg,
+        )
+
+    def _declare_ui_metrics(self, reg: CollectorRegistry) -> None:
+        self._ui_lobby_wait = Histogram(
+            "sdproxy_ui_lobby_wait_seconds",
+            "Time browsers waited in the UI lobby before a pod took their session (--ui).",
+            buckets=QUEUE_BUCKETS,
+            registry=reg,
+        )
+
+    def observe_ui_lobby_wait(self, wait_s: float) -> None:
+        self._ui_lobby_wait.observe(max(0.0, wait_s))
 
     def _pre_create(self) -> None:
         for reason in REJECT_REASONS:
@@ -143,6 +165,8 @@ class Metrics:
             self._scale_events.labels(direction=direction)
         for kind in REQUEST_FAULT_KINDS:
             self._request_faults.labels(kind=kind)
+        for outcome in CALLBACK_OUTCOMES:
+            self._callbacks.labels(outcome=outcome)
 
     @staticmethod
     def _register_process_metrics(reg: CollectorRegistry) -> None:
@@ -200,6 +224,11 @@ class Metrics:
             raise ValueError(f"direction must be one of {SCALE_DIRECTIONS}, got {direction!r}")
         self._scale_events.labels(direction=direction).inc()
 
+    def callback(self, outcome: str) -> None:
+        if outcome not in CALLBACK_OUTCOMES:
+            raise ValueError(f"outcome must be one of {CALLBACK_OUTCOMES}, got {outcome!r}")
+        self._callbacks.labels(outcome=outcome).inc()
+
     def forget_pod(self, pod: str) -> None:
         """Drop every event series labelled with a pod that discovery removed.
 
@@ -235,6 +264,8 @@ def _gauge(name: str, documentation: str, value: float | None) -> GaugeMetricFam
 def _state_metrics(snap: Status | None) -> Iterator[Metric]:
     yield from _queue_metrics(snap)
     yield from _pod_metrics(snap)
+    yield from _ui_metrics(snap)
+    yield from _job_metrics(snap)
     auto = snap.autoscaler if snap is not None else None
     desired = None if auto is None else float(auto.desired or 0)
     yield _gauge(
@@ -251,6 +282,22 @@ def _state_metrics(snap: Status | None) -> Iterator[Metric]:
         "sdproxy_discovery_connected",
         "1 if the discovery source (static list, EndpointSlice watch) is in touch.",
         None if snap is None else float(snap.discovery.connected),
+    )
+
+
+def _job_metrics(snap: Status | None) -> Iterator[Metric]:
+    jobs = snap.jobs if snap is not None else None
+    by_status = GaugeMetricFamily(
+        "sdproxy_jobs", "Asynchronous jobs in the job store, by status.", labels=["status"]
+    )
+    if jobs is not None:
+        for status in JOB_STATUSES:
+            by_status.add_metric([status], jobs.counts.get(status, 0))
+    yield by_status
+    yield _gauge(
+        "sdproxy_jobs_store_bytes",
+        "Bytes of the job store's files (bodies of unfinished jobs, results).",
+        None if jobs is None else jobs.store_bytes,
     )
 
 
@@ -317,6 +364,25 @@ def _pod_metrics(snap: Status | None) -> Iterator[Metric]:
         for state, count in count_states(pods).items():
             states.add_metric([state.value], count)
     yield from (states, inflight, limit, completed, checkpoint)
+
+
+def _ui_metrics(snap: Status | None) -> Iterator[Metric]:
+    """Only with --ui (a proxy without it exports no UI series)."""
+    ui = snap.ui if snap is not None else None
+    if snap is not None and ui is None:
+        return
+    sessions = GaugeMetricFamily(
+        "sdproxy_ui_sessions", "Browser UI sessions a pod holds (--ui).", labels=["pod"]
+    )
+    if ui is not None:
+        for pod in snap.pods if snap is not None else ():
+            sessions.add_metric([pod.id], ui.sessions.get(pod.id, 0))
+    yield sessions
+    yield _gauge(
+        "sdproxy_ui_lobby_depth",
+        "Browsers waiting in the UI lobby for a pod (--ui).",
+        None if ui is None else ui.lobby_depth,
+    )
 
 
 METRICS_KEY = web.AppKey("metrics", Metrics)

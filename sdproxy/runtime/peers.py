@@ -3,12 +3,15 @@ replica.
 
 Peers come from ``--peer URL`` (static) or, with ``--peer-service``, from the EndpointSlices
 of the proxy's own Service (the same list+watch as pod discovery). Each replica serves
-``GET /-/peer``: its replica id, how many heavy requests it has queued, and how many run on
-pods WITHOUT a gate (in-flight work on gated pods is seen by everyone at the gates). Every
+``GET /-/peer``: its replica id, how many heavy requests it has queued, how many it received
+since it started (the arrival rate of ``--wait-target-s``), and how many run on pods WITHOUT
+a gate (in-flight work on gated pods is seen by everyone at the gates). Every
 replica polls every peer each ``INTERVAL_S``; a peer not heard from for ``STALE_S`` no
 longer counts (a dead replica's queue died with it). So every replica computes the same
 global demand: all queues, plus the in-flight work at the gates, plus every replica's work
-on ungated pods — and exports the same ``sdproxy_desired_pods``.
+on ungated pods — and exports the same ``sdproxy_desired_pods``. With ``--ui`` the
+document also lists the browser sessions the replica holds (by a hash of their token),
+those it ended lately and its lobby (sdproxy.runtime.ui).
 
 A job-bound call (progress, interrupt) for a job another replica holds in its QUEUE is
 asked of the peers (``GET /-/peer/job?caller=KEY``, ``POST /-/peer/job/cancel?caller=KEY``,
@@ -43,6 +46,10 @@ class PeerState:
     queued: int
     inflight_direct: int
     seen_at: float
+    #: heavy requests it received since it started (the autoscaler's arrival rate)
+    arrivals: int = 0
+    #: --ui: the browser sessions the peer holds (sdproxy.runtime.ui ``peer_document``)
+    ui: dict[str, Any] | None = None
 
 
 class Peers:
@@ -62,10 +69,18 @@ class Peers:
         self.clock = clock
         self._urls: list[str] = list(urls)
         self._state: dict[str, PeerState] = {}
+        #: every replica id a peer ever answered with (a leaving replica that stopped
+        #: listening is still known: it hands its jobs over after its drain)
+        self.known: set[str] = set()
 
     @property
     def urls(self) -> list[str]:
         return list(self._urls)
+
+    @property
+    def headers(self) -> dict[str, str]:
+        """What a request to a peer's /-/peer* endpoints carries (the ops token)."""
+        return dict(self._headers)
 
     def set_urls(self, urls: Sequence[str]) -> None:
         self._urls = list(urls)
@@ -82,6 +97,14 @@ class Peers:
         states = [s for _u, s in self.live()]
         return sum(s.queued for s in states), sum(s.inflight_direct for s in states)
 
+    def arrivals(self) -> dict[str, int]:
+        """Each live peer's heavy-arrival counter, by replica id."""
+        return {s.replica: s.arrivals for _u, s in self.live()}
+
+    def ui_documents(self) -> list[dict[str, Any]]:
+        """The UI part of every live peer's document (--ui)."""
+        return [s.ui for _u, s in self.live() if s.ui is not None]
+
     async def run(self) -> None:
         """Poll every peer, forever."""
         while True:
@@ -93,11 +116,14 @@ class Peers:
         if data is None or data.get("replica") == self.replica:
             self._state.pop(url, None)
             return
+        self.known.add(str(data["replica"]))
         self._state[url] = PeerState(
             replica=str(data["replica"]),
             queued=int(data["queued"]),
             inflight_direct=int(data["inflight_direct"]),
             seen_at=self.clock(),
+            arrivals=int(data.get("arrivals", 0)),
+            ui=data["ui"] if isinstance(data.get("ui"), dict) else None,
         )
 
     async def find_queued(self, key: str) -> dict[str, Any] | None:

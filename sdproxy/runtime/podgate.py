@@ -14,8 +14,9 @@ limit exact whoever sends the work (any number of front replicas, direct callers
   ids it runs, the loaded checkpoint, a version); ``GET /-/gate/events`` streams it as
   server-sent events on every change, with a comment line every ``HEARTBEAT_S`` so a
   watcher notices a silent link (a partition) within a few heartbeats.
-- Light and job-bound calls pass straight through. ``/-/healthz`` answers while the
-  gate runs; ``/-/readyz`` while its sd-webui answers HTTP.
+- Light and job-bound calls pass straight through; with ``--ui`` so does the browser
+  UI, its websockets relayed and its generations claimed (sdproxy.runtime.podgate_ui).
+  ``/-/healthz`` answers while the gate runs; ``/-/readyz`` while its sd-webui answers.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from sdproxy.core.podgate import Claim, Occupancy, PodGate
 from sdproxy.core.queue import TicketId
 from sdproxy.core.routing import RouteClass, RouteTable, classify_options
 from sdproxy.core.sdapi import body_keys, inspect_body
-from sdproxy.runtime import forward
+from sdproxy.runtime import forward, podgate_ui
 from sdproxy.runtime.jobs import CALLER_KEYS_HEADER, new_request_id
 from sdproxy.runtime.logs import setup_logging
 from sdproxy.runtime.tasks import Background
@@ -197,7 +198,13 @@ class GateServer:
         self.changed()
         return hold
 
+    def _ui(self, request: web.Request) -> bool:
+        """--ui: browser UI traffic passes through (sdproxy.runtime.podgate_ui)."""
+        return self.config.ui and podgate_ui.is_ui(request.path, self.config.ui_api_prefix)
+
     def _is_heavy(self, request: web.Request) -> bool:
+        if self._ui(request):
+            return False
         route_class = self.table.classify(request.method, request.path)
         return route_class in (RouteClass.HEAVY, RouteClass.ADMIN)
 
@@ -244,6 +251,8 @@ class GateServer:
             hold = request.get(HOLD_KEY)
             if hold is not None or self._is_heavy(request):
                 return await self._heavy(request, hold)
+            if self._ui(request):
+                return await podgate_ui.relay(self, request)
             return await self._pass(request)
         except errors.ClientFacingError as exc:
             return web.json_response(exc.body(), status=exc.status)

@@ -20,10 +20,11 @@ import json
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
 from aiohttp import web
+from multidict import CIMultiDict
 
 from sdproxy import errors
 from sdproxy.core.admission import Job, TicketId
@@ -31,11 +32,12 @@ from sdproxy.core.cost import estimate_steps
 from sdproxy.core.effects import InterruptReason, Outcome
 from sdproxy.core.limits import check_request
 from sdproxy.core.pods import PodId
-from sdproxy.core.routing import RouteClass, RouteTable, classify_options
+from sdproxy.core.queue import Priority
+from sdproxy.core.routing import RouteClass, RouteTable, classify_options, parse_rule
 from sdproxy.core.sdapi import BodyInfo, body_keys, inspect_body
 from sdproxy.errors import UpstreamKind
 from sdproxy.runtime import body as bodies
-from sdproxy.runtime import forward
+from sdproxy.runtime import forward, websocket
 from sdproxy.runtime.gate import Gate, Slot
 from sdproxy.runtime.gatewatch import GateWatch
 from sdproxy.runtime.jobs import (
@@ -62,6 +64,11 @@ from sdproxy.runtime.tenants import (
     deadline_of,
     priority_of,
 )
+from sdproxy.runtime.ui import UiFront, ui_cookie_header
+from sdproxy.runtime.ui import classify as ui_classify
+
+if TYPE_CHECKING:
+    from sdproxy.runtime.jobapi import AsyncJobs
 from sdproxy.settings import ProxySettings
 
 log = logging.getLogger("sdproxy.proxy")
@@ -114,12 +121,18 @@ class Exchange:
     job_keys: list[str] | None = None
     #: its estimated GPU-seconds on the pod it was bound to (X-Sdproxy-Cost-S)
     cost_s: float | None = None
+    #: --ui: the Set-Cookie of a session opened or adopted by this request
+    ui_cookie: str | None = None
+    #: submitted as an asynchronous job (/-/jobs/..., Prefer: respond-async)
+    async_job: bool = False
 
     def before_prepare(self, response: web.StreamResponse) -> None:
         """A relayed response's head is sent before ``_finish``: give a new caller its
         cookie there (its later progress polls find its job by it)."""
         self.answering = True
         set_cookie(response, self.caller)
+        if self.ui_cookie is not None:
+            response.headers.add("Set-Cookie", self.ui_cookie)
 
 
 def clean_path(path: str) -> bool:
@@ -172,9 +185,25 @@ class Proxy:
         self.table = RouteTable.from_strings(settings.route)
         self.tenants = Tenants(settings.tenants)
         self.jobs = JobIndex()
+        #: the asynchronous job API (set by the composition root)
+        self.async_jobs: AsyncJobs | None = None
         self.limit_bytes = int(settings.max_body_mb * 1024 * 1024)
         self.spool_budget = bodies.SpoolBudget(int(settings.spool_max_mb * 1024 * 1024))
         self._background = Background()
+        #: --ui: browser sessions bound to pods (sdproxy.runtime.ui)
+        self.ui = (
+            UiFront(
+                config=settings.ui,
+                gate=gate,
+                metrics=metrics,
+                clock=clock,
+                api_prefixes=[
+                    p for p in (parse_rule(rule).prefix for rule in settings.route) if p != "/"
+                ],
+            )
+            if settings.ui.ui
+            else None
+        )
 
     # ---- entry ------------------------------------------------------------------------
 
@@ -185,6 +214,7 @@ class Proxy:
             caller=caller,
             route_class=self.table.classify(request.method, request.path),
             started=self.clock(),
+            async_job=wants_async(request),
         )
         response: web.StreamResponse | None = None
         malformed = False
@@ -247,6 +277,8 @@ class Proxy:
     def _route(self, request: web.Request, ex: Exchange) -> Awaitable[web.StreamResponse]:
         """The coroutine that answers, returned rather than awaited here: one frame less
         for the event loop to step through on every resume (bench overhead profile)."""
+        if self.ui is not None and self.ui.is_ui(request.path):
+            return self._ui(request, ex, self.ui)
         if self.table.needs_body_to_classify(request.method, request.path):
             return self._route_by_body(request, ex)
         return self._dispatch(request, ex, None)
@@ -262,6 +294,11 @@ class Proxy:
     def _dispatch(
         self, request: web.Request, ex: Exchange, body: forward.RequestBody | None
     ) -> Awaitable[web.StreamResponse]:
+        if ex.async_job and ex.route_class is not RouteClass.HEAVY:
+            raise errors.NotAJob(
+                f"{request.method} {request.path} is a {ex.route_class.value} route; "
+                "only heavy (generation) routes can be submitted as jobs"
+            )
         if ex.route_class is RouteClass.ADMIN and not self.settings.allow_admin:
             raise errors.Forbidden(
                 f"{request.method} {request.path} is unsafe while generations run; "
@@ -333,26 +370,30 @@ class Proxy:
         try:
             # again: the caller's queue may have filled while this body uploaded
             self._check_admissible(request, ex, info)
-            now = self.clock()
+            if ex.async_job and self.async_jobs is not None:
+                return await self.async_jobs.submit(request, ex, body, info)
             if deadline_s is not None:  # it counts from arrival: the upload took some
-                deadline_s -= now - ex.started
-            job = Job(
-                ticket=self.gate.new_ticket(),
-                enqueued_at=now,
-                cost=estimate_steps(info.fields, route=request.path.rsplit("/", 1)[-1]),
-                checkpoint=info.checkpoint,
-                restore=info.restore,
-                priority=priority,
+                deadline_s -= self.clock() - ex.started
+            job = self.new_job(
+                request.path,
+                info,
                 tenant=ex.caller.tenant,
+                priority=priority,
                 deadline_s=deadline_s,
             )
             ex.job_id = ex.caller.job or new_token()
-            ex.job_keys = self.jobs.add(ex.caller, job.ticket, job_id=ex.job_id)
+            ex.job_keys = self.jobs.add(ex.caller, job.ticket, job_id=ex.job_id, route=request.path)
             try:
                 slot = await self.gate.acquire(job)
                 self.metrics.observe_queue_wait(slot.dispatch.queued_s)
                 ex.queue_ms = slot.dispatch.queued_s * 1000
-                return await self._run_heavy(request, ex, body, slot)
+                upstream, slot, failed = await self.bind_exchange(
+                    ex,
+                    body,
+                    slot,
+                    lambda url, expect: self._send(request, ex, url, body, expect100=expect),
+                )
+                return await self._relay_heavy(request, ex, upstream, slot, pod_failed=failed)
             finally:
                 self.jobs.remove(job.ticket)
         finally:
@@ -423,11 +464,47 @@ class Proxy:
         """How many of the caller's jobs wait in this replica's queue."""
         return sum(1 for t in self.jobs.owned(caller) if self.gate.admission.is_queued(t))
 
-    async def _run_heavy(
-        self, request: web.Request, ex: Exchange, body: bodies.ReceivedBody, slot: Slot
-    ) -> web.StreamResponse:
-        """Send to the bound pod; retry elsewhere only if nothing reached it. Every way
-        out frees the slot through ``slot.release`` with what happened."""
+    def new_job(
+        self,
+        path: str,
+        info: BodyInfo,
+        *,
+        tenant: str = "",
+        priority: int = Priority.NORMAL,
+        deadline_s: float | None = None,
+    ) -> Job:
+        """The admission ticket of a heavy request (sent now, or an asynchronous job):
+        its cost, checkpoint (and whether sd-webui restores the default after it),
+        tenant, priority and own deadline."""
+        return Job(
+            ticket=self.gate.new_ticket(),
+            enqueued_at=self.clock(),
+            cost=estimate_steps(info.fields, route=path.rsplit("/", 1)[-1]),
+            checkpoint=info.checkpoint,
+            restore=info.restore,
+            priority=priority,
+            tenant=tenant,
+            deadline_s=deadline_s,
+        )
+
+    def strip_tenant_key(self, request: web.Request, headers: CIMultiDict[str]) -> None:
+        """A tenant's API key is not the pod's business (nor the job store's)."""
+        headers.popall(KEY_HEADER, None)
+        if self.tenants.strips_authorization(request.headers):
+            headers.popall("Authorization", None)
+
+    async def bind_exchange(
+        self,
+        ex: Exchange,
+        body: bodies.ReceivedBody,
+        slot: Slot,
+        send: Callable[[str, bool], Coroutine[Any, Any, aiohttp.ClientResponse]],
+    ) -> tuple[aiohttp.ClientResponse, Slot, bool]:
+        """Send (``send(pod_url, expect100)``) to the bound pod until one answers;
+        retry elsewhere only if nothing reached it. Returns the pod's answer (its head),
+        the slot it holds, and whether the pod's gate says sd-webui broke the exchange.
+        A way out without an answer frees the slot through ``slot.release``; a
+        cancellation (client gone, job cancelled) interrupts the pod (``_abandon``)."""
         while True:
             ex.pod = slot.pod_id
             # a large body goes to a pod behind a gate with Expect: 100-continue, so a pod
@@ -435,9 +512,7 @@ class Proxy:
             # goes at once (one round trip less per job): a gate refuses it all the same
             # before anything reaches sd-webui
             expect = self._gated(slot.pod_id) and body.size > EXPECT_OVER_BYTES
-            exchange = asyncio.ensure_future(
-                self._send(request, ex, slot.url, body, expect100=expect)
-            )
+            exchange = asyncio.ensure_future(send(slot.url, expect))
             try:
                 upstream = await asyncio.shield(exchange)
             except asyncio.CancelledError:
@@ -464,9 +539,7 @@ class Proxy:
                 # upstream_down: nothing reached sd-webui, rest the pod and try another
                 slot = await (slot.busy() if verdict == "busy" else slot.refused())
                 continue
-            return await self._relay_heavy(
-                request, ex, upstream, slot, pod_failed=verdict == "upstream_failed"
-            )
+            return upstream, slot, verdict == "upstream_failed"
 
     def _gated(self, pod_id: str) -> bool:
         pod = self.gate.admission.pods.get(PodId(pod_id))
@@ -583,15 +656,8 @@ class Proxy:
     ) -> Coroutine[Any, Any, aiohttp.ClientResponse]:
         """The client's request, as it goes to the pod at ``base_url`` (naming this replica
         and the caller, for the pod's gate)."""
-        extra = {
-            "X-Request-Id": ex.request_id,
-            REPLICA_HEADER: self.replica,
-            CALLER_KEYS_HEADER: caller_keys_header(ex.job_keys or ex.caller.keys),
-        }
-        headers = forward.upstream_headers(request, extra)
-        headers.popall(KEY_HEADER, None)  # a tenant's API key is not the pod's business
-        if self.tenants.strips_authorization(request.headers):
-            headers.popall("Authorization", None)
+        headers = forward.upstream_headers(request, self.upstream_extra(ex))
+        self.strip_tenant_key(request, headers)
         url = base_url + request.path_qs
         return forward.send(
             self.session,
@@ -602,6 +668,15 @@ class Proxy:
             expect100=expect100,
             continue_timeout_s=self.settings.connect_timeout_s,
         )
+
+    def upstream_extra(self, ex: Exchange) -> dict[str, str]:
+        """What the proxy adds to a request to a pod: this replica and the caller's
+        keys (for the pod's gate)."""
+        return {
+            "X-Request-Id": ex.request_id,
+            REPLICA_HEADER: self.replica,
+            CALLER_KEYS_HEADER: caller_keys_header(ex.job_keys or ex.caller.keys),
+        }
 
     async def _answer_from(
         self, request: web.Request, ex: Exchange, pod_id: str, upstream: aiohttp.ClientResponse
@@ -615,6 +690,33 @@ class Proxy:
                 before_prepare=ex.before_prepare,
             )
         return response
+
+    # ---- browser UI (--ui) ------------------------------------------------------------
+
+    async def _ui(self, request: web.Request, ex: Exchange, ui: UiFront) -> web.StreamResponse:
+        """A UI request goes to its session's pod, never through the queue: the pod is
+        held for the session (sdproxy.runtime.ui); websockets are relayed frame by frame."""
+        ex.route_class = ui_classify(request.method, request.path)
+        target = ui.resolve(request)
+        if isinstance(target, web.StreamResponse):
+            return target
+        ex.pod = target.pod_id
+        if target.cookie is not None:
+            ex.ui_cookie = ui_cookie_header(request, target.cookie)
+        with ui.in_use(target.sid):
+            if websocket.is_upgrade(request):
+                headers = forward.upstream_headers(request, {"X-Request-Id": ex.request_id})
+                ex.answering = True
+                return await websocket.relay(
+                    request, self.session, url=target.url + request.path_qs, headers=headers
+                )
+            body = await request.read() if request.can_read_body else None
+            try:
+                upstream = await self._send(request, ex, target.url, body)
+            except errors.UpstreamError as exc:
+                self.metrics.backend_error(pod=target.pod_id, kind=exc.kind)
+                raise errors.BackendError(f"pod {target.pod_id}: {exc.detail}") from exc
+            return await self._answer_from(request, ex, target.pod_id, upstream)
 
     # ---- light ------------------------------------------------------------------------
 
@@ -783,6 +885,20 @@ def progress_document(position: int | None, depth: int, eta: float) -> dict[str,
             "eta_s": round(eta, 2),
         },
     }
+
+
+#: set on a request routed from /-/jobs/<path> (the path itself is then <path>)
+ASYNC_KEY = web.RequestKey("sdproxy_async_job", bool)
+
+
+def wants_async(request: web.Request) -> bool:
+    """Sent to /-/jobs/<path>, or with ``Prefer: respond-async`` (RFC 7240 §4.1)."""
+    if request.get(ASYNC_KEY):
+        return True
+    prefer = request.headers.get("Prefer")
+    return prefer is not None and any(
+        p.split(";", 1)[0].strip().lower() == "respond-async" for p in prefer.split(",")
+    )
 
 
 def json_body(data: Any) -> bytes:

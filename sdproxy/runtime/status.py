@@ -116,6 +116,38 @@ class AutoscalerStatus:
     min_pods: int
     max_pods: int
     events: tuple[ScaleEvent, ...] = ()
+    #: --wait-target-s (0: one pod per request) and the measured heavy arrivals per second
+    wait_target_s: float = 0.0
+    arrival_rate_per_s: float = 0.0
+    #: --predict: the forecast rate now and its peak over the next cold start, whether it
+    #: is followed, and forecast vs actual arrivals over the last minutes (None: off or
+    #: nothing learned yet)
+    predict: bool = False
+    forecast_rate_per_s: float | None = None
+    forecast_peak_per_s: float | None = None
+    forecast_trusted: bool = True
+    forecast_recent: float | None = None
+    actual_recent: int | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class UiStatus:
+    """The browser UI (``--ui``): sessions per pod and the lobby."""
+
+    sessions: Mapping[str, int]
+    sessions_per_pod: int
+    idle_s: float
+    lobby_depth: int
+    lobby_oldest_wait_s: float
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "sessions": dict(self.sessions),
+            "sessions_per_pod": self.sessions_per_pod,
+            "idle_s": self.idle_s,
+            "lobby_depth": self.lobby_depth,
+            "lobby_oldest_wait_s": round(self.lobby_oldest_wait_s, 3),
+        }
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -123,6 +155,56 @@ class DiscoveryStatus:
     source: str
     connected: bool
     last_error: str | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class RecentJob:
+    """One recent asynchronous job as the status page shows it: no body, no prompt, and
+    only the first characters of its id (the whole id is the job's capability)."""
+
+    id: str
+    tenant: str | None
+    status: str
+    wait_s: float
+    pod: str | None
+
+
+@dataclass(frozen=True, kw_only=True)
+class JobsStatus:
+    #: jobs in the store by status (every status, 0 included; expired ones not counted)
+    counts: Mapping[str, int]
+    store_bytes: int
+    max_bytes: int
+    ttl_s: float
+    recent: tuple[RecentJob, ...] = ()
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "counts": dict(self.counts),
+            "store_bytes": self.store_bytes,
+            "max_bytes": self.max_bytes,
+            "ttl_s": self.ttl_s,
+            "recent": [
+                {
+                    "id": j.id,
+                    "tenant": j.tenant,
+                    "status": j.status,
+                    "wait_s": j.wait_s,
+                    "pod": j.pod,
+                }
+                for j in self.recent
+            ],
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> JobsStatus:
+        return cls(
+            counts=dict(data["counts"]),
+            store_bytes=int(data["store_bytes"]),
+            max_bytes=int(data["max_bytes"]),
+            ttl_s=float(data["ttl_s"]),
+            recent=tuple(RecentJob(**j) for j in data["recent"]),
+        )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -136,6 +218,10 @@ class Status:
     discovery: DiscoveryStatus
     shutting_down: bool
     tenants: tuple[TenantStatus, ...] = ()
+    #: None without --ui
+    ui: UiStatus | None = None
+    #: the asynchronous job store (None: not running yet)
+    jobs: JobsStatus | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -168,6 +254,9 @@ class Status:
                 }
                 for t in self.tenants
             ],
+            # only with --ui: the document of a proxy without it is unchanged
+            **({"ui": self.ui.to_json()} if self.ui is not None else {}),
+            **({"jobs": self.jobs.to_json()} if self.jobs is not None else {}),
         }
 
     @classmethod
@@ -187,6 +276,8 @@ class Status:
             discovery=DiscoveryStatus(**data["discovery"]),
             shutting_down=bool(data["shutting_down"]),
             tenants=tuple(TenantStatus(**t) for t in data.get("tenants", ())),
+            ui=UiStatus(**data["ui"]) if data.get("ui") else None,
+            jobs=JobsStatus.from_json(data["jobs"]) if data.get("jobs") else None,
         )
 
 
@@ -224,7 +315,19 @@ def _autoscaler_json(auto: AutoscalerStatus) -> dict[str, Any]:
         "min_pods": auto.min_pods,
         "max_pods": auto.max_pods,
         "events": [e.to_json() for e in auto.events],
+        "wait_target_s": auto.wait_target_s,
+        "arrival_rate_per_s": round(auto.arrival_rate_per_s, 4),
+        "predict": auto.predict,
+        "forecast_rate_per_s": _round(auto.forecast_rate_per_s),
+        "forecast_peak_per_s": _round(auto.forecast_peak_per_s),
+        "forecast_trusted": auto.forecast_trusted,
+        "forecast_recent": _round(auto.forecast_recent),
+        "actual_recent": auto.actual_recent,
     }
+
+
+def _round(value: float | None) -> float | None:
+    return None if value is None else round(value, 4)
 
 
 def _event_from(data: Mapping[str, Any]) -> ScaleEvent:

@@ -88,6 +88,21 @@ function renderEvents(events) {
     list.appendChild(item);
   }
 }
+function renderJobs(jobs) {
+  const body = $("jobs");
+  body.replaceChildren();
+  const recent = jobs && Array.isArray(jobs.recent) ? jobs.recent : [];
+  for (const job of recent) {
+    const row = document.createElement("tr");
+    cell(row, job.id, "id"); cell(row, job.tenant); cell(row, job.status, "state");
+    cell(row, (job.wait_s ?? 0).toFixed(1), "num wait"); cell(row, job.pod);
+    body.appendChild(row);
+  }
+  $("no-jobs").hidden = recent.length > 0;
+  const counts = jobs && jobs.counts ? jobs.counts : {};
+  text("jobs-counts", Object.entries(counts).map(([k, v]) => `${k} ${v}`).join(", "));
+  text("jobs-store", jobs ? `${(jobs.store_bytes / 1048576).toFixed(1)} MiB` : "");
+}
 function render(s) {
   const queue = s.queue || {}, auto = s.autoscaler || {}, disc = s.discovery || {};
   const pods = Array.isArray(s.pods) ? s.pods : [];
@@ -100,10 +115,19 @@ function render(s) {
   text("discovery-connected", yesNo(disc.connected)); text("discovery-source", disc.source);
   text("discovery-error", disc.last_error || "");
   text("version", s.version); text("uptime", Math.round(s.uptime_s ?? 0));
+  const ui = s.ui;
+  $("ui-cards").hidden = !ui;
+  if (ui) {
+    const held = Object.values(ui.sessions || {}).reduce((a, b) => a + b, 0);
+    text("ui-sessions", held); text("ui-per-pod", ui.sessions_per_pod);
+    text("ui-lobby-depth", ui.lobby_depth ?? 0);
+    text("ui-lobby-wait", (ui.lobby_oldest_wait_s ?? 0).toFixed(1));
+  }
   renderPods(pods);
   renderTenants(Array.isArray(s.tenants) ? s.tenants : []);
   text("queue-policy", queue.policy);
   renderEvents(Array.isArray(auto.events) ? auto.events : []);
+  renderJobs(s.jobs);
   text("updated", new Date().toISOString());
 }
 async function poll() {
@@ -136,6 +160,12 @@ _BODY = """<body>
  <div class="card"><small>discovery (<span id="discovery-source"></span>) connected</small>
   <b id="discovery-connected"></b><small id="discovery-error"></small></div>
 </div>
+<div class="cards" id="ui-cards" hidden>
+ <div class="card"><small>browser UI sessions</small><b id="ui-sessions"></b>
+  <small>at most <span id="ui-per-pod"></span> per pod</small></div>
+ <div class="card"><small>UI lobby</small><b id="ui-lobby-depth"></b>
+  <small>longest wait <span id="ui-lobby-wait"></span> s</small></div>
+</div>
 <h2>Pods</h2>
 <table><thead><tr><th>pod</th><th>state</th><th>in flight / limit</th><th>checkpoint</th>
 <th>out</th><th>completed</th><th>errors</th></tr></thead><tbody id="pods"></tbody></table>
@@ -144,6 +174,12 @@ _BODY = """<body>
 <table><thead><tr><th>tenant</th><th>weight</th><th>queued</th><th>running</th>
 <th>GPU-seconds</th></tr></thead><tbody id="tenants"></tbody></table>
 <p id="no-tenants" class="muted" hidden>No tenant has sent a job yet.</p>
+<h2>Recent jobs</h2>
+<p class="muted"><span id="jobs-counts"></span>; store <span id="jobs-store"></span>
+ (ids shortened: a whole id is the job's capability)</p>
+<table><thead><tr><th>job</th><th>tenant</th><th>status</th><th>wait s</th><th>pod</th>
+</tr></thead><tbody id="jobs"></tbody></table>
+<p id="no-jobs" class="muted" hidden>No jobs.</p>
 <h2>Recent scale events</h2>
 <ul id="scale-events"></ul>
 <p class="muted">Updated <span id="updated"></span> <span id="fetch-error"></span></p>

@@ -31,6 +31,12 @@ class Background:
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
 
+    async def cancel(self) -> None:
+        """Cancel every task and wait for them to end."""
+        for task in list(self._tasks):
+            task.cancel()
+        await self.wait()
+
 
 class PodTasks:
     """One background task per known pod, started on ``follow`` and cancelled on

@@ -82,7 +82,11 @@ async def fastapi_errors(request: web.Request, handler: Handler) -> web.StreamRe
 
 @web.middleware
 async def worker_pool(request: web.Request, handler: Handler) -> web.StreamResponse:
-    if request.path.startswith("/sim/") or request.match_info.http_exception is not None:
+    if (
+        request.path.startswith("/sim/")
+        or request.match_info.http_exception is not None
+        or request.match_info.route.name == "ui"  # Gradio's async routes hold no thread
+    ):
         return await handler(request)
     pod = request.app[POD]
     heavy_route = request.method == "POST" and request.path in HEAVY_PATHS
@@ -188,4 +192,8 @@ def make_app(
     app[POD] = SimPod(config, clock=clock or _loop_time, rng=pod_rng)
     _routes(app)
     app.cleanup_ctx.append(_model_loader)
+    if config.ui:
+        from sdproxy.sim import ui  # lazily: Gradio is an optional extra
+
+        ui.mount(app, app[POD])
     return app

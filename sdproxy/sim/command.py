@@ -44,6 +44,9 @@ FLAGS: tuple[tuple[str, dict[str, Any]], ...] = (
                      "help": "probability of a random 500 per generation"}),
     ("--seed", {"type": int, "default": None,
                 "help": "seed for failures, lock order and seeds; none: from the OS"}),
+    ("--ui", {"action": "store_true",
+              "help": "serve sd-webui's browser UI too (a real Gradio 3.41 app; "
+                      "needs the ui extra: pip install 'sdproxy[ui]')"}),
 )  # fmt: skip
 
 
@@ -71,6 +74,7 @@ def config_from_args(args: argparse.Namespace) -> SimConfig:
             vram_pixels=args.vram_pixels,
             fail_rate=args.fail_rate,
             seed=args.seed,
+            ui=args.ui,
         )
     except ValueError as exc:
         raise ConfigError(f"sim: {exc}") from exc

@@ -29,6 +29,8 @@ class SimConfig:
     fail_rate: float = 0.0
     #: seed for failures, lock order, seeds and task ids; None draws from the OS
     seed: int | None = None
+    #: serve sd-webui's browser UI too: a real Gradio 3.41 app (sdproxy.sim.ui)
+    ui: bool = False
 
     def __post_init__(self) -> None:
         if self.step_ms < 0 or self.switch_s < 0 or self.startup_s < 0:

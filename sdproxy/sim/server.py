@@ -45,8 +45,12 @@ async def _start_one(
     except BaseException:
         await runner.cleanup()
         raise
-    bound_port = runner.addresses[0][1]
-    return runner, base_url(host, bound_port)
+    url = base_url(host, runner.addresses[0][1])
+    if config.ui:
+        from sdproxy.sim import ui  # lazily: Gradio is an optional extra
+
+        ui.started(app, url)
+    return runner, url
 
 
 @contextlib.asynccontextmanager

@@ -50,7 +50,7 @@ from tests.deploy.crd_schemas import CRD_SCHEMAS
 K8S_VERSIONS = ("1.29.0", "1.37.0")  # oldest supported by our manifests, newest known
 NAMESPACE = "sd"
 OVERLAY_PARAMS = [pytest.param(name, id=name) for name in OVERLAYS]
-GPU_OVERLAYS = ("gpu", "keda")
+GPU_OVERLAYS = ("gpu", "keda", "gpu-ui")
 PROXY_PRESTOP_S = 5  # `sleep 5` in the proxy's preStop hook
 CLUSTER_SCOPED = {"Namespace", "ClusterRole", "ClusterRoleBinding"}
 
@@ -258,6 +258,24 @@ def test_proxy_probes_and_security(rendered: dict[str, list[Obj]], overlay: str)
     units = {"Mi": 1, "Gi": 1024}
     size_mb = int(spool["sizeLimit"][:-2]) * units[spool["sizeLimit"][-2:]]
     assert 0 < settings.build(args).proxy.spool_max_mb < size_mb
+
+
+@pytest.mark.parametrize("overlay", OVERLAY_PARAMS)
+def test_the_job_store_is_on_a_writable_volume_it_fits(
+    rendered: dict[str, list[Obj]], overlay: str
+) -> None:
+    """The root filesystem is read-only: the default --jobs-dir (under $HOME) would stop
+    the proxy at start."""
+    deployment, container, args = _proxy(rendered[overlay])
+    jobs = settings.build(args).jobs
+    assert jobs.jobs_dir.startswith("/")
+    mounts = [m for m in container["volumeMounts"] if jobs.jobs_dir.startswith(m["mountPath"])]
+    (mount,) = mounts
+    assert not mount.get("readOnly")
+    volumes = {v["name"]: v for v in deployment["spec"]["template"]["spec"]["volumes"]}
+    size = volumes[mount["name"]]["emptyDir"]["sizeLimit"]
+    units = {"Mi": 1, "Gi": 1024}
+    assert 0 < jobs.jobs_max_mb < int(size[:-2]) * units[size[-2:]]
 
 
 def test_sim_pods_run_sdproxy_sim(rendered: dict[str, list[Obj]]) -> None:
@@ -528,7 +546,9 @@ def test_gpu_deployment_invariants(rendered: dict[str, list[Obj]], overlay: str)
 def test_sd_webui_serves_the_api_to_the_gate(rendered: dict[str, list[Obj]], overlay: str) -> None:
     _, container = _gpu_deployment(rendered[overlay])
     args = container["args"]
-    assert {"--api", "--nowebui"} <= set(args)
+    assert "--api" in args
+    # gpu-ui serves sd-webui's browser UI too (its gate and proxy run --ui)
+    assert ("--nowebui" in args) is (overlay != "gpu-ui")
     assert args[args.index("--port") + 1] == "7860"
 
 
@@ -712,3 +732,24 @@ def test_readme_runs_two_replicas_over_gated_sim_pods() -> None:
         if a is not None
     ]
     assert len(set(addresses)) == len(addresses), "every listener needs its own port"
+
+
+# --- the browser UI (gpu-ui) -----------------------------------------------------------------
+
+
+def test_gpu_ui_serves_the_browser_ui_through_gate_and_proxy(
+    rendered: dict[str, list[Obj]],
+) -> None:
+    objs = rendered["gpu-ui"]
+    _, _, serve = _proxy(objs)
+    deployment, _, gate = _gate(objs)
+    assert serve["ui"] is True and gate.gate.ui, "--ui on both the proxy and the gate"
+    args = _generator(deployment)["args"]
+    assert "--nowebui" not in args and "--api" in args, "sd-webui serves its UI and API"
+    (ingress,) = find(objs, "Ingress")
+    notes = ingress["metadata"]["annotations"]
+    assert int(notes["nginx.ingress.kubernetes.io/proxy-read-timeout"]) >= 1800
+    (rule,) = ingress["spec"]["rules"]
+    (path,) = rule["http"]["paths"]
+    assert path["backend"]["service"] == {"name": "sdproxy", "port": {"name": "http"}}
+    assert "affinity" not in " ".join(notes), "the sdproxy_ui cookie does the stickiness"

@@ -24,6 +24,7 @@ SCENARIOS = [
     "bigbody",
     "queue",
     "replicas",
+    "jobs",
     "checkpoints",
     "tenants",
     "autoscale",

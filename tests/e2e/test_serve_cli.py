@@ -107,8 +107,9 @@ async def serve(
     session: aiohttp.ClientSession,
     flags: list[str],
     env: Mapping[str, str] | None = None,
+    port: int | None = None,
 ) -> AsyncIterator[tuple[asyncio.subprocess.Process, str, Path]]:
-    port = free_port()
+    port = port or free_port()
     url = f"http://127.0.0.1:{port}"
     log = tmp_path / f"serve-{port}.log"
     args = ["serve", "--listen", f"127.0.0.1:{port}", *flags]

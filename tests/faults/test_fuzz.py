@@ -1,6 +1,7 @@
 """Fuzz: hypothesis-generated requests against a live proxy in front of simulated pods.
 
-Methods, paths (dot and empty segments, escapes, unicode, the proxy's own /-/ prefix),
+Methods, paths (dot and empty segments, escapes, unicode, the proxy's own /-/ prefix, the
+job API),
 headers (identity, Expect, encodings, garbage values) and bodies (JSON of any shape and
 depth, broken JSON, bytes). Whatever arrives: never a 500 from the proxy, never a
 traceback in its log, every error a JSON body with a stable code, and no pod ever runs
@@ -23,14 +24,29 @@ pytestmark = pytest.mark.timeout(300)
 
 SEGMENTS = st.sampled_from(
     ["sdapi", "v1", "txt2img", "img2img", "progress", "interrupt", "options", "sd-models",
-     "..", ".", "", "%2e%2e", "%00", "%0d%0a", "-", "server-kill", "train", "é", "a" * 300]
+     "..", ".", "", "%2e%2e", "%00", "%0d%0a", "-", "server-kill", "train", "é", "a" * 300,
+     "jobs", "result", "AAAAAAAAAAAAAAAAAAAAAA"]
 )  # fmt: skip
 PATHS = st.one_of(
     # (a path starting "//" is a network-path reference to the client library: left out)
     st.lists(SEGMENTS, min_size=1, max_size=6)
     .map(lambda s: "/" + "/".join(s))
     .filter(lambda p: not p.startswith("//")),
-    st.sampled_from(["/sdapi/v1/txt2img", "/sdapi/v1/options", "/sdapi/v1/progress", "/-/x"]),
+    st.sampled_from(
+        [
+            "/sdapi/v1/txt2img",
+            "/sdapi/v1/options",
+            "/sdapi/v1/progress",
+            "/-/x",
+            "/-/jobs/sdapi/v1/txt2img",
+            "/-/jobs",
+            "/-/jobs?limit=x&cursor=%00",
+            "/-/jobs/AAAAAAAAAAAAAAAAAAAAAA/result?wait=nan",
+            "/-/jobs/-/jobs",
+            "/-/peer/jobs/AAAAAAAAAAAAAAAAAAAAAA",
+            "/-/peer/jobs/import",
+        ]
+    ),
 )
 JSON = st.recursive(
     st.none()
@@ -66,6 +82,9 @@ HEADERS = st.dictionaries(
             "X-Request-Id",
             "X-Sdproxy-Caller",
             "Accept",
+            "Prefer",
+            "Idempotency-Key",
+            "X-Sdproxy-Callback",
         ]
     ),
     st.text(alphabet=st.characters(min_codepoint=32, max_codepoint=126), max_size=40),

@@ -12,7 +12,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Awaitable, Callable
+import importlib.util
+import os
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -232,3 +236,51 @@ async def proxy_factory() -> AsyncIterator[ProxyFactory]:
             return proxy
 
         yield start
+
+
+@dataclass(kw_only=True)
+class UiSims:
+    """``sdproxy sim --ui`` pods (a real Gradio 3.41 app each) in one child process."""
+
+    urls: list[str]
+
+
+def _start_ui_sims(count: int) -> tuple[subprocess.Popen[bytes], list[str]]:
+    """Start the child and read its "listening" lines (Gradio's import takes seconds)."""
+    if importlib.util.find_spec("gradio") is None:
+        message = "gradio not installed: pip install -e '.[dev,ui]'"
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(message)
+        pytest.skip(message)
+    argv = ["sim", "--ui", "--pods", str(count), "--port", "0", "--step-ms", "25", "--seed", "3"]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "sdproxy", *argv],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+    )
+    assert proc.stdout is not None
+    urls: list[str] = []
+    while len(urls) < count:
+        line = proc.stdout.readline().decode()
+        if not line:
+            raise RuntimeError(f"sdproxy sim --ui exited with {proc.wait()}")
+        if " listening on " in line:
+            urls.append(line.rsplit(" ", 1)[1].strip())
+    return proc, urls
+
+
+@pytest.fixture(scope="module")
+def ui_sims() -> Iterator[UiSims]:
+    """Three UI pods for a whole test module (tests reset their counters)."""
+    proc, urls = _start_ui_sims(3)
+    try:
+        yield UiSims(urls=urls)
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        if proc.stdout is not None:
+            proc.stdout.close()

@@ -178,3 +178,34 @@ async def test_hostile_pod_ids_are_shown_as_text(
     assert element_text(dom, "queue-depth") == "3"  # the page still works
     assert "&lt;img src=x onerror=" in dom  # shown as text in the pods table
     assert "data-pwned" not in dom.split("<body", 1)[1].split(">", 1)[0]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(90)
+async def test_page_lists_recent_jobs_without_bodies(
+    chromium: str, aiohttp_server: Any, tmp_path: Path
+) -> None:
+    snap = sample_snapshot()
+    snap["jobs"] = {
+        "counts": {"queued": 1, "running": 0, "succeeded": 2, "failed": 0, "cancelled": 0},
+        "store_bytes": 3 * 1048576,
+        "max_bytes": 1024 * 1048576,
+        "ttl_s": 3600.0,
+        "recent": [
+            {"id": "Zx9abc…", "tenant": None, "status": "queued", "wait_s": 2.5, "pod": None},
+            {
+                "id": "Qq1def…",
+                "tenant": "t1",
+                "status": "succeeded",
+                "wait_s": 0.25,
+                "pod": EVIL_POD,
+            },
+        ],
+    }
+    server = await aiohttp_server(StatusApp(snap).app, host="127.0.0.1")
+    dom = await dump_dom(chromium, f"http://127.0.0.1:{server.port}/-/status", tmp_path)
+    assert element_text(dom, "jobs-store") == "3.0 MiB"
+    assert "queued 1, running 0, succeeded 2" in element_text(dom, "jobs-counts")
+    assert "Zx9abc…" in dom and "Qq1def…" in dom and ">2.5<" in dom
+    assert "&lt;img src=x onerror=" in dom
+    assert "data-pwned" not in dom.split("<body", 1)[1].split(">", 1)[0]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
@@ -243,3 +244,193 @@ def test_scale_down_window_is_at_least_one_cold_start(cold_start_s: float, held_
     after = clock.run([seen(1)] * 60)
     drop = next(i for i, d in enumerate(after) if d < 4)
     assert (drop + 1) * 2.0 == pytest.approx(held_s, abs=2.0)
+
+
+# -- --wait-target-s: the queueing model, tick by tick --------------------------------------
+
+WAIT = AutoscaleConfig(
+    max_pods=20, idle_to_zero_s=300.0, scale_down_delay_s=60.0, max_scale_step=4, wait_target_s=10.0
+)
+
+
+def busy(
+    arrivals: int, *, inflight: int = 0, queued: int = 0, ready: int = 0, cold_start_s: float = 0.0
+) -> Observation:
+    return Observation(
+        inflight=inflight,
+        queued=queued,
+        ready=ready,
+        starting=0,
+        arrivals=arrivals,
+        service_s=4.7,
+        service_scv=0.07,
+        cold_start_s=cold_start_s,
+    )
+
+
+def steady(clock: Clock, *, rate: float, seconds: float, pods: int, start: int = 0) -> int:
+    """Tick every 2 s with ``rate`` arrivals per second; returns the arrival counter."""
+    total = start
+    for _ in range(int(seconds / 2.0)):
+        total += round(rate * 2.0)
+        clock.tick(busy(total, inflight=min(pods, 6), ready=pods))
+    return total
+
+
+def test_wait_target_sizes_for_the_rate_not_one_pod_per_request() -> None:
+    """1 req/s of 4.7 s generations (4.7 erlangs): a 10 s p95 target needs 6 pods; one pod
+    per request in flight or queued would follow every fluctuation above that."""
+    clock = Clock(WAIT, start=AutoscaleState(last_desired=6))
+    steady(clock, rate=1.0, seconds=240.0, pods=6)
+    assert clock.state.last_desired == 6
+    last = clock.decisions[-1]
+    assert last.rate == pytest.approx(1.0, abs=0.05)
+    assert "wait target 10s" in last.reason
+
+
+def test_tighter_target_more_pods() -> None:
+    sizes = []
+    for target in (60.0, 10.0, 1.0):
+        config = AutoscaleConfig(max_pods=20, wait_target_s=target)
+        clock = Clock(config, start=AutoscaleState(last_desired=1))
+        steady(clock, rate=1.4, seconds=120.0, pods=1)
+        sizes.append(clock.state.last_desired)
+    assert sizes[0] <= sizes[1] <= sizes[2]
+    assert sizes[0] < sizes[2]
+
+
+def test_wait_target_scales_in_only_after_the_window() -> None:
+    """The rate halves: pods go only when the lower need lasted the window (one cold start,
+    90 s, longer than the 60 s delay) after the rate window caught up."""
+    clock = Clock(WAIT, start=AutoscaleState(last_desired=8))
+    total = steady(clock, rate=1.4, seconds=240.0, pods=8)
+    high, start = clock.state.last_desired, len(clock.decisions)
+    assert high == 8
+    for _ in range(120):
+        total += 1  # 0.5/s
+        clock.tick(busy(total, inflight=2, ready=high, cold_start_s=90.0))
+    after = clock.decisions[start:]
+    first = next(i for i, d in enumerate(after) if d.desired < d.previous)
+    # the 60 s rate window must first fall, then the lower need must last 90 s
+    assert first * 2.0 >= 90.0
+    assert after[-1].desired == 3  # 0.5/s x 4.7 s = 2.35 erlangs: 3 pods meet 10 s
+    assert "scale down" in after[first].reason
+
+
+def test_queue_beyond_the_target_orders_pods_at_once() -> None:
+    """A burst queues 40 requests at 3 pods: draining them within 10 s takes 19 slots
+    (40 x 4.7 / 10); ordered at once, bounded by the step."""
+    clock = Clock(WAIT, start=AutoscaleState(last_desired=3))
+    desired = clock.tick(busy(40, inflight=3, queued=40, ready=3))
+    assert desired == 3 + WAIT.max_scale_step
+    assert "the queue 19" in clock.decisions[-1].reason
+
+
+def test_wait_target_without_measured_service_is_one_pod_per_request() -> None:
+    clock = Clock(WAIT, start=AutoscaleState(last_desired=0))
+    first = Observation(inflight=0, queued=3, ready=0, starting=0, arrivals=3)
+    assert clock.tick(first) == 3  # nothing measured yet: today's rule
+
+
+def test_wait_target_still_scales_to_zero() -> None:
+    clock = Clock(WAIT, start=AutoscaleState(last_desired=2))
+    total = steady(clock, rate=0.5, seconds=20.0, pods=2)
+    idle = [clock.tick(busy(total, ready=2)) for _ in range(200)]
+    assert idle[-1] == 0
+
+
+# -- --predict: ordering a cold start ahead, tick by tick -----------------------------------
+
+MONDAY = 1_795_996_800.0
+PREDICT = AutoscaleConfig(
+    max_pods=20, idle_to_zero_s=60.0, scale_down_delay_s=60.0, wait_target_s=10.0, predict=True
+)
+
+
+def day_of_traffic(clock: Clock, *, day: int, wall0: float, total: int) -> tuple[int, list[int]]:
+    """One virtual day ticked every 10 s: 1 req/s from 09:00 to 10:00, nothing otherwise.
+    Returns the arrival counter and the desired count at each tick."""
+    desired = []
+    for k in range(8640):
+        t = k * 10.0
+        on = 9 * 3600 <= t < 10 * 3600
+        total += 10 if on else 0
+        seen = Observation(
+            inflight=5 if on else 0,
+            queued=0,
+            ready=clock.state.last_desired or 0,
+            starting=0,
+            arrivals=total,
+            service_s=4.7,
+            service_scv=0.07,
+            cold_start_s=90.0,
+            wall_s=wall0 + day * 86400.0 + t,
+        )
+        desired.append(clock.tick(seen, dt=10.0))
+    return total, desired
+
+
+def test_predict_orders_pods_one_cold_start_before_the_morning() -> None:
+    clock = Clock(PREDICT)
+    total, day1 = day_of_traffic(clock, day=0, wall0=MONDAY, total=0)
+    nine = 9 * 360  # tick index of 09:00
+    assert day1[nine - 12] == 0  # day 1: nothing before the traffic
+    _, day2 = day_of_traffic(clock, day=1, wall0=MONDAY, total=total)
+    assert day2[nine - 72] == 0  # 12 min before: not yet (the quarter-hour mean ramps)
+    assert day2[nine - 8] >= 5  # 80 s before (< one 90 s cold start): already ordered
+    assert day2[nine - 8] <= 8
+    ahead = clock.decisions[8640 + nine - 8]
+    assert ahead.forecast_peak == pytest.approx(1.0, rel=0.2)
+    assert "forecast" in ahead.reason
+    assert day2[3 * 360] == 0  # 03:00 stays at zero: nothing is forecast then
+
+
+def test_predict_off_ignores_the_wall_clock() -> None:
+    clock = Clock(dataclasses.replace(PREDICT, predict=False))
+    total, _ = day_of_traffic(clock, day=0, wall0=MONDAY, total=0)
+    _, day2 = day_of_traffic(clock, day=1, wall0=MONDAY, total=total)
+    assert day2[9 * 360 - 8] == 0
+    assert clock.state.forecast is None
+
+
+def test_a_wrong_forecast_falls_back_to_reactive() -> None:
+    """Day 2 is a holiday: the forecast orders pods for 09:00, nothing comes, and within
+    the trust window the forecast is dropped and the count falls."""
+    clock = Clock(PREDICT)
+    total, _ = day_of_traffic(clock, day=0, wall0=MONDAY, total=0)
+    desired = []
+    for k in range(int(10.5 * 360)):
+        t = k * 10.0
+        seen = Observation(
+            inflight=0,
+            queued=0,
+            ready=clock.state.last_desired or 0,
+            starting=0,
+            arrivals=total,
+            service_s=4.7,
+            service_scv=0.07,
+            cold_start_s=90.0,
+            wall_s=MONDAY + 86400.0 + t,
+        )
+        desired.append(clock.tick(seen, dt=10.0))
+    nine = 9 * 360
+    assert max(desired[nine - 12 : nine + 6]) >= 5  # it believed the forecast at first
+    at_920 = clock.decisions[8640 + nine + 20 * 6]
+    assert not at_920.forecast_trusted
+    assert at_920.desired == 0  # reactive again: nothing came, nothing is kept
+    assert "scale to zero" in " ".join(d.reason for d in clock.decisions[8640 + nine :])
+    assert clock.decisions[-1].forecast_trusted  # 10:30: nothing forecast, nothing came
+
+
+def test_a_counter_that_goes_back_learns_nothing_and_restarts_the_rate() -> None:
+    clock = Clock(PREDICT)
+    seen = [
+        Observation(inflight=0, queued=0, ready=0, starting=0, arrivals=n, wall_s=MONDAY + t)
+        for t, n in ((0.0, 0), (10.0, 500), (20.0, 40))  # 40 < 500: the runtime restarted
+    ]
+    for o in seen:
+        clock.tick(o, dt=10.0)
+    assert clock.state.forecast is not None
+    assert clock.state.forecast.count == 500  # the minute counted 500, nothing for the reset
+    assert clock.state.arrivals == ((20.0, 40),)
+    assert clock.decisions[-1].rate == 0.0

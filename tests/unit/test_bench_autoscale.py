@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 
+from bench._autoscale_frontier import dominance
 from bench._autoscale_policies import KpaPolicy, OraclePolicy, _forward_max
 from bench._autoscale_sim import Request, SimConfig, SimObservation, Simulation
 from bench.autoscale import make_trace, plot_autoscale, run_autoscale
@@ -99,5 +100,65 @@ def test_forward_max() -> None:
 
 def test_plots_are_written(quick: dict[str, Any], tmp_path: Path) -> None:
     paths = plot_autoscale(quick, tmp_path)
-    assert len(paths) == 2
+    assert [p.name for p in paths] == [
+        "autoscale_pods.png",
+        "autoscale_queue.png",
+        "autoscale_frontier_day.png",
+        "autoscale_frontier_3day.png",
+    ]
     assert all(p.exists() and p.stat().st_size > 1000 for p in paths)
+
+
+def test_frontier_sweeps_every_family_on_both_traces(quick: dict[str, Any]) -> None:
+    day, three = quick["frontier"]["day"], quick["frontier"]["3day"]
+    assert {r["family"] for r in day["rows"]} == {"sdproxy", "knative-kpa", "keda-http", "oracle"}
+    assert {r["family"] for r in three["rows"]} >= {"sdproxy", "sdproxy+predict"}
+    assert three["arrivals"] > 2.5 * day["arrivals"]
+    for data in (day, three):
+        peers = [r for r in data["rows"] if r["family"] in ("knative-kpa", "keda-http")]
+        assert data["dominance"]["total"] == len(peers)
+        for row in data["rows"]:
+            assert row["served"] + row["dropped"] <= data["arrivals"]
+            assert row["wait_p95_s"] <= row["wait_p99_s"] <= row["wait_max_s"]
+    for row in three["rows"]:  # days 2 on are a part of the whole
+        assert row["days_2_on"]["gpu_pod_seconds"] < row["gpu_pod_seconds"]
+        assert row["days_2_on"]["served"] < row["served"]
+    assert {r["wait_target_s"] for r in three["predict"]} == {0.0, 2.0, 10.0, 60.0}
+    for name in ("peers_dominated_day", "predict_p99_days_2_3", "wait_target_10_p95_3day"):
+        assert quick["targets"][name]["value"] is not None
+
+
+def test_dominance_needs_cheaper_or_equal_and_strictly_lower_p95() -> None:
+    def row(family: str, gpu: float, p95: float) -> dict[str, Any]:
+        return {"family": family, "knobs": {"k": gpu}, "gpu_pod_seconds": gpu, "wait_p95_s": p95}
+
+    rows = [
+        row("sdproxy", 100.0, 5.0),
+        row("sdproxy", 80.0, 9.0),
+        row("keda-http", 100.0, 6.0),  # dominated only by the 100 / 5.0 point
+        row("keda-http", 90.0, 9.0),  # 80 / 9.0: equal p95 is not dominated
+        row("knative-kpa", 70.0, 20.0),  # cheaper than every sdproxy point
+    ]
+    dom = dominance(rows)
+    assert (dom["dominated"], dom["total"]) == (1, 3)
+    assert [p["dominated_by"] for p in dom["peers"]] == ["sdproxy k=100", None, None]
+
+
+def test_three_day_trace_repeats_the_batch_jobs() -> None:
+    """Each busy minute of day 1 (a batch job: +150 a minute) comes back on days 2 and 3
+    within two minutes of the same time of day."""
+    trace, horizon = make_trace(quick=False, seed=1, days=3)
+    assert horizon == 3 * 86_400.0
+    per_minute = [0] * int(horizon // 60)
+    for r in trace:
+        per_minute[int(r.arrival_s // 60)] += 1
+    day = 1440
+    busy = [m for m in range(day) if per_minute[m] > 180]
+    assert len(busy) >= 4
+
+    def excess(m: int) -> int:  # five minutes around m against the five half an hour before
+        return sum(per_minute[m - 2 : m + 3]) - sum(per_minute[m - 32 : m - 27])
+
+    for minute in busy:
+        for d in (1, 2):
+            assert excess(d * day + minute) > 100, (minute, d)

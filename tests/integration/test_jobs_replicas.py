@@ -1,0 +1,90 @@
+"""Integration: asynchronous jobs through two replicas in front of gated simulated pods.
+
+A job submitted at replica A is followed, fetched (``?wait`` included) and cancelled
+through replica B: B does not hold it and asks its live peers at their
+``/-/peer/jobs/{id}``, which answer from their own store only.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from sdproxy.core.pods import Endpoint, PodId
+from tests.integration.conftest import GatedFactory, ProxyFactory, eventually, gen_body
+from tests.integration.test_jobs_api import SUBMIT, until_status
+
+pytestmark = pytest.mark.timeout(60)
+
+
+async def peered(
+    proxy_factory: ProxyFactory, urls: list[str], tmp_path: Path, *flags: str
+) -> list[Any]:
+    front = [
+        await proxy_factory(urls, "--jobs-dir", str(tmp_path / f"jobs-{i}"), *flags)
+        for i in range(2)
+    ]
+    for proxy in front:
+        proxy.services.on_peers(
+            [Endpoint(pod_id=PodId(p.url), url=p.url) for p in front if p is not proxy]
+        )
+
+    async def live() -> bool:
+        return all(
+            p.services.peers is not None and len(p.services.peers.live()) == 1 for p in front
+        )
+
+    await eventually(live, what="each replica to hear from the other")
+    return front
+
+
+async def test_a_job_submitted_at_one_replica_is_served_by_the_other(
+    gated_pods: GatedFactory, proxy_factory: ProxyFactory, tmp_path: Path
+) -> None:
+    cluster = await gated_pods(1)
+    a, b = await peered(proxy_factory, cluster.urls, tmp_path)
+    async with httpx.AsyncClient(base_url=a.url) as at_a, httpx.AsyncClient(base_url=b.url) as at_b:
+        long = (await at_a.post(SUBMIT, json=gen_body(300))).json()
+        queued = (await at_a.post(SUBMIT, json=gen_body(5))).json()
+        running = await until_status(at_b, long["id"], "running")
+        assert running["pod"] is not None
+        seen = (await at_b.get(f"/-/jobs/{queued['id']}")).json()
+        assert seen["status"] == "queued" and seen["queue_position"] is not None
+
+        cancelled = await at_b.delete(f"/-/jobs/{queued['id']}")
+        assert cancelled.status_code == 200 and cancelled.json()["status"] == "cancelled"
+        assert (await at_a.get(f"/-/jobs/{queued['id']}")).json()["status"] == "cancelled"
+
+        result = await at_b.get(f"/-/jobs/{long['id']}/result", params={"wait": 20})
+        assert result.status_code == 200 and result.headers["X-Sdproxy-Job"] == long["id"]
+        assert result.json()["images"] == []
+        missing = await at_b.get("/-/jobs/AAAAAAAAAAAAAAAAAAAAAA")
+        assert missing.status_code == 404 and missing.json()["error"] == "job_not_found"
+    assert (await a.status())["jobs"]["counts"]["succeeded"] == 1
+    assert (await b.status())["jobs"]["counts"] == dict.fromkeys(
+        ("queued", "running", "succeeded", "failed", "cancelled"), 0
+    )
+
+
+async def test_peers_ask_each_other_with_the_ops_token(
+    gated_pods: GatedFactory, proxy_factory: ProxyFactory, tmp_path: Path
+) -> None:
+    cluster = await gated_pods(1)
+    a, b = await peered(proxy_factory, cluster.urls, tmp_path, "--ops-token", "t0ken")
+    async with httpx.AsyncClient(base_url=a.url) as at_a, httpx.AsyncClient(base_url=b.url) as at_b:
+        doc = (await at_a.post(SUBMIT, json=gen_body(5))).json()
+        result = await at_b.get(f"/-/jobs/{doc['id']}/result", params={"wait": 20})
+        assert result.status_code == 200, result.text
+        direct = await at_b.get(f"/-/peer/jobs/{doc['id']}")
+        assert direct.status_code == 401 and direct.json()["error"] == "unauthorized"
+        with_token = await at_a.get(
+            f"/-/peer/jobs/{doc['id']}", headers={"Authorization": "Bearer t0ken"}
+        )
+        assert with_token.status_code == 200 and with_token.json()["status"] == "succeeded"
+        not_here = await at_b.get(
+            f"/-/peer/jobs/{doc['id']}", headers={"Authorization": "Bearer t0ken"}
+        )
+        assert not_here.status_code == 404, "a peer answers from its own store only"
