@@ -279,3 +279,32 @@ async def test_bad_weights_stop_start_up() -> None:
         proxy_settings(["http://127.0.0.1:1#weight=0"])
     with pytest.raises(ConfigError, match="weight"):
         proxy_settings(["http://127.0.0.1:1#speed=2"])
+
+
+async def test_an_asynchronous_job_keeps_its_tenant_and_not_its_key(
+    sim_pods: SimFactory, proxy_factory: ProxyFactory, tmp_path: Path
+) -> None:
+    config = tmp_path / "sdproxy.toml"
+    config.write_text('[tenants.team-a]\nkeys = ["key-a"]\n')
+    sims = await sim_pods(1)
+    proxy = await proxy_factory(
+        sims.urls, "--config", str(config), "--jobs-dir", str(tmp_path / "jobs")
+    )
+    headers = {"X-Sdproxy-Key": "key-a", "X-Sdproxy-Priority": "low"}
+    async with proxy.client.post("/-/jobs" + TXT2IMG, json=gen_body(2), headers=headers) as r:
+        assert r.status == 202, await r.text()
+        job_id = (await r.json())["id"]
+    async with proxy.client.post("/-/jobs" + TXT2IMG, json=gen_body(2)) as r:
+        assert r.status == 401, "no key, no job"
+
+    async def done() -> bool:
+        async with proxy.client.get(f"/-/jobs/{job_id}", headers=headers) as r:
+            return bool((await r.json())["status"] == "succeeded")
+
+    await eventually(done, what="the job to succeed")
+    async with proxy.client.get(f"/-/jobs/{job_id}", headers=headers) as r:
+        assert (await r.json())["tenant"] == "team-a"
+    tenants = {t["name"]: t for t in (await proxy.status())["tenants"]}
+    assert tenants["team-a"]["gpu_seconds"] > 0
+    stored = b"".join(p.read_bytes() for p in (tmp_path / "jobs").rglob("*") if p.is_file())
+    assert b"key-a" not in stored, "the tenant's key is not kept in the job store"
