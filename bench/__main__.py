@@ -1,6 +1,7 @@
 """Bench CLI: ``python -m bench <scenario|all> [--quick] [--out DIR]``.
 
-Scenarios: overload, overhead, bigbody, queue, replicas, jobs (bench/scenarios/) and autoscale
+Scenarios: overload, overhead, bigbody, queue, replicas, jobs, checkpoints, tenants
+(bench/scenarios/) and autoscale
 (bench/autoscale.py, imported only when asked for). Each writes ``<scenario>.json``,
 ``<scenario>.md`` and PNG plots into DIR (default ``bench/out/<timestamp>``); ``all``
 also writes ``summary.md``. Exit status: 0 when every scenario produced its JSON with

@@ -52,6 +52,8 @@ class Sample:
     queue_ms: float | None = None
     #: which of an open loop's base URLs it went to (0 with one)
     base: int = 0
+    #: an open loop's request number (``make_spec(index)``); -1 elsewhere
+    index: int = -1
     #: the X-Sdproxy-Job the answer named (the job API's id)
     job_id: str = ""
 
@@ -229,13 +231,16 @@ async def open_loop(
     samples: list[Sample] = []
     tasks: dict[asyncio.Task[Sample], float] = {}
     base_of: dict[asyncio.Task[Sample], int] = {}
+    index_of: dict[asyncio.Task[Sample], int] = {}
     errors = 0
 
     def done(task: asyncio.Task[Sample]) -> None:
         nonlocal errors
+        index = index_of.pop(task, -1)
         if not task.cancelled() and task.exception() is None:
             sample = task.result()
             sample.base = base_of.pop(task, 0)
+            sample.index = index
             samples.append(sample)
             errors += not sample.ok
         tasks.pop(task, None)
@@ -248,6 +253,7 @@ async def open_loop(
             await asyncio.sleep(at - now)
         task = asyncio.create_task(send(session, bases[i % len(bases)], make_spec(i), t0=t0))
         base_of[task] = i % len(bases)
+        index_of[task] = i
         tasks[task] = at
         task.add_done_callback(done)
         if progress is not None:

@@ -30,7 +30,17 @@ MARKER = "<!-- RESULTS: everything below is written by `python -m bench.publish`
 DROP_KEYS = {"series", "rss_series"}
 MAX_LIST = 64
 #: the order of the sections (any other published scenario follows, by name)
-ORDER = ("overload", "overhead", "bigbody", "queue", "replicas", "jobs", "autoscale")
+ORDER = (
+    "overload",
+    "overhead",
+    "bigbody",
+    "queue",
+    "replicas",
+    "jobs",
+    "checkpoints",
+    "tenants",
+    "autoscale",
+)
 
 
 def slim(value: Any) -> Any:

@@ -280,7 +280,7 @@ def start_sim(
     extra: Sequence[str] = (),
 ) -> Sim:
     """Start ``pods`` simulated pods on free ports; read their URLs from stdout
-    (``extra``: more ``sdproxy sim`` flags, e.g. ``--ui``)."""
+    (``extra``: more ``sdproxy sim`` flags, e.g. ``--checkpoints``, ``--ui``)."""
     argv = [*sim_argv(), "--pods", str(pods), "--port", "0", "--host", "127.0.0.1"]
     argv += ["--step-ms", str(step_ms), *extra]
     if threads is not None:
@@ -503,6 +503,8 @@ def start_sdproxy(
     name: str = "sdproxy",
     extra: Sequence[str] = (),
 ) -> Target:
+    """``sdproxy serve`` in front of ``backends`` (``extra``: more flags, e.g.
+    ``--policy fifo``)."""
     port, mport = free_port(), free_port()
     argv = [sys.executable, "-m", "sdproxy", "serve", "--listen", f"127.0.0.1:{port}"]
     for url in backends:

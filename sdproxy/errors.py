@@ -18,7 +18,10 @@
         ├── NoBackends              503 no_backends
         ├── JobCancelled            409 job_cancelled (interrupted while queued)
         ├── ClientQuota             429 client_quota (the caller's queued jobs are at
-        │                           --max-queued-per-client; with Retry-After)
+        │                           --max-queued-per-client, or its tenant's at
+        │                           max_queued; with Retry-After)
+        ├── DeadlineUnmeetable      503 deadline_unmeetable (X-Sdproxy-Deadline-S is
+        │                           before the job's ETA; the body has eta_s)
         ├── RequestTooLarge         422 request_too_large (a field over --max-steps,
         │                           --max-pixels or --max-batch; names field and bound)
         ├── ShuttingDown            503 shutting_down
@@ -41,7 +44,8 @@
         ├── InterruptedByRestart    502 interrupted_by_restart (it ran when the proxy died)
         ├── JobsFull                503 jobs_full (the job store is at --jobs-max-mb with
         │                           unfinished jobs; with Retry-After)
-        ├── Unauthorized            401 unauthorized (an ops endpoint without --ops-token)
+        ├── Unauthorized            401 unauthorized (an ops endpoint without --ops-token;
+        │                           with [tenants], a request without a known API key)
         ├── UiSessionEnded          410 ui_session_ended (--ui: the browser's session
         │                           idled out, was left or lost its pod)
         ├── UiNoSession             409 ui_no_session (--ui: a UI call from a browser
@@ -177,6 +181,20 @@ class ClientQuota(ClientFacingError):
     code = "client_quota"
 
 
+class DeadlineUnmeetable(ClientFacingError):
+    """The job could not finish by its own deadline; the body says when it would."""
+
+    status = 503
+    code = "deadline_unmeetable"
+
+    def __init__(self, detail: str, *, eta_s: float) -> None:
+        super().__init__(detail)
+        self.eta_s = eta_s
+
+    def body(self) -> dict[str, Any]:
+        return {**super().body(), "eta_s": round(self.eta_s, 2)}
+
+
 class RequestTooLarge(ClientFacingError):
     """A request over the proxy's bounds; the body names the field and the bound too."""
 
@@ -298,23 +316,33 @@ class InternalError(ClientFacingError):
 
 
 #: core rejection reason (its value) -> the error its client gets
-_REJECTS: dict[str, Callable[[], ClientFacingError]] = {
-    "queue_full": lambda: QueueFull("the proxy's queue is full; retry later", retry_after_s=5),
-    "queue_timeout": lambda: QueueTimeout("waited too long in the proxy's queue for a free pod"),
-    "no_backends": lambda: NoBackends(
+_REJECTS: dict[str, Callable[[float | None], ClientFacingError]] = {
+    "queue_full": lambda _: QueueFull("the proxy's queue is full; retry later", retry_after_s=5),
+    "queue_timeout": lambda _: QueueTimeout(
+        "waited too long in the proxy's queue for a free pod (or past its own deadline)"
+    ),
+    "no_backends": lambda _: NoBackends(
         "no ready sd-webui pod and none is starting", retry_after_s=10
     ),
-    "job_cancelled": lambda: JobCancelled("the job was interrupted while it waited in the queue"),
-    "shutting_down": lambda: ShuttingDown("the proxy is shutting down", retry_after_s=1),
+    "job_cancelled": lambda _: JobCancelled("the job was interrupted while it waited in the queue"),
+    "shutting_down": lambda _: ShuttingDown("the proxy is shutting down", retry_after_s=1),
+    "client_quota": lambda _: ClientQuota(
+        "the tenant has its max_queued jobs waiting; retry later", retry_after_s=5
+    ),
+    "deadline_unmeetable": lambda eta: DeadlineUnmeetable(
+        f"the job would finish in about {eta or 0.0:.1f} s, after its X-Sdproxy-Deadline-S",
+        eta_s=eta or 0.0,
+    ),
 }
 
 #: reasons no client hears about (it is gone)
 SILENT_REJECTS = frozenset({"client_gone"})
 
 
-def for_reject(reason: str) -> ClientFacingError:
-    """The client-facing error for a core rejection reason (``RejectReason`` value)."""
-    return _REJECTS[reason]()
+def for_reject(reason: str, eta_s: float | None = None) -> ClientFacingError:
+    """The client-facing error for a core rejection reason (``RejectReason`` value);
+    ``eta_s``: the job's ETA (deadline_unmeetable says it)."""
+    return _REJECTS[reason](eta_s)
 
 
 def answered_rejects() -> frozenset[str]:

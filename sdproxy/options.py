@@ -120,6 +120,29 @@ def parse_url(text: str) -> str:
     return text.rstrip("/")
 
 
+def split_weight(text: str) -> tuple[str, float]:
+    """A backend URL with an optional ``#weight=N`` (the pod's relative GPU speed, the
+    first guess of its rate: 2 = twice as fast as weight 1) -> (base URL, weight)."""
+    base, sep, fragment = text.partition("#")
+    if not sep:
+        return text, 1.0
+    name, eq, value = fragment.partition("=")
+    try:
+        weight = float(value) if name == "weight" and eq else -1.0
+    except ValueError:
+        weight = -1.0
+    if not 0 < weight < float("inf"):
+        raise ConfigError(f"expected #weight=N (N > 0) after a backend URL, got {text!r}")
+    return base, weight
+
+
+def parse_backend_url(text: str) -> str:
+    """A pod's base URL (``parse_url``), optionally followed by ``#weight=N``."""
+    base, weight = split_weight(text)
+    url = parse_url(base)
+    return url if weight == 1.0 and "#" not in text else f"{url}#weight={weight:g}"
+
+
 def option(default: T, help: str, **meta: Any) -> T:
     """A settings field: an option with this default and help text (``meta``: the other
     metadata keys of the module docstring)."""

@@ -30,6 +30,8 @@ from typing import Any, Literal, get_type_hints
 from sdproxy.core.admission import AdmissionConfig
 from sdproxy.core.autoscale import AutoscaleConfig
 from sdproxy.core.limits import RequestLimits
+from sdproxy.core.queue import Priority
+from sdproxy.core.tenants import Tenant
 from sdproxy.core.uisessions import UiConfig
 from sdproxy.errors import ConfigError
 from sdproxy.options import (
@@ -43,6 +45,7 @@ from sdproxy.options import (
     from_values,
     option,
     options,
+    parse_backend_url,
     parse_url,
 )
 
@@ -138,6 +141,11 @@ class ProxySettings:
     peer_service: str = option(
         "", "with --discovery kubernetes: the proxy's own Service, whose endpoints are the peers"
     )
+    #: the ``[tenants.<name>]`` tables of --config (API keys, weight, limits); empty: no
+    #: keys needed, X-Sdproxy-Tenant names the tenant
+    tenants: tuple[Tenant, ...] = field(
+        default=(), metadata={"derived": "the [tenants.<name>] tables of --config"}
+    )
     #: the browser UI (--ui, --ui-sessions-per-pod, --ui-idle-s): the core's own config
     ui: UiConfig = field(default_factory=UiConfig)
 
@@ -151,8 +159,8 @@ class DiscoverySettings:
     )
     backend: tuple[str, ...] = option(
         (),
-        "static pod base URL, http(s)://HOST[:PORT] (repeatable)",
-        parse=parse_url,
+        "static pod base URL, http(s)://HOST[:PORT][#weight=N] (repeatable; N: relative GPU speed)",
+        parse=parse_backend_url,
         metavar="URL",
         toml_alias="backends",
     )
@@ -325,6 +333,62 @@ def add_arguments(parser: argparse.ArgumentParser, root: type[Any] = Settings) -
             add_option(section, opt)
 
 
+#: the keys of one [tenants.<name>] table, with their types
+_TENANT_KEYS: dict[str, type | tuple[type, ...]] = {
+    "keys": list,
+    "weight": (int, float),
+    "max_queued": int,
+    "max_running": int,
+    "max_priority": str,
+}
+
+
+def parse_tenants(path: str, tables: object) -> tuple[Tenant, ...]:
+    """``[tenants.<name>] keys = [...], weight = 1.0, max_queued = 1000, max_running = 0,
+    max_priority = "high"``: every key checked, and no API key given to two tenants."""
+    if not isinstance(tables, dict):
+        raise ConfigError(f"{path}: [tenants] must be tables [tenants.<name>]")
+    out: list[Tenant] = []
+    owner: dict[str, str] = {}
+    for name, table in tables.items():
+        where = f"{path}: [tenants.{name}]"
+        if not isinstance(table, dict):
+            raise ConfigError(f"{where} must be a table")
+        unknown = sorted(set(table) - set(_TENANT_KEYS))
+        if unknown:
+            raise ConfigError(f"{where}: unknown keys {', '.join(unknown)}")
+        for key, kind in _TENANT_KEYS.items():
+            value = table.get(key)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, kind)):
+                raise ConfigError(f"{where}: {key} has the wrong type ({value!r})")
+        keys = table.get("keys", [])
+        if not all(isinstance(k, str) and k for k in keys):
+            raise ConfigError(f"{where}: keys must be non-empty strings")
+        for key in keys:
+            if key in owner:
+                raise ConfigError(f"{where}: a key of tenant {owner[key]!r} is given again")
+            owner[key] = name
+        weight = float(table.get("weight", 1.0))
+        max_queued = table.get("max_queued", 1000)
+        max_running = table.get("max_running", 0)
+        priority = table.get("max_priority", "high")
+        if not weight > 0 or max_queued < 0 or max_running < 0:
+            raise ConfigError(f"{where}: weight must be > 0, max_queued and max_running >= 0")
+        if priority not in Priority.BY_NAME:
+            raise ConfigError(f"{where}: max_priority must be high, normal or low")
+        out.append(
+            Tenant(
+                name=name,
+                keys=tuple(keys),
+                weight=weight,
+                max_queued=max_queued,
+                max_running=max_running,
+                max_priority=Priority.BY_NAME[priority],
+            )
+        )
+    return tuple(out)
+
+
 def _read_toml(path: str | None, known: tuple[Option, ...]) -> dict[str, Any]:
     if not path:
         return {}
@@ -333,6 +397,7 @@ def _read_toml(path: str | None, known: tuple[Option, ...]) -> dict[str, Any]:
             data = tomllib.load(fh)
     except (OSError, tomllib.TOMLDecodeError) as exc:
         raise ConfigError(f"cannot read config {path}: {exc}") from exc
+    tenants = parse_tenants(path, data.pop("tenants")) if "tenants" in data else ()
     flat: dict[str, Any] = {}
     for key, value in data.items():  # allow [sections] for readability; keys stay global
         if isinstance(value, dict):
@@ -343,7 +408,14 @@ def _read_toml(path: str | None, known: tuple[Option, ...]) -> dict[str, Any]:
     unknown = sorted(set(flat) - {opt.name for opt in known} - set(aliases))
     if unknown:
         raise ConfigError(f"unknown keys in {path}: {', '.join(unknown)}")
-    return {aliases.get(key, key): value for key, value in flat.items()}
+    out = {aliases.get(key, key): value for key, value in flat.items()}
+    if tenants:
+        out[_TENANTS] = tenants
+    return out
+
+
+#: where ``resolve`` carries the parsed [tenants] tables (not an option: no flag, no env)
+_TENANTS = "tenants"
 
 
 def resolve(
@@ -368,6 +440,8 @@ def resolve(
         if default_from is not None and not value:
             value = default_from(env)
         merged[opt.name] = value
+    if _TENANTS in toml:
+        merged[_TENANTS] = toml[_TENANTS]
     return merged
 
 
@@ -385,7 +459,11 @@ def build(values: Mapping[str, Any]) -> Settings:
     # or Kubernetes (KEDA/HPA scale the Deployment from our sdproxy_desired_pods)
     hold = values["discovery"] == "kubernetes" or values["scaler"] != "none"
     # no job holds a slot longer than a pod may stay silent: the most one adds to an ETA
-    derived = {"hold_when_empty": hold, "max_job_s": values["backend_timeout_s"]}
+    derived = {
+        "hold_when_empty": hold,
+        "max_job_s": values["backend_timeout_s"],
+        "tenants": values.get(_TENANTS, ()),
+    }
     return from_values(Settings, {**values, **derived})
 
 

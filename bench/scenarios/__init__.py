@@ -18,7 +18,16 @@ from typing import Any
 
 from bench.targets import Target, TargetUnavailable, start_system
 
-SCENARIOS = ("overload", "overhead", "bigbody", "queue", "replicas", "jobs")
+SCENARIOS = (
+    "overload",
+    "overhead",
+    "bigbody",
+    "queue",
+    "replicas",
+    "jobs",
+    "checkpoints",
+    "tenants",
+)
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -5,16 +5,21 @@ passes) and gets one ``Effects`` back from every mutator (sdproxy.core.effects).
 module only composes the pieces, each of which answers one question in its own file:
 
 - in which order jobs are served ............ the queue (``sdproxy.core.queue``)
-- which pod a job goes to .................... placement (``sdproxy.core.placement``)
+- which queued job goes to which free pod .... placement (``sdproxy.core.placement``)
+- whose job it is, their share and limits .... tenants (``sdproxy.core.tenants``)
 - which pod answers a light call ............. ``sdproxy.core.light``
 - when a pod is ejected, whether pods come ... health (``sdproxy.core.health``)
 - what a release does, who owns a slot ....... ``release`` below + ``sdproxy.core.slots``
-- how long a queued job will take ............ ``sdproxy.core.eta``
+- what a job costs on a pod, how long it waits ``sdproxy.core.eta`` (learned speeds)
 - a pod's state from discovery ............... ``sdproxy.core.pods`` (``target_state``)
 - which idle pods go first on scale-in ....... ``sdproxy.core.scalein``
 
-Invariants (``check``): a pod never runs more than its limit; a job is queued or bound,
-never both; work-conserving — no job waits while a pod its placement accepts is free; a
+``--policy`` picks the pair: ``fair`` (the default: ``FairQueue`` + ``CheckpointPlacement``)
+or ``fifo`` (``FifoQueue`` + ``AffinityPlacement``, the plain order kept for comparison).
+
+Invariants (``check``): a pod never runs more than its limit, a tenant never more than its
+``max_running``; a job is queued or bound, never both; work-conserving — no job waits while
+its placement would pair it with a free pod; a
 job is bound to a pod only when a slot frees (never at arrival); after shutdown nothing
 waits. Every mutator ends in ``_settle``: drain the queue onto free slots, answer the
 queue ``no_backends`` if no pod can come, and compute ``wake_at``.
@@ -27,7 +32,8 @@ finishes after its pod changed state, ejecting a pod that discovery already remo
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from typing import Literal
 
 from sdproxy.core.effects import (
     Dispatch,
@@ -38,17 +44,34 @@ from sdproxy.core.effects import (
     Reject,
     RejectReason,
 )
-from sdproxy.core.eta import EwmaEta
+from sdproxy.core.eta import SpeedModel
 from sdproxy.core.health import Health
 from sdproxy.core.light import LeastLoadedLight
-from sdproxy.core.placement import AffinityPlacement, Placement
+from sdproxy.core.placement import (
+    AffinityPlacement,
+    CheckpointPlacement,
+    Placement,
+    job_cost_s,
+)
 from sdproxy.core.pods import Endpoint, PodId, PodState, target_state
-from sdproxy.core.queue import FifoQueue, Job, Queue, TicketId
+from sdproxy.core.queue import FairQueue, FifoQueue, Job, Queue, TicketId
 from sdproxy.core.scalein import scale_in_order
-from sdproxy.core.slots import Pod, Running, SlotBook
+from sdproxy.core.slots import Freed, Pod, Running, SlotBook
+from sdproxy.core.tenants import Tenant, TenantBook
 from sdproxy.errors import StateError
 
-__all__ = ["Admission", "AdmissionConfig", "Job", "Pod", "Running", "TicketId"]
+__all__ = ["Admission", "AdmissionConfig", "Job", "Pod", "Running", "Tenant", "TicketId"]
+
+#: outcomes after which the job's tenant is charged the GPU time it held
+_USED_GPU = frozenset(
+    {
+        Outcome.COMPLETED,
+        Outcome.FAILED,
+        Outcome.INTERRUPTED,
+        Outcome.REQUEST_FAULT,
+        Outcome.POD_ERROR,
+    }
+)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -79,6 +102,29 @@ class AdmissionConfig:
     health_rise: int = field(
         default=2, metadata={"help": "passed health checks in a row that bring it back", "min": 1}
     )
+    policy: Literal["fair", "fifo"] = field(
+        default="fair",
+        metadata={
+            "help": "queue order and pod choice: fair (priorities, tenants' fair share of "
+            "GPU-seconds, checkpoint-aware dispatch) | fifo (first in, plain affinity)"
+        },
+    )
+    affinity_max_skip_s: float = field(
+        default=30.0,
+        metadata={
+            "help": "a job may be passed by jobs that need no checkpoint switch for this "
+            "long, then it goes next (policy fair)",
+            "min": 0,
+        },
+    )
+    outlier_failures: int = field(
+        default=5,
+        metadata={
+            "help": "generations in a row a pod fails (5xx, not the request's fault) "
+            "before it is ejected",
+            "min": 1,
+        },
+    )
     #: queue (rather than answer no_backends) while no pod is ready: pods may still come
     hold_when_empty: bool = field(
         default=False, metadata={"derived": "an autoscaler or Kubernetes discovery can add pods"}
@@ -99,18 +145,30 @@ class Admission:
         self,
         config: AdmissionConfig,
         *,
+        tenants: Iterable[Tenant] = (),
         queue: Queue | None = None,
         placement: Placement | None = None,
     ) -> None:
         self.config = config
-        self.queue: Queue = queue if queue is not None else FifoQueue()
-        self.placement: Placement = placement if placement is not None else AffinityPlacement()
+        self.tenants = TenantBook.of(tenants)
+        #: the speed model: GPU-seconds of a job on a pod, ETAs (sdproxy.core.eta)
+        self.eta = SpeedModel(seconds_per_unit=config.seconds_per_unit, max_job_s=config.max_job_s)
+        fair = config.policy == "fair"
+        if queue is None:
+            queue = FairQueue(weights=self.tenants.weights()) if fair else FifoQueue()
+        if placement is None:
+            placement = (
+                CheckpointPlacement(self.eta, max_skip_s=config.affinity_max_skip_s)
+                if fair
+                else AffinityPlacement()
+            )
+        self.queue: Queue = queue
+        self.placement: Placement = placement
         self.book = SlotBook(limit=config.max_inflight)
         self.health = Health(
             eject_s=config.eject_s, fall=config.health_fall, rise=config.health_rise
         )
         self.light = LeastLoadedLight()
-        self.eta = EwmaEta(seconds_per_unit=config.seconds_per_unit, max_job_s=config.max_job_s)
         #: refuses new jobs (SIGTERM); what is queued still drains onto pods
         self.closed = False
         #: gave up on the queue too: nothing waits any more
@@ -123,30 +181,96 @@ class Admission:
         fx = EffectsBuilder()
         if self.closed:
             return self._refuse(fx, job.ticket, RejectReason.SHUTTING_DOWN, now)
-        if not len(self.queue):
+        job = replace(job, priority=self.tenants.capped(job))
+        if not len(self.queue) and self.tenants.can_run(job):
             free = self._free(now)
             pod = self.placement.choose(job, free) if free else None
             if pod is not None:
+                cost_s, _loads = job_cost_s(self.eta, job, pod)
+                if self._late(job, cost_s, now):
+                    return self._refuse(
+                        fx, job.ticket, RejectReason.DEADLINE_UNMEETABLE, now, cost_s
+                    )
+                # through the queue's books (its virtual time, the tenant's tag) as any
+                # served job, without waiting in it
+                self.queue.push(job, deadline=self._deadline(job))
+                self.queue.take(job.ticket)
                 fx.dispatches.append(self._bind(job, pod, now))
                 return self._settle(fx, now)
         if len(self.queue) >= self.config.max_queue:
             return self._refuse(fx, job.ticket, RejectReason.QUEUE_FULL, now)
+        if self.tenants.queue_full(job):
+            return self._refuse(fx, job.ticket, RejectReason.CLIENT_QUOTA, now)
         if self._hopeless(now):
             return self._refuse(fx, job.ticket, RejectReason.NO_BACKENDS, now)
-        position = self.queue.push(job, deadline=job.enqueued_at + self.config.queue_timeout_s)
+        position = self._enqueue(job, requeue=False)
+        if job.deadline_s is not None:
+            eta = self.eta_s(job.ticket)
+            if self._late(job, eta, now):
+                self._dequeue(job.ticket)
+                return self._refuse(fx, job.ticket, RejectReason.DEADLINE_UNMEETABLE, now, eta)
         return self._settle(fx, now, queued=(job.ticket, position))
+
+    def _late(self, job: Job, eta_s: float, now: float) -> bool:
+        """Whether a job with ``eta_s`` to go would end after its own deadline."""
+        if job.deadline_s is None:
+            return False
+        return now + eta_s > job.enqueued_at + job.deadline_s
+
+    def _deadline(self, job: Job) -> float:
+        wait = self.config.queue_timeout_s
+        if job.deadline_s is not None:
+            wait = min(wait, job.deadline_s)
+        return job.enqueued_at + wait
+
+    def _enqueue(self, job: Job, *, requeue: bool) -> int:
+        deadline = self._deadline(job)
+        if requeue:
+            position = self.queue.requeue(job, deadline=deadline)
+        else:
+            position = self.queue.push(job, deadline=deadline)
+        self.tenants.add(self.tenants.queued, job.tenant, 1)
+        return position
+
+    def _dequeue(self, ticket: TicketId, *, serve: bool = False) -> Job | None:
+        job = self.queue.take(ticket) if serve else self.queue.remove(ticket)
+        if job is not None:
+            self._left(job, served=serve)
+        return job
+
+    def _left(self, job: Job, *, served: bool) -> None:
+        """``job`` left the queue; one that will not run costs its tenant nothing."""
+        self.tenants.add(self.tenants.queued, job.tenant, -1)
+        if not served:
+            self.queue.charge(job, 0.0)
 
     def release(self, ticket: TicketId, outcome: Outcome, now: float) -> Effects:
         """A dispatched job's exchange with its pod ended as ``outcome``: free its slot
         (see ``Outcome`` for what each one counts) and admit whoever is next."""
         freed = self.book.unbind(ticket)
+        self.tenants.add(self.tenants.running, freed.job.tenant, -1)
         fx = EffectsBuilder()
         pod = freed.pod
+        if outcome in _USED_GPU:
+            self._charge(freed, now)
         if pod is not None:
             if outcome is Outcome.COMPLETED:
                 pod.completed += 1
                 self.health.succeeded(pod)
-                self.eta.observe(cost=freed.job.cost, seconds=now - freed.run.dispatched_at)
+                run = freed.run
+                self.eta.observe(
+                    cost=freed.job.cost,
+                    seconds=now - run.dispatched_at,
+                    pod=pod.pod_id,
+                    weight=pod.weight,
+                    checkpoint=freed.job.checkpoint or run.checkpoint,
+                    switches=run.switches,
+                )
+            elif outcome is Outcome.REQUEST_FAULT:
+                pod.completed += 1
+            elif outcome is Outcome.POD_ERROR:
+                pod.errors += 1
+                self.health.failed_generation(pod, now, limit=self.config.outlier_failures)
             elif outcome is Outcome.FAILED:
                 pod.errors += 1
                 self.health.eject(pod, now)
@@ -162,13 +286,23 @@ class Admission:
         if self.shut:
             fx.rejects.append(Reject(ticket=ticket, reason=RejectReason.SHUTTING_DOWN))
             return self._settle(fx, now)
-        job = freed.job
-        position = self.queue.requeue(job, deadline=job.enqueued_at + self.config.queue_timeout_s)
+        position = self._enqueue(freed.job, requeue=True)
         return self._settle(fx, now, queued=(ticket, position))
+
+    def _charge(self, freed: Freed, now: float) -> None:
+        """The job's tenant was served the GPU time it held: counted, and charged to its
+        fair share in units at the pod's rate (checkpoint loads included)."""
+        seconds = now - freed.run.dispatched_at
+        job = freed.job
+        self.tenants.serve(job.tenant, seconds)
+        pod = freed.pod
+        weight = pod.weight if pod is not None else 1.0
+        rate = self.eta.rate(freed.run.pod_id, weight=weight, checkpoint=job.checkpoint)
+        self.queue.charge(job, seconds / rate if rate > 0 else job.cost)
 
     def cancel(self, ticket: TicketId, reason: RejectReason, now: float) -> Effects:
         """Take a queued job out (its caller left, or asked to stop it)."""
-        if self.queue.remove(ticket) is None:
+        if self._dequeue(ticket) is None:
             raise StateError(f"ticket {ticket} is not queued")
         fx = EffectsBuilder(rejects=[Reject(ticket=ticket, reason=reason)])
         return self._settle(fx, now)
@@ -177,6 +311,7 @@ class Admission:
         """Time passes: expire jobs past their deadline; re-admit rested pods."""
         fx = EffectsBuilder()
         for job in self.queue.expired(now):
+            self._left(job, served=False)
             fx.rejects.append(Reject(ticket=job.ticket, reason=RejectReason.QUEUE_TIMEOUT))
         return self._settle(fx, now)
 
@@ -330,7 +465,8 @@ class Admission:
         return self.queue.position(ticket)
 
     def eta_s(self, ticket: TicketId) -> float:
-        """Seconds until a queued job should finish (``sdproxy.core.eta``)."""
+        """Seconds until a queued job should finish (``sdproxy.core.eta``), at the ready
+        pods' mean learned rate."""
         ahead: list[float] = []
         own = 1.0
         for job in self.queue:
@@ -348,8 +484,18 @@ class Admission:
 
     def _eta(self, ahead: Iterable[float], own: float) -> float:
         running = [job.cost for job in self.book.running_jobs()]
-        slots = sum(p.limit for p in self.book.pods.values() if p.state is PodState.READY)
-        return self.eta.eta_s(ahead=ahead, running=running, slots=slots, own=own)
+        ready = [p for p in self.book.pods.values() if p.state is PodState.READY]
+        slots = sum(p.limit for p in ready)
+        rate = None
+        if slots:
+            # slots per second of work: the mean rate is slots over the summed speeds
+            speed = sum(p.limit / self.eta.rate(p.pod_id, weight=p.weight) for p in ready)
+            rate = slots / speed
+        return self.eta.eta_s(ahead=ahead, running=running, slots=slots, own=own, rate=rate)
+
+    def depth_by_priority(self) -> Mapping[int, int]:
+        """Queued jobs per priority class."""
+        return self.queue.depth_by_priority()
 
     def oldest_wait_s(self, now: float) -> float:
         head = self.queue.oldest()
@@ -376,10 +522,26 @@ class Admission:
             if self.book.running(job.ticket) is not None:
                 raise StateError(f"ticket {job.ticket} is both queued and running")
         free = self._free(now)
-        if free and self.queue.next_for(lambda j: self.placement.choose(j, free) is not None):
+        if free and self.placement.match(self.queue, free, now, self.tenants.can_run, commit=False):
             raise StateError(f"jobs wait while {[p.pod_id for p in free]} have a free slot")
         if self.shut and len(self.queue):
             raise StateError("jobs wait after shutdown")
+        running: dict[str, int] = {}
+        for job in self.book.running_jobs():
+            running[job.tenant] = running.get(job.tenant, 0) + 1
+        queued: dict[str, int] = {}
+        depths: dict[int, int] = {}
+        for job in self.queue:
+            queued[job.tenant] = queued.get(job.tenant, 0) + 1
+            depths[job.priority] = depths.get(job.priority, 0) + 1
+        if depths != dict(self.queue.depth_by_priority()):
+            raise StateError(f"queue depths {self.queue.depth_by_priority()} are off")
+        if running != self.tenants.running or queued != self.tenants.queued:
+            raise StateError(f"tenant counts {self.tenants.running} {self.tenants.queued} are off")
+        for tenant, count in running.items():
+            cap = self.tenants.get(tenant).max_running
+            if cap > 0 and count > cap:
+                raise StateError(f"tenant {tenant!r} runs {count} > max_running {cap}")
 
     # ---- internals --------------------------------------------------------------------
 
@@ -392,15 +554,26 @@ class Admission:
         ]
 
     def _bind(self, job: Job, pod: Pod, now: float) -> Dispatch:
-        self.book.bind(job, pod, now)
+        cost_s, loads = job_cost_s(self.eta, job, pod)
+        self.book.bind(job, pod, now, switches=loads, cost_s=cost_s)
+        self.tenants.add(self.tenants.running, job.tenant, 1)
         return Dispatch(
-            ticket=job.ticket, pod_id=pod.pod_id, url=pod.url, queued_s=now - job.enqueued_at
+            ticket=job.ticket,
+            pod_id=pod.pod_id,
+            url=pod.url,
+            queued_s=now - job.enqueued_at,
+            cost_s=cost_s,
         )
 
     def _refuse(
-        self, fx: EffectsBuilder, ticket: TicketId, reason: RejectReason, now: float
+        self,
+        fx: EffectsBuilder,
+        ticket: TicketId,
+        reason: RejectReason,
+        now: float,
+        eta_s: float | None = None,
     ) -> Effects:
-        fx.rejects.append(Reject(ticket=ticket, reason=reason))
+        fx.rejects.append(Reject(ticket=ticket, reason=reason, eta_s=eta_s))
         return self._settle(fx, now)
 
     def _settle(
@@ -420,15 +593,14 @@ class Admission:
         return fx.build(self._wake_at(now))
 
     def _drain(self, fx: EffectsBuilder, now: float) -> None:
-        """Bind queued jobs, in the queue's order, while a pod their placement accepts is
-        free (a job that no free pod suits lets the next one through)."""
+        """Bind queued jobs to free pods, one pair at a time as the placement matches
+        them, until no free pod or no job it would pair is left."""
         while len(self.queue) and (free := self._free(now)):
-            job = self.queue.next_for(lambda j: self.placement.choose(j, free) is not None)
-            if job is None:
+            pair = self.placement.match(self.queue, free, now, self.tenants.can_run)
+            if pair is None:
                 return
-            pod = self.placement.choose(job, free)
-            assert pod is not None, "placement is deterministic"
-            self.queue.remove(job.ticket)
+            job, pod = pair
+            self._dequeue(job.ticket, serve=True)
             fx.dispatches.append(self._bind(job, pod, now))
 
     def _wake_at(self, now: float) -> float | None:
@@ -444,7 +616,7 @@ class Admission:
 
     def _reject_all(self, fx: EffectsBuilder, reason: RejectReason) -> None:
         for job in list(self.queue):
-            self.queue.remove(job.ticket)
+            self._dequeue(job.ticket)
             fx.rejects.append(Reject(ticket=job.ticket, reason=reason))
 
     def _set_state(self, fx: EffectsBuilder, pod: Pod, state: PodState) -> None:
@@ -461,7 +633,9 @@ class Admission:
         pod = self.book.pods.get(ep.pod_id)
         if pod is None:
             pod, appeared = self.book.add_pod(ep.pod_id, ep.url, now)
+            self.eta.forget(ep.pod_id)
             fx.transitions.append(appeared)
         pod.url = ep.url
+        pod.weight = ep.weight
         pod.listed = True
         self._set_state(fx, pod, target_state(pod.state, ep, warmup=self.config.warmup))

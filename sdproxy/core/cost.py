@@ -5,6 +5,8 @@ sampling passes of ``steps × (width × height / 512²) × batch_size``, times `
 (sequential iterations), with a factor for samplers that evaluate the model twice per step.
 Multiply units by a pod's seconds per unit (the simulator's ``--step-ms``, or a measured
 rate) to get GPU-seconds; the proxy uses the same numbers for queue ETAs and fairness.
+``switches`` counts the checkpoint loads a job adds (each costs seconds of GPU time for
+nothing, sdproxy.core.eta learns how many).
 
 The readers are tolerant: a field of the wrong type or out of range falls back to
 sd-webui's default, because the proxy costs raw, unvalidated bodies (the pod validates).
@@ -289,3 +291,19 @@ def estimate_steps(params: Mapping[str, object], *, route: str = "txt2img") -> f
     if route == "interrogate":
         return interrogate_steps(params)
     return plan_txt2img(params).units
+
+
+def switches(wanted: str | None, *, restore: bool, loaded: str | None) -> int:
+    """Checkpoint loads a job naming ``wanted`` causes on a pod whose default (loaded)
+    checkpoint is ``loaded`` (None: not known yet, counted as another one).
+
+    sd-webui ``process_images`` (modules/processing.py) applies ``override_settings``
+    (loading the named checkpoint) and, with ``override_settings_restore_afterwards``
+    (true by default), restores the options afterwards — reloading the default checkpoint
+    before it answers: a job naming another checkpoint costs TWO loads, there and back,
+    and leaves the pod as it was. Without restore it costs one and the checkpoint stays
+    (it becomes the pod's default). A job naming none runs on the default: no load.
+    """
+    if wanted is None or wanted == loaded:
+        return 0
+    return 2 if restore else 1

@@ -32,13 +32,25 @@ class RejectReason(StrEnum):
     SHUTTING_DOWN = "shutting_down"
     #: the caller left while its job waited (nobody to answer)
     CLIENT_GONE = "client_gone"
+    #: the job's tenant has its ``max_queued`` jobs waiting
+    CLIENT_QUOTA = "client_quota"
+    #: the job's own deadline (X-Sdproxy-Deadline-S) is before its ETA (``Reject.eta_s``)
+    DEADLINE_UNMEETABLE = "deadline_unmeetable"
 
 
 class Outcome(StrEnum):
     """How a dispatched job's exchange with its pod ended."""
 
-    #: the pod sent its whole answer (whatever its status): a completion and an ETA sample
+    #: the pod sent its whole answer (a success, or an error the pod had no part in
+    #: but that is not the request's fault either: 4xx other than 422): a completion and
+    #: an ETA sample
     COMPLETED = "completed"
+    #: the pod answered the request's own fault (CUDA out of memory for its size, a 422
+    #: for its fields): the pod keeps its place; no ETA sample, no failure counted
+    REQUEST_FAULT = "request_fault"
+    #: the pod answered a 5xx that is not the request's fault: a failure in a row; after
+    #: ``--outlier-failures`` of them the pod is ejected (outlier ejection, back-off)
+    POD_ERROR = "pod_error"
     #: the pod broke the exchange after receiving it: an error, and a short ejection
     FAILED = "failed"
     #: the client left; the pod was interrupted and its answer drained: neither
@@ -69,6 +81,9 @@ class Dispatch:
     url: str
     #: seconds the job waited in the proxy
     queued_s: float
+    #: estimated GPU-seconds of the job on that pod, checkpoint loads included (an
+    #: estimate, not part of the decision: dispatches compare without it)
+    cost_s: float = field(default=0.0, compare=False)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -82,6 +97,8 @@ class Queued:
 class Reject:
     ticket: TicketId
     reason: RejectReason
+    #: DEADLINE_UNMEETABLE: the job's ETA when it was refused
+    eta_s: float | None = field(default=None, compare=False)
 
 
 class Transition(NamedTuple):

@@ -11,6 +11,9 @@ The HEALTH policy, in one file:
   connections but no longer answers (hung, SIGSTOPped), which ejection never sees.
 - ``eject``: a pod that refused a connection or broke an exchange rests for
   ``eject_s``, doubled per repeat up to 32x; a completed generation resets the count.
+  ``failed_generation``: a pod that answers ``--outlier-failures`` generations in a row
+  with a 5xx that is not the request's fault (outlier ejection) rests the same way;
+  ``Pod.eject_reason`` says which it was.
 - ``capacity_coming``: whether a waiting job can still expect a pod (a starting or
   warming pod, a ready one, or one refused only once — a blip), which decides between
   holding the queue and answering ``no_backends``.
@@ -50,13 +53,24 @@ class Health:
             if pod.check_failures >= self.fall:
                 pod.checked_out = True
 
-    def eject(self, pod: Pod, now: float) -> None:
+    def eject(self, pod: Pod, now: float, reason: str = "ejected") -> None:
+        pod.eject_reason = reason
+        pod.consecutive_failures = 0
         pod.ejected_until = now + self.eject_s * 2 ** min(pod.ejections, MAX_DOUBLINGS)
         pod.ejections += 1
 
     @staticmethod
     def succeeded(pod: Pod) -> None:
         pod.ejections = 0
+        pod.consecutive_failures = 0
+
+    def failed_generation(self, pod: Pod, now: float, *, limit: int) -> None:
+        """A generation failed for no reason of the request (a 5xx that is not CUDA out
+        of memory): ``limit`` in a row eject the pod as an outlier (Envoy's
+        consecutive_5xx), with the same back-off."""
+        pod.consecutive_failures += 1
+        if pod.consecutive_failures >= limit:
+            self.eject(pod, now, "outlier")
 
     @staticmethod
     def capacity_coming(pods: Iterable[Pod], now: float) -> bool:

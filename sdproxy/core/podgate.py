@@ -65,12 +65,16 @@ class PodGate:
     def inflight(self) -> int:
         return self._book.inflight
 
-    def claim(self, claim: Claim, *, checkpoint: str | None = None) -> TicketId | None:
+    def claim(
+        self, claim: Claim, *, checkpoint: str | None = None, restore: bool = True
+    ) -> TicketId | None:
         """Take a slot for ``claim``; None when the pod runs its limit already."""
         if not self._pod.has_slot:
             return None
         ticket, self._next = TicketId(self._next), self._next + 1
-        job = Job(ticket=ticket, enqueued_at=claim.started_at, checkpoint=checkpoint)
+        job = Job(
+            ticket=ticket, enqueued_at=claim.started_at, checkpoint=checkpoint, restore=restore
+        )
         self._book.bind(job, self._pod, claim.started_at)
         self._claims[ticket] = claim
         self.version += 1

@@ -36,6 +36,9 @@ class Endpoint:
     ready: bool = True
     #: EndpointSlice conditions.terminating
     terminating: bool = False
+    #: relative speed of its GPU (``#weight=2`` on a static backend URL): the first
+    #: guess of its rate, until it has run something (sdproxy.core.eta)
+    weight: float = 1.0
 
 
 #: legal state changes; None is "not known" (before it appeared, after it is gone)

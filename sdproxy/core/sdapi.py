@@ -27,6 +27,8 @@ from dataclasses import dataclass, field
 from itertools import accumulate
 from typing import Any
 
+from sdproxy.core.cost import read_bool
+
 # Strings (with escapes), punctuation, bare literals (numbers, true/false/null), and a lone
 # quote: the opening of a string the prefix cut off (the string alternative failed on it).
 _TOKEN = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"|[{}\[\]:,]|[^\s{}\[\]:,"]+|"', re.DOTALL)
@@ -57,6 +59,10 @@ class BodyInfo:
     checkpoint: str | None
     #: whether the body was seen whole and was a JSON object
     complete: bool
+    #: whether the pod goes back to its default checkpoint after the job: sd-webui's
+    #: ``override_settings_restore_afterwards`` (default true); False for a checkpoint set
+    #: through POST options (``sd_model_checkpoint`` at the top level), which stays
+    restore: bool = True
 
 
 def _scalar(token: str) -> tuple[bool, Any]:
@@ -163,6 +169,21 @@ def _checkpoint(top: Mapping[str, Any], nested: Mapping[str, Any]) -> str | None
     return checkpoint_key(value) if isinstance(value, str) else None
 
 
+def _restore(top: Mapping[str, Any], nested: Mapping[str, Any]) -> bool:
+    if "sd_model_checkpoint" not in nested and "sd_model_checkpoint" in top:
+        return False  # POST options: the new default
+    return read_bool(top, "override_settings_restore_afterwards", default=True)
+
+
+def _info(top: Mapping[str, Any], nested: Mapping[str, Any], *, complete: bool) -> BodyInfo:
+    return BodyInfo(
+        fields=top,
+        checkpoint=_checkpoint(top, nested),
+        complete=complete,
+        restore=_restore(top, nested),
+    )
+
+
 def inspect_body(data: bytes, *, complete: bool) -> BodyInfo:
     """Inspect a request body (whole, or a bounded prefix when ``complete`` is False).
 
@@ -179,10 +200,9 @@ def inspect_body(data: bytes, *, complete: bool) -> BodyInfo:
         top = {k: v for k, v in doc.items() if not isinstance(v, dict | list)}
         over = doc.get(_NESTED_OF_INTEREST)
         nested = over if isinstance(over, dict) else {}
-        return BodyInfo(fields=top, checkpoint=_checkpoint(top, nested), complete=True)
+        return _info(top, nested, complete=True)
     scanned = _scan(text)
-    checkpoint = _checkpoint(scanned.top, scanned.nested)
-    return BodyInfo(fields=scanned.top, checkpoint=checkpoint, complete=False)
+    return _info(scanned.top, scanned.nested, complete=False)
 
 
 def body_keys(data: bytes) -> frozenset[str]:

@@ -32,6 +32,12 @@ class Running:
     pod_id: PodId
     url: str
     dispatched_at: float
+    #: checkpoint loads the job was expected to cause there (sdproxy.core.cost.switches)
+    switches: int = field(default=0, compare=False)
+    #: its estimated GPU-seconds there (X-Sdproxy-Cost-S)
+    cost_s: float = field(default=0.0, compare=False)
+    #: the pod's checkpoint when it was bound (what it sampled with, if it names none)
+    checkpoint: str | None = field(default=None, compare=False)
 
 
 @dataclass(kw_only=True)
@@ -42,9 +48,18 @@ class Pod:
     limit: int
     #: bound tickets (written by SlotBook only)
     running: dict[TicketId, Running] = field(default_factory=dict)
-    #: checkpoint of the last job sent (sd-webui keeps it loaded until another is needed),
-    #: or the one the pod said it had loaded; only ever one the pod lists (``catalog``)
+    #: the pod's default checkpoint, loaded between jobs: the one it said it had loaded,
+    #: or the last one a job left there (one sent without sd-webui's restore afterwards:
+    #: with it, the pod goes back to its default); only ever one it lists (``catalog``)
     checkpoint: str | None = None
+    #: relative speed (``#weight=2`` on a backend URL): the first guess of its rate
+    weight: float = 1.0
+    #: why it was last ejected: "ejected" (refused a connection, broke an exchange, failed
+    #: a light call) or "outlier" (N failed generations in a row that were not the
+    #: request's fault), shown by /-/status while it rests
+    eject_reason: str = "ejected"
+    #: generations in a row that failed for no reason of the request (outlier ejection)
+    consecutive_failures: int = 0
     #: the checkpoint keys the pod lists (GET sd-models, read when it became ready); None
     #: until read: then any name counts (checkpoint keys are length-capped)
     catalog: frozenset[str] | None = None
@@ -108,7 +123,7 @@ class Pod:
         if self.checked_out:
             return "health_check"
         if self.ejected(now):
-            return "ejected"
+            return self.eject_reason
         if self.cordoned(now):
             return "cordoned"
         return None
@@ -181,15 +196,26 @@ class SlotBook:
 
     # ---- bindings ---------------------------------------------------------------------
 
-    def bind(self, job: Job, pod: Pod, now: float) -> Running:
+    def bind(
+        self, job: Job, pod: Pod, now: float, *, switches: int = 0, cost_s: float = 0.0
+    ) -> Running:
         if job.ticket in self._bound:
             raise StateError(f"ticket {job.ticket} is already running")
         if not pod.has_slot or self._pods.get(pod.pod_id) is not pod:
             raise StateError(f"pod {pod.pod_id} has no free slot for ticket {job.ticket}")
-        run = Running(ticket=job.ticket, pod_id=pod.pod_id, url=pod.url, dispatched_at=now)
+        run = Running(
+            ticket=job.ticket,
+            pod_id=pod.pod_id,
+            url=pod.url,
+            dispatched_at=now,
+            switches=switches,
+            cost_s=cost_s,
+            checkpoint=pod.checkpoint,
+        )
         pod.running[job.ticket] = run
         pod.last_used = now
-        if job.checkpoint is not None and pod.lists(job.checkpoint):
+        # with restore afterwards the pod goes back to its default: nothing changes
+        if job.checkpoint is not None and not job.restore and pod.lists(job.checkpoint):
             pod.checkpoint = job.checkpoint
         self._bound[job.ticket] = (run, job)
         return run

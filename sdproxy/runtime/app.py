@@ -27,6 +27,7 @@ from sdproxy import __version__
 from sdproxy.core.admission import Admission
 from sdproxy.core.effects import RejectReason, Transition
 from sdproxy.core.pods import Endpoint, PodId, PodState
+from sdproxy.core.queue import Priority
 from sdproxy.errors import ClientFacingError, ConfigError, NotFound
 from sdproxy.runtime.auth import guarded
 from sdproxy.runtime.autoscaler import Autoscaler
@@ -52,6 +53,7 @@ from sdproxy.runtime.status import (
     PodStatus,
     QueueStatus,
     Status,
+    TenantStatus,
     UiStatus,
 )
 from sdproxy.runtime.status_page import status_response
@@ -76,7 +78,7 @@ class Services:
         self.settings = settings
         self.clock = CLOCK
         self.started_at = CLOCK()
-        self.admission = Admission(settings.proxy.admission)
+        self.admission = Admission(settings.proxy.admission, tenants=settings.proxy.tenants)
         self.metrics = Metrics(snapshot=self.snapshot)
         self.gate = Gate(
             self.admission,
@@ -230,9 +232,18 @@ class Services:
                 max=adm.config.max_queue,
                 oldest_wait_s=adm.oldest_wait_s(now),
                 timeout_s=adm.config.queue_timeout_s,
+                by_priority=by_priority(adm),
+                policy=adm.config.policy,
             ),
             inflight=adm.inflight,
-            pods=tuple(PodStatus.of(pod, now) for pod in adm.pods.values()),
+            pods=tuple(
+                dataclasses.replace(
+                    PodStatus.of(pod, now),
+                    seconds_per_unit=round(adm.eta.rate(pod.pod_id, weight=pod.weight), 4),
+                )
+                for pod in adm.pods.values()
+            ),
+            tenants=tenant_statuses(adm),
             autoscaler=AutoscalerStatus(
                 scaler=self.scaler.name,
                 leader=self.scaler.is_leader(),
@@ -267,6 +278,27 @@ class Services:
             lobby_depth=len(lobby),
             lobby_oldest_wait_s=now - oldest,
         )
+
+
+def by_priority(adm: Admission) -> dict[str, int]:
+    depths = adm.depth_by_priority()
+    return {name: depths.get(value, 0) for name, value in Priority.BY_NAME.items()}
+
+
+def tenant_statuses(adm: Admission) -> tuple[TenantStatus, ...]:
+    """Every tenant configured or seen (served, queued or running)."""
+    book = adm.tenants
+    names = sorted({*book.tenants, *book.served_s, *book.queued, *book.running})
+    return tuple(
+        TenantStatus(
+            name=name,
+            weight=book.get(name).weight,
+            queued=book.queued.get(name, 0),
+            running=book.running.get(name, 0),
+            gpu_seconds=book.served_s.get(name, 0.0),
+        )
+        for name in names
+    )
 
 
 def _discovery(settings: Settings, scaler: Scaler) -> Discovery:

@@ -15,6 +15,7 @@ from typing import Protocol
 from urllib.parse import urlsplit
 
 from sdproxy.core.pods import Endpoint, PodId
+from sdproxy.options import split_weight
 
 Sink = Callable[[Sequence[Endpoint]], None]
 
@@ -83,12 +84,16 @@ class FanOut:
 
 
 class StaticDiscovery:
-    """The --backend list: every backend is ready from the start (health is learned)."""
+    """The --backend list: every backend is ready from the start (health is learned);
+    a URL's ``#weight=N`` is its pod's relative GPU speed."""
 
     name = "static"
 
     def __init__(self, urls: Sequence[str]) -> None:
-        self._endpoints = [Endpoint(pod_id=pod_id_for_url(u), url=u) for u in urls]
+        self._endpoints = []
+        for text in urls:
+            url, weight = split_weight(text)
+            self._endpoints.append(Endpoint(pod_id=pod_id_for_url(url), url=url, weight=weight))
 
     async def run(self, sink: Sink) -> None:
         sink(list(self._endpoints))

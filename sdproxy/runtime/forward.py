@@ -273,14 +273,16 @@ async def relay(
     *,
     extra_headers: Mapping[str, str],
     before_prepare: Callable[[web.StreamResponse], None] | None = None,
-    on_upstream_done: Callable[[bool], None] | None = None,
+    on_upstream_done: Callable[[bool, bytes | None], None] | None = None,
 ) -> tuple[web.StreamResponse, int]:
     """Copy the pod's response to the client; returns it and the body bytes sent.
 
     ``before_prepare`` may still add to the head (cookies) before it is sent.
-    ``on_upstream_done(failed)`` is called once the POD has sent its whole response (or
-    broke off): the pod reads ahead up to ``READ_AHEAD`` bytes, so a slow client never
-    keeps a GPU slot once the pod is done, and memory stays bounded per exchange.
+    ``on_upstream_done(failed, body)`` is called once the POD has sent its whole response
+    (or broke off), with the whole body if it was small enough to be read whole (an
+    error's JSON always is), else None: the pod reads ahead up to ``READ_AHEAD`` bytes,
+    so a slow client never keeps a GPU slot once the pod is done, and memory stays
+    bounded per exchange.
     A response of at most ``SMALL_BODY`` bytes is read whole first and returned
     unprepared, for aiohttp to send in one write.
     """
@@ -340,7 +342,7 @@ async def _relay_small(
     *,
     extra_headers: Mapping[str, str],
     before_prepare: Callable[[web.StreamResponse], None] | None,
-    on_upstream_done: Callable[[bool], None] | None,
+    on_upstream_done: Callable[[bool, bytes | None], None] | None,
 ) -> tuple[web.StreamResponse, int]:
     """``relay`` for a response of known, small length: read it all, answer it whole.
 
@@ -355,7 +357,7 @@ async def _relay_small(
     except aiohttp.ClientError as exc:
         error = exc
     if on_upstream_done is not None:
-        on_upstream_done(error is not None)
+        on_upstream_done(error is not None, b"".join(parts))
     if error is not None:
         response = await _start(request, upstream, extra_headers, before_prepare)
         for part in parts:
@@ -398,7 +400,7 @@ class _Pipe:
         self._writable.set()
 
     async def fill(
-        self, upstream: aiohttp.ClientResponse, on_done: Callable[[bool], None] | None
+        self, upstream: aiohttp.ClientResponse, on_done: Callable[[bool, bytes | None], None] | None
     ) -> None:
         try:
             async for chunk in upstream.content.iter_chunked(CHUNK):
@@ -414,7 +416,7 @@ class _Pipe:
             self.done = True
             self._readable.set()
             if on_done is not None:
-                on_done(self.error is not None)
+                on_done(self.error is not None, None)
 
     async def drain(self) -> AsyncIterator[bytes]:
         while True:

@@ -253,7 +253,7 @@ class Gate:
                 self._on_reject(r.reason)
                 fut = self._waiters.pop(r.ticket, None)
                 if fut is not None and not fut.done():
-                    fut.set_exception(errors.for_reject(r.reason))
+                    fut.set_exception(errors.for_reject(r.reason, r.eta_s))
             if fx.transitions:
                 self._on_transitions(fx.transitions)
             self._set_wake(fx.wake_at)

@@ -220,7 +220,8 @@ class AsyncJobs:
                 route=request.path,
                 method=request.method,
                 path_qs=request.path_qs,
-                headers=_forwarded_headers(request),
+                headers=self._forwarded_headers(request),
+                tenant=ex.caller.tenant or None,
                 status=JobStatus.QUEUED,
                 created_at=time.time(),
                 idempotency_key=key,
@@ -244,6 +245,13 @@ class AsyncJobs:
         if record is not None and self.expired(record):
             return None
         return record
+
+    def _forwarded_headers(self, request: web.Request) -> tuple[tuple[str, str], ...]:
+        """The headers the pod will get (as a synchronous call's), minus the job API's
+        and a tenant's API key (kept out of the store too)."""
+        headers = forward.upstream_headers(request, {})
+        self.proxy.strip_tenant_key(request, headers)
+        return tuple((k, v) for k, v in headers.items() if k.lower() not in _NOT_FORWARDED)
 
     def _accepted(self, record: JobRecord, ex: Exchange) -> web.Response:
         ex.job_id = record.id
@@ -327,12 +335,6 @@ def owners_of(caller: Caller) -> list[str]:
 
 def _address_key(caller: Caller) -> str:
     return Caller(header=None, cookie=None, address=caller.address, new_cookie=None).quota_key
-
-
-def _forwarded_headers(request: web.Request) -> tuple[tuple[str, str], ...]:
-    """The headers the pod will get (as a synchronous call's), minus the job API's."""
-    headers = forward.upstream_headers(request, {})
-    return tuple((k, v) for k, v in headers.items() if k.lower() not in _NOT_FORWARDED)
 
 
 def _discard(saving: asyncio.Future[None], path: Path) -> None:

@@ -36,6 +36,7 @@ from multidict import CIMultiDict
 
 from sdproxy import errors
 from sdproxy.core.effects import Dispatch, Outcome
+from sdproxy.core.queue import Priority
 from sdproxy.core.routing import RouteClass
 from sdproxy.core.sdapi import BodyInfo, inspect_body
 from sdproxy.runtime import body as bodies
@@ -52,10 +53,13 @@ from sdproxy.runtime.jobstore import (
     JobStatus,
     JobStore,
 )
-from sdproxy.runtime.proxy import PEEK_BYTES, Exchange, Proxy
+from sdproxy.runtime.proxy import PEEK_BYTES, Exchange, Proxy, outcome_of
 from sdproxy.runtime.tasks import Background
+from sdproxy.runtime.tenants import priority_of
 
 log = logging.getLogger("sdproxy.jobs")
+#: how much of a 5xx answer is kept to tell a CUDA out-of-memory (the request's fault)
+ERROR_HEAD_BYTES = 64 * 1024
 T = TypeVar("T")
 
 #: how long discovery may take to report before queued jobs are submitted again anyway
@@ -108,7 +112,13 @@ class Runner:
     def start(self, record: JobRecord, info: BodyInfo, *, caller: Caller | None) -> None:
         """Put ``record``'s job in the queue now; raises the client error if the queue
         refuses it at once (queue_full, no_backends, shutting_down)."""
-        job = self.proxy.new_job(record.route, info)
+        headers = dict(record.headers)
+        job = self.proxy.new_job(
+            record.route,
+            info,
+            tenant=record.tenant or "",
+            priority=_priority(headers),
+        )
         keys = [*caller.keys, job_key(record.id)] if caller else [job_key(record.id)]
         self.proxy.jobs.add_keys(
             keys, owner=record.owner, ticket=job.ticket, job_id=record.id, route=record.route
@@ -207,15 +217,24 @@ class Runner:
         the pod sent its last byte."""
         out = ResultFile(self.store.result_path(record.id))
         broke = False
+        error_head = bytearray()  # an error's first bytes say whose fault it was
         try:
             try:
                 async for chunk in upstream.content.iter_chunked(forward.CHUNK):
+                    if upstream.status >= 500 and len(error_head) < ERROR_HEAD_BYTES:
+                        error_head += chunk[: ERROR_HEAD_BYTES - len(error_head)]
                     await out.write(chunk)
             except aiohttp.ClientError as exc:
                 broke = True
                 log.warning("pod %s broke off job %s: %r", slot.pod_id, record.id[:6], exc)
             finally:
-                slot.release(Outcome.FAILED if broke or failed else Outcome.COMPLETED)
+                if broke or failed:
+                    slot.release(Outcome.FAILED)
+                else:
+                    outcome, fault = outcome_of(upstream.status, bytes(error_head))
+                    if fault is not None:
+                        self.proxy.metrics.request_fault(fault)
+                    slot.release(outcome)
                 upstream.release()
         finally:
             await out.close()
@@ -426,3 +445,13 @@ async def open_io(path: Path, mode: str) -> IO[Any]:
 def _close_opened(future: asyncio.Future[IO[Any]]) -> None:
     if not future.cancelled() and future.exception() is None:
         future.result().close()
+
+
+def _priority(headers: dict[str, str]) -> int:
+    """The job's X-Sdproxy-Priority as it was sent (checked at submit; a stored job taken
+    up again after a restart keeps its class). Its deadline is not kept: an asynchronous
+    job is polled for, it has no caller waiting on a deadline."""
+    try:
+        return priority_of(CIMultiDict(headers))
+    except errors.BadRequest:
+        return Priority.NORMAL

@@ -15,8 +15,10 @@ reaches exactly that job, whoever asks — an unguessable capability, indexed by
 the id so the key the pods' gates publish and peers are asked by does not give it away.
 A poll is matched by the one most specific key it carries (``Caller.own_key``).
 
-Keys are built in one place, ``_key``: when tenants come, a tenant prefix there scopes
-every identity (the index, the gates' occupancy, the peer queries) to its tenant.
+Keys are built in one place, ``_key``: the tenant's name prefixes every identity key
+(header, cookie, address — in the index, the gates' occupancy, the peer queries), so a
+caller reaches only the jobs of its own tenant by them, whatever identity it claims
+(sdproxy.runtime.tenants); a job id stays the capability it is, whoever holds it.
 """
 
 from __future__ import annotations
@@ -70,14 +72,15 @@ def new_request_id() -> str:
     return random_bytes(16).hex()
 
 
-def _key(kind: str, value: str) -> str:
-    """The index key of one identity (the seam for tenants: prefix it with the tenant)."""
-    return f"{kind}:{value}"
+def _key(kind: str, value: str, tenant: str = "") -> str:
+    """The index key of one identity, scoped to its tenant."""
+    return f"{quote(tenant, safe='')}/{kind}:{value}" if tenant else f"{kind}:{value}"
 
 
 def job_key(job_id: str) -> str:
     """The key of a job named by its id: a hash, so what gates and peers see of it is
-    not the capability itself."""
+    not the capability itself. Not scoped to a tenant: the id is the capability (an
+    asynchronous job is reached by it from anywhere)."""
     return _key("j", hashlib.blake2b(job_id.encode(), digest_size=16).hexdigest())
 
 
@@ -94,13 +97,15 @@ class Caller:
     job: str | None = None
     #: whether the address identifies a caller that gives no identity (--address-identity)
     by_address: bool = True
+    #: the tenant the request belongs to (sdproxy.runtime.tenants): scopes every key
+    tenant: str = ""
 
     @property
     def named(self) -> str | None:
         """The key of the identity the caller gave: its header, else its cookie."""
         if self.header:
-            return _key("h", self.header)
-        return _key("c", self.cookie) if self.cookie else None
+            return _key("h", self.header, self.tenant)
+        return _key("c", self.cookie, self.tenant) if self.cookie else None
 
     @property
     def keys(self) -> list[str]:
@@ -108,8 +113,8 @@ class Caller:
         else the cookie its answer gives it and (with address identity) its address."""
         if self.named:
             return [self.named]
-        keys = [_key("c", self.new_cookie)] if self.new_cookie else []
-        return [*keys, _key("a", self.address)] if self.by_address else keys
+        keys = [_key("c", self.new_cookie, self.tenant)] if self.new_cookie else []
+        return [*keys, _key("a", self.address, self.tenant)] if self.by_address else keys
 
     @property
     def own_key(self) -> str | None:
@@ -123,7 +128,7 @@ class Caller:
     def quota_key(self) -> str:
         """Whose queue places a heavy job takes (--max-queued-per-client): the identity the
         caller gave, else its address (a caller without one gets a new cookie each time)."""
-        return self.named or _key("a", self.address)
+        return self.named or _key("a", self.address, self.tenant)
 
     @property
     def id(self) -> str:

@@ -98,6 +98,10 @@ class AccessRecord:
     bytes_out: int
     #: stable error code (queue_full, backend_error…) or None
     error: str | None
+    #: the request's tenant (X-Sdproxy-Tenant or its API key's), None: anonymous
+    tenant: str | None = None
+    #: a heavy job's estimated GPU-seconds on its pod (X-Sdproxy-Cost-S)
+    cost_s: float | None = None
 
 
 def record_fields(record: logging.LogRecord) -> dict[str, Any]:

@@ -50,8 +50,11 @@ SCALE_DIRECTIONS = ("up", "down")
 #: practices: avoid missing metrics)
 #: the core's rejections, and those the proxy makes before a request takes a queue place
 REFUSALS = (ClientQuota.code, RequestTooLarge.code, SpoolFull.code)
-REJECT_REASONS = (*(r.value for r in RejectReason), *REFUSALS)
+#: one label value each (a tenant's max_queued is a core reject with the client_quota code)
+REJECT_REASONS = tuple(dict.fromkeys((*(r.value for r in RejectReason), *REFUSALS)))
 INTERRUPT_REASONS = tuple(r.value for r in InterruptReason)
+#: request faults (sdproxy.runtime.proxy.outcome_of): CUDA out of memory, a 422
+REQUEST_FAULT_KINDS = ("oom", "invalid")
 UPSTREAM_KINDS = tuple(k.value for k in UpstreamKind)
 #: sdproxy_callbacks_total{outcome} (sdproxy.runtime.callbacks.OUTCOMES)
 CALLBACK_OUTCOMES = ("delivered", "retried", "failed", "refused")
@@ -122,6 +125,13 @@ class Metrics:
             ["reason"],
             registry=reg,
         )
+        self._request_faults = Counter(
+            "sdproxy_request_faults_total",
+            "Generations that failed by the request's own fault, by kind (oom: CUDA out "
+            "of memory for its size; invalid: a 422): the pod keeps its place.",
+            ["kind"],
+            registry=reg,
+        )
         self._scale_events = Counter(
             "sdproxy_scale_events_total",
             "Changes of the desired pod count, by direction (up, down).",
@@ -153,6 +163,8 @@ class Metrics:
             self._interrupts.labels(reason=reason)
         for direction in SCALE_DIRECTIONS:
             self._scale_events.labels(direction=direction)
+        for kind in REQUEST_FAULT_KINDS:
+            self._request_faults.labels(kind=kind)
         for outcome in CALLBACK_OUTCOMES:
             self._callbacks.labels(outcome=outcome)
 
@@ -200,6 +212,9 @@ class Metrics:
 
     def backend_error(self, *, pod: str, kind: UpstreamKind) -> None:
         self._backend_errors.labels(pod=pod, kind=kind.value).inc()
+
+    def request_fault(self, kind: str) -> None:
+        self._request_faults.labels(kind=kind).inc()
 
     def interrupt(self, reason: InterruptReason) -> None:
         self._interrupts.labels(reason=reason.value).inc()
@@ -288,11 +303,23 @@ def _job_metrics(snap: Status | None) -> Iterator[Metric]:
 
 def _queue_metrics(snap: Status | None) -> Iterator[Metric]:
     queue = snap.queue if snap is not None else None
-    yield _gauge(
+    depth = GaugeMetricFamily(
         "sdproxy_queue_depth",
-        "Heavy requests waiting in the shared queue.",
-        None if queue is None else queue.depth,
+        "Heavy requests waiting in the shared queue, by priority (high, normal, low).",
+        labels=["priority"],
     )
+    if queue is not None:
+        for priority, count in queue.by_priority.items():
+            depth.add_metric([priority], count)
+    yield depth
+    served = CounterMetricFamily(
+        "sdproxy_tenant_gpu_seconds",
+        "GPU time served to each tenant's jobs (pod slot held, checkpoint loads included).",
+        labels=["tenant"],
+    )
+    for tenant in snap.tenants if snap is not None else ():
+        served.add_metric([tenant.name], tenant.gpu_seconds)
+    yield served
     yield _gauge(
         "sdproxy_queue_capacity",
         "Bound of the shared queue (--max-queue); beyond it requests get 503 queue_full.",

@@ -178,7 +178,9 @@ class GateServer:
 
     # ---- admission ----------------------------------------------------------------------
 
-    def _claim(self, request: web.Request, checkpoint: str | None = None) -> _Hold | None:
+    def _claim(
+        self, request: web.Request, checkpoint: str | None = None, *, restore: bool = True
+    ) -> _Hold | None:
         claim = Claim(
             request_id=request.headers.get("X-Request-Id") or new_request_id(),
             replica=request.headers.get(REPLICA_HEADER),
@@ -186,7 +188,7 @@ class GateServer:
             route=request.path,
             started_at=self.clock(),
         )
-        ticket = self.core.claim(claim, checkpoint=checkpoint)
+        ticket = self.core.claim(claim, checkpoint=checkpoint, restore=restore)
         if ticket is None:
             return None
         hold = _Hold(self, ticket)
@@ -270,8 +272,8 @@ class GateServer:
         ):
             return await self._pass(request, body)
         if hold is None:
-            checkpoint = inspect_body(body.prefix, complete=body.complete).checkpoint
-            hold = self._claim(request, checkpoint)
+            info = inspect_body(body.prefix, complete=body.complete)
+            hold = self._claim(request, info.checkpoint, restore=info.restore)
             if hold is None:
                 return self.busy_response(self.core.limit)
         return await self._exchange(request, body, hold)
@@ -307,7 +309,7 @@ class GateServer:
                 request,
                 upstream,
                 extra_headers={GATE_HEADER: "admitted"},
-                on_upstream_done=lambda _failed: hold.release(),
+                on_upstream_done=lambda _failed, _body: hold.release(),
             )
             return response
         finally:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator
@@ -23,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 import aiohttp
 from aiohttp import web
+from multidict import CIMultiDict
 
 from sdproxy import errors
 from sdproxy.core.admission import Job, TicketId
@@ -30,6 +32,7 @@ from sdproxy.core.cost import estimate_steps
 from sdproxy.core.effects import InterruptReason, Outcome
 from sdproxy.core.limits import check_request
 from sdproxy.core.pods import PodId
+from sdproxy.core.queue import Priority
 from sdproxy.core.routing import RouteClass, RouteTable, classify_options, parse_rule
 from sdproxy.core.sdapi import BodyInfo, body_keys, inspect_body
 from sdproxy.errors import UpstreamKind
@@ -54,6 +57,13 @@ from sdproxy.runtime.metrics import Metrics
 from sdproxy.runtime.peers import Peers
 from sdproxy.runtime.podgate import GATE_HEADER, REPLICA_HEADER
 from sdproxy.runtime.tasks import Background
+from sdproxy.runtime.tenants import (
+    COST_HEADER,
+    KEY_HEADER,
+    Tenants,
+    deadline_of,
+    priority_of,
+)
 from sdproxy.runtime.ui import UiFront, ui_cookie_header
 from sdproxy.runtime.ui import classify as ui_classify
 
@@ -71,6 +81,23 @@ EXPECT_OVER_BYTES = 64 * 1024
 CLIENT_CLOSED = 499
 #: Retry-After of 429 client_quota: a queued job of the caller may have started by then
 QUOTA_RETRY_S = 5.0
+#: sd-webui's CUDA out-of-memory answer: a 500 whose body names the exception
+#: (modules/api/api.py api_error -> {"error": "OutOfMemoryError", ...})
+OOM_MARK = b"OutOfMemoryError"
+
+
+def outcome_of(status: int, body: bytes | None) -> tuple[Outcome, str | None]:
+    """How a heavy exchange the pod answered in full ended, and the request-fault kind
+    (``sdproxy_request_faults_total{kind}``) if it was the request's fault: CUDA out of
+    memory (a 500 naming OutOfMemoryError: the request is too large for the GPU) or a 422
+    (its fields are invalid). Any other 5xx is the pod's (outlier ejection counts it)."""
+    if status == 422:
+        return Outcome.REQUEST_FAULT, "invalid"
+    if status >= 500:
+        if body is not None and OOM_MARK in body:
+            return Outcome.REQUEST_FAULT, "oom"
+        return Outcome.POD_ERROR, None
+    return Outcome.COMPLETED, None
 
 
 @dataclass(kw_only=True, slots=True)
@@ -92,6 +119,8 @@ class Exchange:
     #: a heavy request's job: its id (X-Sdproxy-Job) and the keys it is indexed under
     job_id: str | None = None
     job_keys: list[str] | None = None
+    #: its estimated GPU-seconds on the pod it was bound to (X-Sdproxy-Cost-S)
+    cost_s: float | None = None
     #: --ui: the Set-Cookie of a session opened or adopted by this request
     ui_cookie: str | None = None
     #: submitted as an asynchronous job (/-/jobs/..., Prefer: respond-async)
@@ -154,6 +183,7 @@ class Proxy:
         self.metrics = metrics
         self.clock = clock
         self.table = RouteTable.from_strings(settings.route)
+        self.tenants = Tenants(settings.tenants)
         self.jobs = JobIndex()
         #: the asynchronous job API (set by the composition root)
         self.async_jobs: AsyncJobs | None = None
@@ -194,6 +224,9 @@ class Proxy:
                     "paths with '.', '..', empty segments or control characters are "
                     "refused: the proxy must classify the path the pod will route"
                 )
+            tenant = self.tenants.tenant_of(request.headers)
+            if tenant:
+                ex.caller = dataclasses.replace(caller, tenant=tenant)
             response = await self._route(request, ex)
         except errors.BodyTimeout as exc:
             response = error_response(exc, ex)
@@ -307,6 +340,8 @@ class Proxy:
                 bytes_in=ex.bytes_in or (request.content_length or 0),
                 bytes_out=ex.bytes_out,
                 error=ex.error,
+                tenant=ex.caller.tenant or None,
+                cost_s=None if ex.cost_s is None else round(ex.cost_s, 2),
             )
         )
 
@@ -328,6 +363,8 @@ class Proxy:
                     request, peek_bytes=PEEK_BYTES, limit_bytes=self.limit_bytes
                 )
         info = inspect_body(prefix.prefix, complete=prefix.complete)
+        priority = priority_of(request.headers)  # 400 before the body is uploaded
+        deadline_s = deadline_of(request.headers)
         self._check_admissible(request, ex, info)  # before a refused body is uploaded
         body = await self._receive(request, ex, prefix)
         try:
@@ -335,7 +372,15 @@ class Proxy:
             self._check_admissible(request, ex, info)
             if ex.async_job and self.async_jobs is not None:
                 return await self.async_jobs.submit(request, ex, body, info)
-            job = self.new_job(request.path, info)
+            if deadline_s is not None:  # it counts from arrival: the upload took some
+                deadline_s -= self.clock() - ex.started
+            job = self.new_job(
+                request.path,
+                info,
+                tenant=ex.caller.tenant,
+                priority=priority,
+                deadline_s=deadline_s,
+            )
             ex.job_id = ex.caller.job or new_token()
             ex.job_keys = self.jobs.add(ex.caller, job.ticket, job_id=ex.job_id, route=request.path)
             try:
@@ -419,14 +464,34 @@ class Proxy:
         """How many of the caller's jobs wait in this replica's queue."""
         return sum(1 for t in self.jobs.owned(caller) if self.gate.admission.is_queued(t))
 
-    def new_job(self, path: str, info: BodyInfo) -> Job:
-        """The admission ticket of a heavy request (sent now, or an asynchronous job)."""
+    def new_job(
+        self,
+        path: str,
+        info: BodyInfo,
+        *,
+        tenant: str = "",
+        priority: int = Priority.NORMAL,
+        deadline_s: float | None = None,
+    ) -> Job:
+        """The admission ticket of a heavy request (sent now, or an asynchronous job):
+        its cost, checkpoint (and whether sd-webui restores the default after it),
+        tenant, priority and own deadline."""
         return Job(
             ticket=self.gate.new_ticket(),
             enqueued_at=self.clock(),
             cost=estimate_steps(info.fields, route=path.rsplit("/", 1)[-1]),
             checkpoint=info.checkpoint,
+            restore=info.restore,
+            priority=priority,
+            tenant=tenant,
+            deadline_s=deadline_s,
         )
+
+    def strip_tenant_key(self, request: web.Request, headers: CIMultiDict[str]) -> None:
+        """A tenant's API key is not the pod's business (nor the job store's)."""
+        headers.popall(KEY_HEADER, None)
+        if self.tenants.strips_authorization(request.headers):
+            headers.popall("Authorization", None)
 
     async def bind_exchange(
         self,
@@ -491,16 +556,25 @@ class Proxy:
     ) -> web.StreamResponse:
         """Relay the pod's answer; ``pod_failed``: its gate says sd-webui broke the
         exchange (the 502 goes to the client, the pod counts an error and rests)."""
+        ex.cost_s = slot.dispatch.cost_s
         extra = {
             "X-Sdproxy-Pod": slot.pod_id,
             "X-Sdproxy-Queue-Ms": f"{slot.dispatch.queued_s * 1000:.0f}",
             "X-Request-Id": ex.request_id,
             JOB_HEADER: ex.job_id or "",
+            COST_HEADER: f"{slot.dispatch.cost_s:.2f}",
         }
 
-        def pod_done(failed: bool) -> None:
-            """The pod has sent its whole answer (or broke off): the slot is free now."""
-            slot.release(Outcome.FAILED if failed or pod_failed else Outcome.COMPLETED)
+        def pod_done(failed: bool, body: bytes | None) -> None:
+            """The pod has sent its whole answer (or broke off): the slot is free now;
+            a small answer is at hand whole (an error's body says whose fault it was)."""
+            if failed or pod_failed:
+                slot.release(Outcome.FAILED)
+                return
+            outcome, fault = outcome_of(upstream.status, body)
+            if fault is not None and not slot.released:
+                self.metrics.request_fault(fault)
+            slot.release(outcome)
 
         try:
             response, ex.bytes_out = await forward.relay(
@@ -514,7 +588,7 @@ class Proxy:
         finally:
             upstream.release()
             # relaying never started (client gone at once): the pod answered, it is done
-            slot.release(Outcome.FAILED if pod_failed else Outcome.COMPLETED)
+            slot.release(Outcome.FAILED if pod_failed else outcome_of(upstream.status, None)[0])
 
     def _abandon(
         self,
@@ -583,6 +657,7 @@ class Proxy:
         """The client's request, as it goes to the pod at ``base_url`` (naming this replica
         and the caller, for the pod's gate)."""
         headers = forward.upstream_headers(request, self.upstream_extra(ex))
+        self.strip_tenant_key(request, headers)
         url = base_url + request.path_qs
         return forward.send(
             self.session,

@@ -10,7 +10,7 @@ disagree; ``Status.from_json`` reads the document back (tests, other replicas).
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from sdproxy.core.pods import PodState
@@ -23,6 +23,20 @@ class QueueStatus:
     max: int
     oldest_wait_s: float
     timeout_s: float
+    #: queued jobs per priority class (high, normal, low: every class present)
+    by_priority: Mapping[str, int] = field(default_factory=dict)
+    #: --policy: fair | fifo
+    policy: str = "fair"
+
+
+@dataclass(frozen=True, kw_only=True)
+class TenantStatus:
+    name: str
+    weight: float
+    queued: int
+    running: int
+    #: GPU time its jobs held pods, in seconds, since the proxy started
+    gpu_seconds: float
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -43,9 +57,14 @@ class PodStatus:
     mode: str
     #: heavy requests its gate runs for other senders
     foreign: int
-    #: why a ready pod takes no new work: gate_lost, pod_down, health_check, ejected,
-    #: cordoned (None: it takes work)
+    #: why a ready pod takes no new work: gate_lost, pod_down, health_check, ejected
+    #: (refused, broke an exchange or a light call), outlier (failed generations in a
+    #: row), cordoned (None: it takes work)
     out: str | None
+    #: relative GPU speed (#weight=N)
+    weight: float = 1.0
+    #: learned seconds per 512x512 step on it
+    seconds_per_unit: float | None = None
 
     @classmethod
     def of(cls, pod: Pod, now: float) -> PodStatus:
@@ -63,6 +82,7 @@ class PodStatus:
             mode=_mode(pod),
             foreign=pod.foreign,
             out=pod.out_reason(now),
+            weight=pod.weight,
         )
 
 
@@ -197,6 +217,7 @@ class Status:
     autoscaler: AutoscalerStatus
     discovery: DiscoveryStatus
     shutting_down: bool
+    tenants: tuple[TenantStatus, ...] = ()
     #: None without --ui
     ui: UiStatus | None = None
     #: the asynchronous job store (None: not running yet)
@@ -211,6 +232,8 @@ class Status:
                 "max": self.queue.max,
                 "oldest_wait_s": round(self.queue.oldest_wait_s, 3),
                 "timeout_s": self.queue.timeout_s,
+                "by_priority": dict(self.queue.by_priority),
+                "policy": self.queue.policy,
             },
             "inflight": self.inflight,
             "pods": [_pod_json(p) for p in self.pods],
@@ -221,6 +244,16 @@ class Status:
                 "last_error": self.discovery.last_error,
             },
             "shutting_down": self.shutting_down,
+            "tenants": [
+                {
+                    "name": t.name,
+                    "weight": t.weight,
+                    "queued": t.queued,
+                    "running": t.running,
+                    "gpu_seconds": round(t.gpu_seconds, 3),
+                }
+                for t in self.tenants
+            ],
             # only with --ui: the document of a proxy without it is unchanged
             **({"ui": self.ui.to_json()} if self.ui is not None else {}),
             **({"jobs": self.jobs.to_json()} if self.jobs is not None else {}),
@@ -242,6 +275,7 @@ class Status:
             ),
             discovery=DiscoveryStatus(**data["discovery"]),
             shutting_down=bool(data["shutting_down"]),
+            tenants=tuple(TenantStatus(**t) for t in data.get("tenants", ())),
             ui=UiStatus(**data["ui"]) if data.get("ui") else None,
             jobs=JobsStatus.from_json(data["jobs"]) if data.get("jobs") else None,
         )
@@ -262,6 +296,8 @@ def _pod_json(pod: PodStatus) -> dict[str, Any]:
         "mode": pod.mode,
         "foreign": pod.foreign,
         "out": pod.out,
+        "weight": pod.weight,
+        "seconds_per_unit": pod.seconds_per_unit,
     }
 
 

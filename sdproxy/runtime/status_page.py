@@ -60,11 +60,24 @@ function renderPods(pods) {
     row.dataset.state = String(pod.state);
     cell(row, pod.id, "id"); cell(row, pod.state, "state");
     cell(row, `${pod.inflight ?? 0}/${pod.limit ?? 0}`, "num inflight");
-    cell(row, pod.checkpoint, "checkpoint");
+    cell(row, pod.checkpoint, "checkpoint"); cell(row, pod.out, "out");
     cell(row, pod.completed, "num completed"); cell(row, pod.errors, "num errors");
     body.appendChild(row);
   }
   $("no-pods").hidden = pods.length > 0;
+}
+function renderTenants(tenants) {
+  const body = $("tenants");
+  body.replaceChildren();
+  for (const t of tenants) {
+    const row = document.createElement("tr");
+    row.dataset.tenant = String(t.name);
+    cell(row, t.name === "" ? "(anonymous)" : t.name, "tenant"); cell(row, t.weight, "num");
+    cell(row, t.queued, "num queued"); cell(row, t.running, "num running");
+    cell(row, (t.gpu_seconds ?? 0).toFixed(1), "num gpu-seconds");
+    body.appendChild(row);
+  }
+  $("no-tenants").hidden = tenants.length > 0;
 }
 function renderEvents(events) {
   const list = $("scale-events");
@@ -111,6 +124,8 @@ function render(s) {
     text("ui-lobby-wait", (ui.lobby_oldest_wait_s ?? 0).toFixed(1));
   }
   renderPods(pods);
+  renderTenants(Array.isArray(s.tenants) ? s.tenants : []);
+  text("queue-policy", queue.policy);
   renderEvents(Array.isArray(auto.events) ? auto.events : []);
   renderJobs(s.jobs);
   text("updated", new Date().toISOString());
@@ -153,8 +168,12 @@ _BODY = """<body>
 </div>
 <h2>Pods</h2>
 <table><thead><tr><th>pod</th><th>state</th><th>in flight / limit</th><th>checkpoint</th>
-<th>completed</th><th>errors</th></tr></thead><tbody id="pods"></tbody></table>
+<th>out</th><th>completed</th><th>errors</th></tr></thead><tbody id="pods"></tbody></table>
 <p id="no-pods" class="muted" hidden>No pods.</p>
+<h2>Tenants <span class="muted">(policy <span id="queue-policy"></span>)</span></h2>
+<table><thead><tr><th>tenant</th><th>weight</th><th>queued</th><th>running</th>
+<th>GPU-seconds</th></tr></thead><tbody id="tenants"></tbody></table>
+<p id="no-tenants" class="muted" hidden>No tenant has sent a job yet.</p>
 <h2>Recent jobs</h2>
 <p class="muted"><span id="jobs-counts"></span>; store <span id="jobs-store"></span>
  (ids shortened: a whole id is the job's capability)</p>

@@ -18,7 +18,17 @@ import pytest
 from tests.conftest import require_binary
 
 ROOT = Path(__file__).resolve().parents[2]
-SCENARIOS = ["overload", "overhead", "bigbody", "queue", "replicas", "jobs", "autoscale"]
+SCENARIOS = [
+    "overload",
+    "overhead",
+    "bigbody",
+    "queue",
+    "replicas",
+    "jobs",
+    "checkpoints",
+    "tenants",
+    "autoscale",
+]
 
 pytestmark = pytest.mark.slow
 

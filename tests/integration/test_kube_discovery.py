@@ -170,6 +170,26 @@ def test_endpoint_mapping(
     assert endpoints_from_slices([obj], port_name=port_name) == [expected]
 
 
+@pytest.mark.parametrize(
+    ("labels", "weight"),
+    [
+        pytest.param({"sdproxy.io/weight": "2"}, 2.0, id="two"),
+        pytest.param({"sdproxy.io/weight": "0.5"}, 0.5, id="half"),
+        pytest.param({"sdproxy.io/weight": "fast"}, 1.0, id="not-a-number-ignored"),
+        pytest.param({"sdproxy.io/weight": "0"}, 1.0, id="zero-ignored"),
+        pytest.param({}, 1.0, id="none"),
+    ],
+)
+def test_a_slice_label_gives_its_pods_a_weight(labels: dict[str, str], weight: float) -> None:
+    obj = {
+        "metadata": {"name": "s", "labels": labels},
+        "ports": [{"port": 7860}],
+        "endpoints": [{"addresses": ["10.0.0.1"], "targetRef": {"name": "p"}}],
+    }
+    (endpoint,) = endpoints_from_slices([obj], port_name="")
+    assert endpoint.weight == weight
+
+
 def test_slice_without_the_named_port_is_skipped() -> None:
     obj = {
         "metadata": {"name": "s"},

@@ -28,7 +28,14 @@ def sample_snapshot(*, depth: int = 3) -> dict[str, Any]:
     return {
         "version": "0.1.0",
         "uptime_s": 12.3,
-        "queue": {"depth": depth, "max": 1000, "oldest_wait_s": 12.3, "timeout_s": 600},
+        "queue": {
+            "depth": depth,
+            "max": 1000,
+            "oldest_wait_s": 12.3,
+            "timeout_s": 600,
+            "by_priority": {"high": 0, "normal": depth, "low": 0},
+            "policy": "fair",
+        },
         "inflight": 1,
         "pods": [
             _pod(POD_A, state="ready", inflight=1, completed=10),
@@ -54,6 +61,9 @@ def sample_snapshot(*, depth: int = 3) -> dict[str, Any]:
         },
         "discovery": {"source": "static", "connected": True, "last_error": None},
         "shutting_down": False,
+        "tenants": [
+            {"name": "batch", "weight": 1.0, "queued": 3, "running": 1, "gpu_seconds": 12.5}
+        ],
     }
 
 
@@ -72,6 +82,8 @@ def _pod(pod_id: str, *, state: str, inflight: int, completed: int) -> dict[str,
         "mode": "direct",
         "foreign": 0,
         "out": None,
+        "weight": 1.0,
+        "seconds_per_unit": 0.1,
     }
 
 
@@ -126,10 +138,12 @@ def test_promtool_finds_no_problems_in_the_exposition() -> None:
 def test_state_gauges_are_read_from_the_snapshot_at_scrape_time() -> None:
     snap = sample_snapshot(depth=3)
     metrics = Metrics(snapshot=lambda: Status.from_json(snap))
-    assert value(metrics, "sdproxy_queue_depth") == 3
-    snap["queue"]["depth"] = 7
+    assert value(metrics, "sdproxy_queue_depth", priority="normal") == 3
+    assert value(metrics, "sdproxy_queue_depth", priority="high") == 0
+    assert value(metrics, "sdproxy_tenant_gpu_seconds_total", tenant="batch") == 12.5
+    snap["queue"]["depth"] = snap["queue"]["by_priority"]["normal"] = 7
     snap["autoscaler"]["leader"] = False
-    assert value(metrics, "sdproxy_queue_depth") == 7
+    assert value(metrics, "sdproxy_queue_depth", priority="normal") == 7
     assert value(metrics, "sdproxy_queue_capacity") == 1000
     assert value(metrics, "sdproxy_queue_oldest_wait_seconds") == 12.3
     assert value(metrics, "sdproxy_desired_pods") == 2
@@ -228,4 +242,4 @@ async def test_metrics_app_serves_the_exposition(aiohttp_client: Any) -> None:
     response = await client.get("/metrics")
     assert response.status == 200
     assert response.headers["Content-Type"].startswith("text/plain; version=0.0.4")
-    assert "sdproxy_queue_depth 5.0" in await response.text()
+    assert 'sdproxy_queue_depth{priority="normal"} 5.0' in await response.text()

@@ -88,11 +88,12 @@ async def test_prometheus_scrapes_state_from_the_snapshot(
     ):
         await query_until(session, base, query="up", expect="1", deadline_s=12)
         result = await query_until(
-            session, base, query="sdproxy_queue_depth", expect="3", deadline_s=5
+            session, base, query='sdproxy_queue_depth{priority="normal"}', expect="3", deadline_s=5
         )
         assert result[0]["metric"]["job"] == "sdproxy"
-        snap["queue"]["depth"] = 7  # read at scrape time: the next scrape sees it
-        await query_until(session, base, query="sdproxy_queue_depth", expect="7", deadline_s=5)
+        # read at scrape time: the next scrape sees it
+        snap["queue"]["depth"] = snap["queue"]["by_priority"]["normal"] = 7
+        await query_until(session, base, query="sum(sdproxy_queue_depth)", expect="7", deadline_s=5)
         await query_until(
             session, base, query='sdproxy_pods{state="ready"}', expect="1", deadline_s=2
         )

@@ -126,6 +126,8 @@ async def test_page_shows_live_numbers(chromium: str, aiohttp_server: Any, tmp_p
     url = f"http://127.0.0.1:{server.port}/-/status"
     first = await dump_dom(chromium, url, tmp_path / "profile1")
     assert element_text(first, "queue-depth") == "3"
+    assert element_text(first, "queue-policy") == "fair"
+    assert 'data-tenant="batch"' in first and "12.5" in first  # its GPU-seconds
     assert element_text(first, "desired-pods") == "2"
     assert element_text(first, "ready-pods") == "1"
     assert element_text(first, "leader") == "yes"

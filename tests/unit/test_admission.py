@@ -109,7 +109,7 @@ def assert_invariants(adm: Admission, now: float) -> None:
     for pod in adm.pods.values():
         assert len(pod.running) <= pod.limit, f"{pod.pod_id} over its limit"
         assert pod.listed or pod.running, f"{pod.pod_id} gone and idle but not forgotten"
-    if len(adm.queue):
+    if any(adm.tenants.can_run(job) for job in adm.queue):  # a tenant at its cap waits
         free = [p.pod_id for p in adm.pods.values() if takes_work(p, now)]
         assert free == [], f"jobs wait while {free} have a free slot"
     assert adm.inflight == len(on_pods)
@@ -140,8 +140,24 @@ class Driver:
         self.last = fx
         return fx
 
-    def submit(self, n: int, *, cost: float = 1.0, checkpoint: str | None = None) -> Decision:
-        job = Job(ticket=T(n), enqueued_at=self.now, cost=cost, checkpoint=checkpoint)
+    def submit(
+        self,
+        n: int,
+        *,
+        cost: float = 1.0,
+        checkpoint: str | None = None,
+        restore: bool = False,
+        **fields: Any,
+    ) -> Decision:
+        """A job; by default one that leaves its checkpoint loaded (no restore)."""
+        job = Job(
+            ticket=T(n),
+            enqueued_at=self.now,
+            cost=cost,
+            checkpoint=checkpoint,
+            restore=restore,
+            **fields,
+        )
         return decision_for(self._checked(self.adm.submit(job, self.now)), T(n))
 
     def release(self, n: int, outcome: Outcome = Outcome.COMPLETED) -> list[Dispatch]:

@@ -7,7 +7,7 @@ import pytest
 
 from sdproxy import errors
 from sdproxy.core.effects import RejectReason
-from sdproxy.core.eta import EwmaEta
+from sdproxy.core.eta import SpeedModel
 from sdproxy.core.health import Health
 from sdproxy.core.light import LeastLoadedLight
 from sdproxy.core.placement import AffinityPlacement
@@ -86,7 +86,7 @@ def test_cordoned_pods_are_neither_usable_nor_coming() -> None:
 
 
 def test_eta_moving_average_and_formula() -> None:
-    eta = EwmaEta(seconds_per_unit=1.0)
+    eta = SpeedModel(seconds_per_unit=1.0)
     assert eta.eta_s(ahead=[1.0, 2.0], running=[2.0], slots=2, own=1.0) == ((3 + 1) / 2 + 1) * 1
     eta.observe(cost=2.0, seconds=12.0)  # 6 s per unit: 1 + 0.2 * 5
     assert eta.seconds_per_unit == pytest.approx(2.0)
@@ -96,7 +96,7 @@ def test_eta_moving_average_and_formula() -> None:
 
 
 def test_no_job_counts_for_more_than_the_longest_a_job_may_run() -> None:
-    eta = EwmaEta(seconds_per_unit=0.1, max_job_s=1800.0)
+    eta = SpeedModel(seconds_per_unit=0.1, max_job_s=1800.0)
     assert eta.job_s(1e13) == 1800.0 and eta.job_s(10.0) == pytest.approx(1.0)
     assert eta.eta_s(ahead=[1e13], running=[1e13], slots=2, own=10.0) == pytest.approx(
         (1800 + 1800 / 2) / 2 + 1.0

@@ -496,3 +496,37 @@ def test_gate_settings_have_their_own_flags_with_the_same_rules(tmp_path: Path) 
         settings.load_gate(parser.parse_args(["gate", "--upstream", "notaurl"]), env={})
     with pytest.raises(ConfigError, match="--max-inflight"):
         settings.load_gate(parser.parse_args(["gate", "--max-inflight", "0"]), env={})
+
+
+# ---- [tenants] ------------------------------------------------------------------------
+
+
+def test_tenant_tables_are_parsed(tmp_path: Path) -> None:
+    toml = (
+        '[tenants.web]\nkeys = ["k1", "k2"]\nweight = 2\nmax_running = 3\n'
+        '[tenants.batch]\nkeys = ["k3"]\nmax_priority = "low"\nmax_queued = 50\n'
+    )
+    tenants = {t.name: t for t in load(*BACKEND, toml=toml, tmp_path=tmp_path).proxy.tenants}
+    assert tenants["web"].keys == ("k1", "k2") and tenants["web"].weight == 2.0
+    assert tenants["web"].max_running == 3 and tenants["web"].max_queued == 1000
+    assert (tenants["batch"].max_priority, tenants["batch"].max_queued) == (0, 50)
+    assert load(*BACKEND).proxy.tenants == ()
+
+
+@pytest.mark.parametrize(
+    ("toml", "match"),
+    [
+        pytest.param('[tenants.a]\nkeys = ["k"]\ncolour = 1\n', "unknown keys colour", id="key"),
+        pytest.param("[tenants.a]\nweight = 0\n", "weight must be > 0", id="weight"),
+        pytest.param('[tenants.a]\nweight = "x"\n', "wrong type", id="type"),
+        pytest.param('[tenants.a]\nmax_priority = "top"\n', "max_priority", id="priority"),
+        pytest.param('[tenants.a]\nkeys = [""]\n', "non-empty", id="empty-key"),
+        pytest.param(
+            '[tenants.a]\nkeys = ["k"]\n[tenants.b]\nkeys = ["k"]\n', "given again", id="shared"
+        ),
+        pytest.param("tenants = 3\n", "must be tables", id="not-tables"),
+    ],
+)
+def test_bad_tenant_tables_stop_start_up(tmp_path: Path, toml: str, match: str) -> None:
+    with pytest.raises(ConfigError, match=match):
+        load(*BACKEND, toml=toml, tmp_path=tmp_path)

@@ -11,8 +11,8 @@ from sdproxy.core.slots import SlotBook
 from sdproxy.errors import IllegalTransition, StateError
 
 
-def job(n: int, checkpoint: str | None = None) -> Job:
-    return Job(ticket=TicketId(n), enqueued_at=0.0, checkpoint=checkpoint)
+def job(n: int, checkpoint: str | None = None, *, restore: bool = False) -> Job:
+    return Job(ticket=TicketId(n), enqueued_at=0.0, checkpoint=checkpoint, restore=restore)
 
 
 def ready_book(limit: int = 1) -> SlotBook:
@@ -37,6 +37,19 @@ def test_bind_and_unbind_keep_both_indexes_together() -> None:
     freed = book.unbind(TicketId(1))
     assert (freed.run, freed.job, freed.pod) == (run, job(1, "sdxl"), pod)
     assert book.inflight == 0 and pod.running == {}
+
+
+def test_a_job_with_restore_afterwards_leaves_the_default_checkpoint() -> None:
+    """sd-webui reloads the default after a job with override_settings_restore_afterwards
+    (its default): the pod's checkpoint does not follow the job."""
+    book = ready_book()
+    pod = book.pods[PodId("a")]
+    pod.checkpoint = "sd15"
+    run = book.bind(job(1, "sdxl", restore=True), pod, 1.0)
+    assert (pod.checkpoint, run.checkpoint) == ("sd15", "sd15")
+    book.unbind(TicketId(1))
+    book.bind(job(2, "sdxl"), pod, 2.0)
+    assert pod.checkpoint == "sdxl"
     book.check()
 
 

@@ -1,0 +1,86 @@
+"""Runtime: what a request says about its scheduling — tenant, priority, deadline.
+
+- Tenant. Without ``[tenants]`` in the config, ``X-Sdproxy-Tenant`` names it (trusted, as
+  ``X-Sdproxy-Client`` is: put the proxy behind something that sets it, or configure
+  keys); none is the anonymous tenant "". With ``[tenants.<name>] keys = [...]``, the
+  API key (``X-Sdproxy-Key: KEY`` or ``Authorization: Bearer KEY``) names it, the header
+  is ignored, and a missing or unknown key is ``401 unauthorized`` on every proxied
+  route. The key never reaches a pod (``X-Sdproxy-Key`` is dropped; a Bearer
+  ``Authorization`` that carried a key too — sd-webui's own ``--api-auth`` is Basic).
+- ``X-Sdproxy-Priority: high | normal | low`` (default normal; lowered to the tenant's
+  ``max_priority`` by the core); anything else is ``400 bad_request``.
+- ``X-Sdproxy-Deadline-S: <seconds>`` from arrival (a positive number, else 400).
+"""
+
+from __future__ import annotations
+
+import hmac
+import math
+from collections.abc import Iterable, Mapping
+
+from sdproxy import errors
+from sdproxy.core.queue import Priority
+from sdproxy.core.tenants import Tenant
+
+TENANT_HEADER = "X-Sdproxy-Tenant"
+KEY_HEADER = "X-Sdproxy-Key"
+PRIORITY_HEADER = "X-Sdproxy-Priority"
+DEADLINE_HEADER = "X-Sdproxy-Deadline-S"
+COST_HEADER = "X-Sdproxy-Cost-S"
+#: longest tenant name taken from the header (it becomes a metric label)
+MAX_TENANT_CHARS = 64
+
+
+class Tenants:
+    """The configured tenants' keys, or none (then the header names the tenant)."""
+
+    def __init__(self, tenants: Iterable[Tenant]) -> None:
+        self._by_key = {key: t.name for t in tenants for key in t.keys}
+        self.keyed = bool(self._by_key)
+
+    def tenant_of(self, headers: Mapping[str, str]) -> str:
+        if not self.keyed:
+            return (headers.get(TENANT_HEADER) or "")[:MAX_TENANT_CHARS]
+        key = headers.get(KEY_HEADER) or _bearer(headers.get("Authorization"))
+        if not key:
+            raise errors.Unauthorized(
+                f"an API key is required: {KEY_HEADER}: KEY or Authorization: Bearer KEY"
+            )
+        for known, name in self._by_key.items():  # constant time per key compared
+            if hmac.compare_digest(known.encode(), key.encode()):
+                return name
+        raise errors.Unauthorized("unknown API key")
+
+    def strips_authorization(self, headers: Mapping[str, str]) -> bool:
+        """Whether the request's Authorization carried our key (not for the pod)."""
+        return self.keyed and _bearer(headers.get("Authorization")) is not None
+
+
+def _bearer(value: str | None) -> str | None:
+    if value is None:
+        return None
+    scheme, _, token = value.partition(" ")
+    return token.strip() or None if scheme.lower() == "bearer" else None
+
+
+def priority_of(headers: Mapping[str, str]) -> int:
+    value = headers.get(PRIORITY_HEADER)
+    if value is None:
+        return Priority.NORMAL
+    found = Priority.BY_NAME.get(value.strip().lower())
+    if found is None:
+        raise errors.BadRequest(f"{PRIORITY_HEADER} must be high, normal or low, not {value!r}")
+    return found
+
+
+def deadline_of(headers: Mapping[str, str]) -> float | None:
+    value = headers.get(DEADLINE_HEADER)
+    if value is None:
+        return None
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = math.nan
+    if not 0 < seconds < math.inf:
+        raise errors.BadRequest(f"{DEADLINE_HEADER} must be a positive number of seconds")
+    return seconds
