@@ -33,7 +33,10 @@ measured over ``RATE_WINDOW_S`` and the measured service-time mean and variance)
 never fewer than the queue already there needs to drain within the target
 (queued × service time / target servers, at most one per request) nor than run now.
 Rules 2-5 apply to that need unchanged, so scale-in happens when fewer pods would have
-met the target over the whole scale-down window.
+met the target over the whole scale-down window. The target the model is solved for is
+``wait_target_s`` × a factor in [1/32, 1] that an outer loop (``sdproxy.core.waitcontrol``)
+moves by the queue waits measured (``Observation.waits``): down while more than 4 % of the
+last hour's waits exceed ``wait_target_s``, back up while fewer than 2 % do.
 
 With ``predict`` (``--predict``) the need is also at least the pods the forecast rate
 (``sdproxy.core.forecast``: learned per minute of the day and weekday) needs at any
@@ -117,9 +120,9 @@ class AutoscaleConfig:
     wait_target_s: float = field(
         default=0.0,
         metadata={
-            "help": "keep the predicted p95 queue wait at or under this with the fewest pods "
-            "(M/G/c model of the measured arrival rate and service time); 0: one pod per "
-            "request in flight or queued",
+            "help": "keep the p95 queue wait at or under this with the fewest pods (M/G/c "
+            "model of the measured arrival rate and service time, its target tightened while "
+            "the measured waits miss it); 0: one pod per request in flight or queued",
             "min": 0,
         },
     )
