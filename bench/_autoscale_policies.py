@@ -46,6 +46,7 @@ class SdproxyPolicy:
             service_s=obs.service_s,
             service_scv=obs.service_scv,
             wall_s=obs.wall_s,
+            waits=obs.waits,
         )
         decision, self.state = decide(observation, self.state, config=self.config, now=now)
         return decision.desired

@@ -59,6 +59,9 @@ class SimObservation:
     service_scv: float = 1.0
     #: virtual Unix time (the trace starts at ``SimConfig.epoch_s``, a Monday 00:00 UTC)
     wall_s: float = 0.0
+    #: queue waits of the requests dispatched since the previous tick (sdproxy's runtime
+    #: passes the same; only sdproxy's policy reads them)
+    waits: tuple[float, ...] = ()
 
 
 class Policy(Protocol):
@@ -127,6 +130,7 @@ class Simulation:
         self.measured_cold_start = 0.0
         self.arrived = 0
         self.service = ServiceStats()
+        self.tick_waits: list[float] = []
         self.out = SimResult()
 
     # -- bookkeeping ---------------------------------------------------------------
@@ -164,6 +168,7 @@ class Simulation:
         self.running[i] = req.service_s
         self.inflight += 1
         self.out.waits.append(t - req.arrival_s)
+        self.tick_waits.append(t - req.arrival_s)
         self.out.served_at.append(req.arrival_s)
         self._push(t + req.service_s, _DONE, i)
 
@@ -182,6 +187,7 @@ class Simulation:
         ready = sum(1 for p in alive if p.is_ready)
         mean = self.area / self.cfg.tick_s
         self.area = 0.0
+        waits, self.tick_waits = tuple(self.tick_waits), []
         return SimObservation(
             inflight=self.inflight,
             queued=len(self.queue),
@@ -194,6 +200,7 @@ class Simulation:
             service_s=self.service.mean_s,
             service_scv=self.service.scv,
             wall_s=self.cfg.epoch_s + t,
+            waits=waits,
         )
 
     def _scale(self, desired: int, t: float) -> None:

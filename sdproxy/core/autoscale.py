@@ -33,7 +33,10 @@ measured over ``RATE_WINDOW_S`` and the measured service-time mean and variance)
 never fewer than the queue already there needs to drain within the target
 (queued × service time / target servers, at most one per request) nor than run now.
 Rules 2-5 apply to that need unchanged, so scale-in happens when fewer pods would have
-met the target over the whole scale-down window.
+met the target over the whole scale-down window. The target the model is solved for is
+``wait_target_s`` × a factor in [1/32, 1] that an outer loop (``sdproxy.core.waitcontrol``)
+moves by the queue waits measured (``Observation.waits``): down while more than 4 % of the
+last hour's waits exceed ``wait_target_s``, back up while fewer than 2 % do.
 
 With ``predict`` (``--predict``) the need is also at least the pods the forecast rate
 (``sdproxy.core.forecast``: learned per minute of the day and weekday) needs at any
@@ -49,6 +52,7 @@ from dataclasses import dataclass, field, fields
 
 from sdproxy.core.forecast import Forecast
 from sdproxy.core.queueing import servers_for_wait
+from sdproxy.core.waitcontrol import WaitControl
 
 #: the queue-wait quantile ``wait_target_s`` bounds
 WAIT_QUANTILE = 0.95
@@ -81,6 +85,9 @@ class Observation:
     service_scv: float = 1.0
     #: Unix time, for the time of day ``predict`` learns (None: not given)
     wall_s: float | None = None
+    #: queue waits (seconds) of the heavy requests bound to a slot since the previous
+    #: tick: what the wait target's outer loop (``sdproxy.core.waitcontrol``) measures
+    waits: tuple[float, ...] = ()
 
     @property
     def demand(self) -> int:
@@ -113,9 +120,9 @@ class AutoscaleConfig:
     wait_target_s: float = field(
         default=0.0,
         metadata={
-            "help": "keep the predicted p95 queue wait at or under this with the fewest pods "
-            "(M/G/c model of the measured arrival rate and service time); 0: one pod per "
-            "request in flight or queued",
+            "help": "keep the p95 queue wait at or under this with the fewest pods (M/G/c "
+            "model of the measured arrival rate and service time, its target tightened while "
+            "the measured waits miss it); 0: one pod per request in flight or queued",
             "min": 0,
         },
     )
@@ -151,6 +158,8 @@ class AutoscaleState:
     arrivals: tuple[tuple[float, int], ...] = ()
     #: what ``predict`` learned (None until the first tick with ``predict`` and wall time)
     forecast: Forecast | None = None
+    #: the wait target's outer loop: measured waits and the model target's factor
+    wait_control: WaitControl = field(default_factory=WaitControl)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -168,6 +177,11 @@ class Decision:
     forecast_peak: float | None = None
     #: whether the forecast is followed (False: recent traffic fell far short of it)
     forecast_trusted: bool = True
+    #: the target the queueing model was solved for (``wait_target_s`` × the outer
+    #: loop's factor; 0 without a wait target) and the share of the waits measured over
+    #: ``wait_target_s`` in the loop's window (None: none measured)
+    model_target_s: float = 0.0
+    wait_over_share: float | None = None
 
     @property
     def changed(self) -> bool:
@@ -188,7 +202,13 @@ def decide(
     forecast = state.forecast
     if config.predict and observation.wall_s is not None:
         forecast = (forecast or Forecast()).observe(wall_s=observation.wall_s, arrivals=came)
-    sizing = _size(observation, rate=rate, forecast=forecast, config=config)
+    control = state.wait_control
+    if config.wait_target_s > 0.0:
+        control = control.observe(observation.waits, target_s=config.wait_target_s, now=now)
+    model_target = config.wait_target_s * control.factor
+    sizing = _size(
+        observation, rate=rate, forecast=forecast, model_target_s=model_target, config=config
+    )
     need = sizing.need
     last_heavy = now if observation.demand > 0 else state.last_heavy_at
     window_s = max(config.scale_down_delay_s, observation.cold_start_s)
@@ -216,6 +236,7 @@ def decide(
         history=history,
         arrivals=arrivals,
         forecast=forecast,
+        wait_control=control,
     )
     decision = Decision(
         desired=desired,
@@ -225,6 +246,8 @@ def decide(
         forecast_rate=sizing.forecast_rate,
         forecast_peak=sizing.forecast_peak,
         forecast_trusted=forecast.trusted if forecast is not None else True,
+        model_target_s=model_target,
+        wait_over_share=control.share_over,
     )
     return decision, new_state
 
@@ -263,11 +286,17 @@ class _Sizing:
 
 
 def _size(
-    observation: Observation, *, rate: float, forecast: Forecast | None, config: AutoscaleConfig
+    observation: Observation,
+    *,
+    rate: float,
+    forecast: Forecast | None,
+    model_target_s: float,
+    config: AutoscaleConfig,
 ) -> _Sizing:
-    """Rule 1: one pod per request, or the wait-target model; then the forecast's floor."""
+    """Rule 1: one pod per request, or the wait-target model (solved for the corrected
+    target); then the forecast's floor."""
     per_pod = max(1, observation.per_pod_limit)
-    service, target = observation.service_s, config.wait_target_s
+    service, target = observation.service_s, model_target_s
     model = _ModelInputs(
         service_s=service,
         scv=observation.service_scv,
@@ -279,8 +308,8 @@ def _size(
         backlog = min(observation.demand, math.ceil(observation.queued * service / target))
         need = math.ceil(max(servers, backlog, observation.inflight) / per_pod)
         why = (
-            f"wait target {target:g}s: {rate:.3f}/s x {service:.1f}s needs {servers} "
-            f"slots, the queue {backlog}"
+            f"wait target {config.wait_target_s:g}s (model {target:.3g}s): {rate:.3f}/s x "
+            f"{service:.1f}s needs {servers} slots, the queue {backlog}"
         )
     else:
         need = pods_needed(observation)

@@ -8,8 +8,9 @@ leader acts; every replica computes and exports the desired count, so the Kubern
 scaler and ``--scaler none`` (KEDA reading ``sdproxy_desired_pods``) follow the same
 decisions.
 
-The policy's inputs beyond the counters: the heavy arrival counter and the service-time
-moments the Gate measures (``--wait-target-s``), the measured cold start, and the wall
+The policy's inputs beyond the counters: the heavy arrival counter, the service-time
+moments and the queue waits of the requests bound since the previous tick that the Gate
+measures (``--wait-target-s`` and its outer loop), the measured cold start, and the wall
 clock (``--predict`` learns by time of day). With ``--predict-state FILE`` what the
 forecast learned (and the last cold start) is read at start and written every
 ``SAVE_S`` and at exit, atomically (a temporary file renamed over it).
@@ -150,6 +151,8 @@ class Autoscaler:
         learned = forecast is not None and forecast.learned
         return {
             "wait_target_s": config.wait_target_s,
+            "model_target_s": last.model_target_s if last else config.wait_target_s,
+            "wait_over_target_share": last.wait_over_share if last else None,
             "arrival_rate_per_s": last.rate if last else 0.0,
             "predict": config.predict,
             "forecast_rate_per_s": last.forecast_rate if last else None,
@@ -179,6 +182,7 @@ class Autoscaler:
             service_s=service.mean_s,
             service_scv=service.scv,
             wall_s=self.wall_clock(),
+            waits=self.gate.take_waits(),
         )
 
     async def step(self) -> Decision:

@@ -28,6 +28,8 @@ from sdproxy.core.queueing import ServiceStats
 
 #: never sleep less than this between ticks (the clock may lag the timer a little)
 MIN_SLEEP_S = 0.001
+#: queue waits kept for the autoscaler between two of its ticks (beyond: the oldest go)
+WAITS_KEPT = 10_000
 
 
 class Slot:
@@ -108,6 +110,15 @@ class Gate:
         #: the service times of completed ones (its queueing model, --wait-target-s)
         self.arrivals = 0
         self.service = ServiceStats()
+        #: queue waits of the requests bound since the autoscaler last took them
+        self._waits: collections.deque[float] = collections.deque(maxlen=WAITS_KEPT)
+
+    def take_waits(self) -> tuple[float, ...]:
+        """The queue waits (seconds) of the heavy requests bound to a slot since the
+        previous call (the --wait-target-s outer loop measures them), oldest first."""
+        waits = tuple(self._waits)
+        self._waits.clear()
+        return waits
 
     def new_ticket(self) -> TicketId:
         return TicketId(next(self._tickets))
@@ -248,6 +259,7 @@ class Gate:
                 if fut is None or fut.done():  # waiter vanished: never leak the slot
                     work.append(self.admission.release(d.ticket, Outcome.UNUSED, self.now()))
                 else:
+                    self._waits.append(max(0.0, d.queued_s))
                     fut.set_result(d)
             for r in fx.rejects:
                 self._on_reject(r.reason)

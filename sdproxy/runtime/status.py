@@ -118,6 +118,11 @@ class AutoscalerStatus:
     events: tuple[ScaleEvent, ...] = ()
     #: --wait-target-s (0: one pod per request) and the measured heavy arrivals per second
     wait_target_s: float = 0.0
+    #: the target the queueing model is solved for now (--wait-target-s corrected by the
+    #: measured waits) and the share of this replica's recent queue waits over
+    #: --wait-target-s (None: none measured, or no target)
+    model_target_s: float = 0.0
+    wait_over_target_share: float | None = None
     arrival_rate_per_s: float = 0.0
     #: --predict: the forecast rate now and its peak over the next cold start, whether it
     #: is followed, and forecast vs actual arrivals over the last minutes (None: off or
@@ -316,6 +321,8 @@ def _autoscaler_json(auto: AutoscalerStatus) -> dict[str, Any]:
         "max_pods": auto.max_pods,
         "events": [e.to_json() for e in auto.events],
         "wait_target_s": auto.wait_target_s,
+        "model_target_s": round(auto.model_target_s, 4),
+        "wait_over_target_share": _round(auto.wait_over_target_share),
         "arrival_rate_per_s": round(auto.arrival_rate_per_s, 4),
         "predict": auto.predict,
         "forecast_rate_per_s": _round(auto.forecast_rate_per_s),

@@ -73,6 +73,11 @@ async def test_wait_target_and_forecast_in_status_and_state_file(tmp_path: Path)
             await asyncio.sleep(0.5)
             auto = (await status(session, url))["autoscaler"]
             assert auto["wait_target_s"] == 5.0
+            # the outer loop saw the 4 requests' queue waits (the runtime passes them);
+            # 4 are too few to judge, so the model is solved for the operator's target
+            assert auto["wait_over_target_share"] is not None
+            assert 0.0 <= auto["wait_over_target_share"] <= 1.0
+            assert auto["model_target_s"] == 5.0
             assert auto["predict"] is True
             assert auto["arrival_rate_per_s"] > 0.0  # 4 arrivals in the last minute
             assert auto["forecast_rate_per_s"] == pytest.approx(2.0)

@@ -51,6 +51,8 @@ def sample_snapshot(*, depth: int = 3) -> dict[str, Any]:
             "max_pods": 4,
             "events": [{"at": "2026-11-25T18:00:00Z", "from": 1, "to": 2, "reason": "queue 3 > 1"}],
             "wait_target_s": 10.0,
+            "model_target_s": 2.5,
+            "wait_over_target_share": 0.043,
             "arrival_rate_per_s": 1.2,
             "predict": True,
             "forecast_rate_per_s": 1.1,

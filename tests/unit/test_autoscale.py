@@ -317,6 +317,46 @@ def test_wait_target_scales_in_only_after_the_window() -> None:
     assert "scale down" in after[first].reason
 
 
+def measured(arrivals: int, waits: tuple[float, ...], *, pods: int) -> Observation:
+    return dataclasses.replace(busy(arrivals, inflight=min(pods, 6), ready=pods), waits=waits)
+
+
+def test_missed_waits_tighten_the_model_target_and_add_pods() -> None:
+    """1 req/s for 4.7 s generations at a 10 s target: 6 pods. When a third of the measured
+    waits exceed 10 s (a burst the model cannot see), the outer loop shrinks the target the
+    model is solved for and more pods are asked for the same rate; when the waits are
+    short again it relaxes back to the operator's 10 s, never looser."""
+    clock = Clock(WAIT, start=AutoscaleState(last_desired=6))
+    total = steady(clock, rate=1.0, seconds=240.0, pods=6)
+    calm = clock.decisions[-1]
+    assert calm.model_target_s == 10.0 and calm.desired == 6
+    for _ in range(450):  # 15 minutes: 2 waits a tick, one of them 30 s
+        total += 2
+        clock.tick(measured(total, (30.0, 0.5), pods=clock.state.last_desired or 0))
+    tight = clock.decisions[-1]
+    assert tight.model_target_s < 10.0 / 4  # 15 minutes over: at least two halvings
+    assert tight.wait_over_share == pytest.approx(0.5, abs=0.01)
+    assert tight.desired > calm.desired
+    assert f"(model {tight.model_target_s:.3g}s)" in tight.reason
+    # 4 hours of short waits: the missed ones leave the 1 h window (the target keeps
+    # falling to its bound meanwhile), then five doublings of 30 minutes
+    for _ in range(4 * 1800):
+        total += 2
+        clock.tick(measured(total, (0.5, 0.5), pods=clock.state.last_desired or 0))
+    relaxed = clock.decisions[-1]
+    assert relaxed.model_target_s == 10.0
+    assert relaxed.desired == calm.desired
+
+
+def test_without_a_wait_target_the_loop_is_off() -> None:
+    clock = Clock(CFG, start=AutoscaleState(last_desired=1))
+    for _ in range(300):
+        clock.tick(dataclasses.replace(obs(inflight=1, ready=1), waits=(60.0,) * 5))
+    last = clock.decisions[-1]
+    assert last.model_target_s == 0.0 and last.wait_over_share is None
+    assert clock.state.wait_control.factor == 1.0
+
+
 def test_queue_beyond_the_target_orders_pods_at_once() -> None:
     """A burst queues 40 requests at 3 pods: draining them within 10 s takes 19 slots
     (40 x 4.7 / 10); ordered at once, bounded by the step."""
