@@ -30,6 +30,7 @@ from aiohttp import web
 from sdproxy import errors
 from sdproxy.core.sdapi import inspect_body
 from sdproxy.runtime.jobrun import body_prefix, open_io, run_io
+from sdproxy.runtime.jobs import JOB_ID
 from sdproxy.runtime.jobstore import JobRecord, JobStatus
 from sdproxy.runtime.podgate import REPLICA_HEADER
 
@@ -55,7 +56,10 @@ def _record_from(text: str) -> JobRecord:
     data["status"] = JobStatus(data["status"])
     for name in ("headers", "result_headers"):
         data[name] = tuple((str(k), str(v)) for k, v in data[name])
-    return JobRecord(**data)
+    record = JobRecord(**data)
+    if not isinstance(record.id, str) or not JOB_ID.fullmatch(record.id):
+        raise ValueError("its id is not a job id")  # it names a file under --jobs-dir
+    return record
 
 
 async def hand_over(jobs: AsyncJobs, *, replica: str) -> int:

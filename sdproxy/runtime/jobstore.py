@@ -251,7 +251,7 @@ class SqliteJobStore:
             if found is None:
                 raise
             return found
-        self._bytes += record.body_bytes
+        self._bytes += record.body_bytes + record.result_bytes
         return replace(record, seq=int(cur.lastrowid or 0))
 
     def find_idempotent(self, owners: Sequence[str], key: str) -> JobRecord | None:

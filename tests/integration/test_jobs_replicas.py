@@ -88,3 +88,48 @@ async def test_peers_ask_each_other_with_the_ops_token(
             f"/-/peer/jobs/{doc['id']}", headers={"Authorization": "Bearer t0ken"}
         )
         assert not_here.status_code == 404, "a peer answers from its own store only"
+
+
+def _imported(job_id: str, *, status: str = "succeeded") -> str:
+    import json
+
+    return json.dumps(
+        {
+            "id": job_id, "owner": "h:x", "route": "/sdapi/v1/txt2img", "method": "POST",
+            "path_qs": "/sdapi/v1/txt2img", "headers": [], "tenant": None, "status": status,
+            "created_at": 1.0, "started_at": 1.0, "finished_at": 9e9, "pod": None,
+            "error": None, "idempotency_key": None, "body_bytes": 0, "result_bytes": 0,
+            "result_status": 200, "result_headers": [], "expired": False,
+            "callback_url": None, "callback_state": None,
+        }
+    )  # fmt: skip
+
+
+async def test_the_import_endpoint_refuses_an_id_that_is_not_a_job_id(
+    gated_pods: GatedFactory, proxy_factory: ProxyFactory, tmp_path: Path
+) -> None:
+    """A peer's record names a path under --jobs-dir: ``../..`` must not escape it."""
+    cluster = await gated_pods(1)
+    _a, b = await peered(proxy_factory, cluster.urls, tmp_path)
+    sender = next(iter(b.services.peers.known))
+    escape = tmp_path / "escaped"
+    headers = {"X-Sdproxy-Replica": sender}
+    async with httpx.AsyncClient(base_url=b.url) as at_b:
+        bad = "../../escaped"
+        resp = await at_b.post(
+            "/-/peer/jobs/import",
+            content=b"owned",
+            headers={**headers, "X-Sdproxy-Job-Record": _imported(bad)},
+        )
+        assert resp.status_code == 400 and resp.json()["error"] == "bad_request", resp.text
+        assert not escape.exists()
+        # a real one is kept, and its result's bytes count in the store
+        good = "G" * 16
+        resp = await at_b.post(
+            "/-/peer/jobs/import",
+            content=b"x" * 1000,
+            headers={**headers, "X-Sdproxy-Job-Record": _imported(good)},
+        )
+        assert resp.status_code == 200, resp.text
+        assert (await b.status())["jobs"]["store_bytes"] == 1000
+        assert (await at_b.get(f"/-/jobs/{good}/result")).content == b"x" * 1000

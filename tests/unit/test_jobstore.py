@@ -4,6 +4,7 @@ destination policy."""
 from __future__ import annotations
 
 import ipaddress
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -129,3 +130,24 @@ def test_the_signature_is_the_hex_hmac_sha256_of_the_body() -> None:
     body = b"The quick brown fox jumps over the lazy dog"
     expected = "f7bc83f430538424b13298e6aa6fb143ef4d59a14946175997479dbc2d1a3cd8"
     assert signature("key", body) == "sha256=" + expected
+
+
+@pytest.mark.parametrize(
+    "address",
+    ["::ffff:127.0.0.1", "::127.0.0.1", "64:ff9b::a9fe:a9fe", "2002:7f00:1::1", "2002:a00:1::"],
+)
+def test_ipv6_spellings_of_refused_ipv4_addresses_are_refused(address: str) -> None:
+    """An IPv4 address embedded in an IPv6 one (mapped, compatible, NAT64, 6to4) is judged
+    as that IPv4 address: a NAT64 or 6to4 gateway would deliver it there."""
+    assert not Policy([]).address_allowed(ipaddress.ip_address(address))
+    assert Policy([]).address_allowed(ipaddress.ip_address("64:ff9b::808:808"))
+
+
+def test_an_inserted_finished_record_counts_its_result_bytes(tmp_path: Path) -> None:
+    store = SqliteJobStore(tmp_path)
+    store.insert(replace(record("b" * 16), status=JobStatus.SUCCEEDED, body_bytes=0,
+                         result_bytes=700, finished_at=1001.0))  # fmt: skip
+    assert store.bytes == 700
+    store.delete("b" * 16)
+    assert store.bytes == 0
+    store.close()
