@@ -11,7 +11,8 @@ Where a callback may go (SSRF: a job must not be a way to reach inside the clust
 (``hooks.example.com``, ``*.example.com``) or an address range (``10.1.2.0/24``). Without
 any, every public address is allowed and loopback, private (RFC 1918, fc00::/7),
 link-local (169.254.0.0/16: cloud metadata), shared, reserved, multicast and unspecified
-ones are refused. The check is made at submit (a refused URL is ``400 bad_request``) and
+ones are refused, also when spelled as IPv6 that carries such an IPv4 address (mapped,
+compatible, NAT64, 6to4). The check is made at submit (a refused URL is ``400 bad_request``) and
 again on every address the name resolves to when it is sent, inside the connector's
 resolver, so a name re-pointed to 127.0.0.1 after the submit (DNS rebinding) is still
 refused. Redirects are never followed.
@@ -80,6 +81,9 @@ class Policy:
     def address_allowed(self, address: Address) -> bool:
         if self.hosts or self.networks:
             return any(address in net for net in self.networks)
+        inner = embedded_ipv4(address)
+        if inner is not None and not (inner.is_global and not inner.is_multicast):
+            return False
         return address.is_global and not address.is_multicast
 
     def check_url(self, url: str) -> str:
@@ -99,6 +103,26 @@ class Policy:
         if not self.address_allowed(address):
             raise Refused(f"callback destination {host} is not allowed (--callback-allow)")
         return host
+
+
+#: NAT64's well-known prefix (RFC 6052): a gateway delivers 64:ff9b::a.b.c.d to a.b.c.d
+_NAT64 = ipaddress.IPv6Network("64:ff9b::/96")
+_IPV4_COMPATIBLE = ipaddress.IPv6Network("::/96")
+
+
+def embedded_ipv4(address: Address) -> ipaddress.IPv4Address | None:
+    """The IPv4 address an IPv6 one carries to (mapped ``::ffff:``, compatible ``::``,
+    NAT64 ``64:ff9b::``, 6to4 ``2002::``), judged as that address: ``::ffff:127.0.0.1``
+    reaches loopback, a NAT64 or 6to4 gateway delivers the others."""
+    if isinstance(address, ipaddress.IPv4Address):
+        return None
+    if address.ipv4_mapped is not None:
+        return address.ipv4_mapped
+    if address.sixtofour is not None:
+        return address.sixtofour
+    if address in _NAT64 or (address in _IPV4_COMPATIBLE and int(address) > 1):
+        return ipaddress.IPv4Address(int(address) & 0xFFFFFFFF)
+    return None
 
 
 class CheckingResolver(AbstractResolver):
