@@ -12,7 +12,8 @@ Where a callback may go (SSRF: a job must not be a way to reach inside the clust
 any, every public address is allowed and loopback, private (RFC 1918, fc00::/7),
 link-local (169.254.0.0/16: cloud metadata), shared, reserved, multicast and unspecified
 ones are refused, also when spelled as IPv6 that carries such an IPv4 address (mapped,
-compatible, NAT64, 6to4). The check is made at submit (a refused URL is ``400 bad_request``) and
+compatible, NAT64, 6to4); a numeric host that is no plain address (``2130706433``,
+``0177.0.0.1``, ``127.1``) is refused outright. The check is made at submit (a refused URL is ``400 bad_request``) and
 again on every address the name resolves to when it is sent, inside the connector's
 resolver, so a name re-pointed to 127.0.0.1 after the submit (DNS rebinding) is still
 refused. Redirects are never followed.
@@ -99,6 +100,11 @@ class Policy:
         try:
             address = ipaddress.ip_address(host)
         except ValueError:
+            if ":" in host or host.replace(".", "").isdigit():
+                # 2130706433, 0177.0.0.1, 127.1: aiohttp takes an all-digit host for an
+                # address and connects without asking the resolver (which would check
+                # it), and getaddrinfo reads it as 127.0.0.1
+                raise Refused(f"callback host {host} is not a plain IP address or name") from None
             return host  # a name: its addresses are checked as it is resolved, when sent
         if not self.address_allowed(address):
             raise Refused(f"callback destination {host} is not allowed (--callback-allow)")

@@ -173,3 +173,77 @@ async def test_callbacks_need_a_secret(
             SUBMIT, json=gen_body(2), headers={"X-Sdproxy-Callback": "http://127.0.0.1:9/x"}
         )
         assert resp.status_code == 400 and "--callback-secret" in resp.json()["detail"]
+
+
+async def test_other_spellings_of_loopback_are_never_sent(
+    sim_pods: SimFactory, proxy_factory: ProxyFactory, tmp_path: Path
+) -> None:
+    """Decimal, hexadecimal, octal, short and IPv6 spellings of 127.0.0.1: refused at
+    submit (400) or, for what only the resolver reads as loopback, when sent."""
+    proxy = await proxy_with(sim_pods, proxy_factory, tmp_path, "--callback-secret", SECRET)
+    async with receiver() as hook, httpx.AsyncClient(base_url=proxy.url) as client:
+        port = hook.url.split(":")[2].split("/")[0]
+        spellings = ("2130706433", "0x7f000001", "0177.0.0.1", "127.1", "[::ffff:127.0.0.1]")
+        sent = 0
+        for host in spellings:
+            url = f"http://{host}:{port}/hook"
+            resp = await client.post(SUBMIT, json=gen_body(2), headers={"X-Sdproxy-Callback": url})
+            if resp.status_code == 202:
+                sent += 1
+                await until_status(client, resp.json()["id"], "succeeded")
+            else:
+                assert resp.status_code == 400, (url, resp.text)
+
+        async def refused() -> bool:
+            return metric(proxy, "refused") == len(spellings)
+
+        await eventually(refused, what="every spelling of loopback to be refused")
+        assert metric(proxy, "delivered") == 0 and sent >= 1
+    assert hook.received == []
+
+
+async def test_a_redirect_to_a_refused_address_is_not_followed(
+    sim_pods: SimFactory, proxy_factory: ProxyFactory, tmp_path: Path
+) -> None:
+    allow = ("--callback-allow", "127.0.0.1/32", "--callback-secret", SECRET)
+    proxy = await proxy_with(sim_pods, proxy_factory, tmp_path, *allow, "--callback-retry-s", "0")
+    inside: list[bytes] = []
+
+    async def target(request: web.Request) -> web.Response:
+        inside.append(await request.read())
+        return web.Response()
+
+    app = web.Application()
+    app.router.add_post("/inside", target)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.2", 0).start()
+    elsewhere = f"http://127.0.0.2:{runner.addresses[0][1]}/inside"
+    try:
+        async with receiver() as hook, httpx.AsyncClient(base_url=proxy.url) as client:
+
+            async def redirect(request: web.Request) -> web.Response:
+                hook.received.append((await request.read(), ""))
+                raise web.HTTPTemporaryRedirect(elsewhere)
+
+            hook_app = web.Application()
+            hook_app.router.add_post("/hook", redirect)
+            hook_runner = web.AppRunner(hook_app, access_log=None)
+            await hook_runner.setup()
+            await web.TCPSite(hook_runner, "127.0.0.1", 0).start()
+            url = f"http://127.0.0.1:{hook_runner.addresses[0][1]}/hook"
+            try:
+                headers = {"X-Sdproxy-Callback": url}
+                resp = await client.post(SUBMIT, json=gen_body(2), headers=headers)
+                assert resp.status_code == 202, resp.text
+
+                async def failed() -> bool:
+                    return metric(proxy, "failed") == 1
+
+                await eventually(failed, what="the redirected callback to be given up")
+                assert len(hook.received) == 1
+            finally:
+                await hook_runner.cleanup()
+    finally:
+        await runner.cleanup()
+    assert inside == []
