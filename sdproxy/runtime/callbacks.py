@@ -14,10 +14,9 @@ link-local (169.254.0.0/16: cloud metadata), shared, reserved, multicast and uns
 ones are refused, also when spelled as IPv6 that carries such an IPv4 address (mapped,
 compatible, NAT64, 6to4); a numeric host that is no plain address (``2130706433``,
 ``0177.0.0.1``, ``127.1``) is refused outright. The check is made at submit (a refused
-URL is ``400 bad_request``) and
-again on every address the name resolves to when it is sent, inside the connector's
-resolver, so a name re-pointed to 127.0.0.1 after the submit (DNS rebinding) is still
-refused. Redirects are never followed.
+URL is ``400 bad_request``) and again on every address the name resolves to when it is
+sent, inside the connector's resolver, so a name re-pointed to 127.0.0.1 after the submit
+(DNS rebinding) is still refused. Redirects are never followed.
 """
 
 from __future__ import annotations
