@@ -128,13 +128,20 @@ async def import_job(jobs: AsyncJobs, request: web.Request, *, replica: str) -> 
     finished = record.status.finished
     path = jobs.store.result_path(record.id) if finished else jobs.store.body_path(record.id)
     size = 0
+    jobs.sweep(request.content_length or 0)  # the oldest finished results make room
+    room = jobs.max_bytes - jobs.store.bytes
     handle = await open_io(path, "wb")
     try:
         async for chunk in request.content.iter_chunked(CHUNK):
-            await run_io(handle.write, chunk)
             size += len(chunk)
+            if size > room:
+                break
+            await run_io(handle.write, chunk)
     finally:
         await run_io(handle.close)
+    if size > room:
+        await run_io(path.unlink, True)
+        raise errors.JobsFull(f"no room for job {record.id[:6]}… under --jobs-max-mb")
     if finished:
         record = dataclasses.replace(record, result_bytes=size, body_bytes=0)
     else:

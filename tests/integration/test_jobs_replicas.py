@@ -133,3 +133,23 @@ async def test_the_import_endpoint_refuses_an_id_that_is_not_a_job_id(
         assert resp.status_code == 200, resp.text
         assert (await b.status())["jobs"]["store_bytes"] == 1000
         assert (await at_b.get(f"/-/jobs/{good}/result")).content == b"x" * 1000
+
+
+async def test_the_import_endpoint_keeps_to_jobs_max_mb(
+    gated_pods: GatedFactory, proxy_factory: ProxyFactory, tmp_path: Path
+) -> None:
+    """A handed-over result larger than the room --jobs-max-mb leaves is refused (the
+    leaving peer tries another), not written whole past the bound."""
+    cluster = await gated_pods(1)
+    _a, b = await peered(proxy_factory, cluster.urls, tmp_path, "--jobs-max-mb", "1")
+    sender = next(iter(b.services.peers.known))
+    async with httpx.AsyncClient(base_url=b.url) as at_b:
+        resp = await at_b.post(
+            "/-/peer/jobs/import",
+            content=b"x" * (2 * 1024 * 1024),
+            headers={"X-Sdproxy-Replica": sender, "X-Sdproxy-Job-Record": _imported("H" * 16)},
+        )
+        assert resp.status_code == 503 and resp.json()["error"] == "jobs_full", resp.text
+        assert (await at_b.get(f"/-/jobs/{'H' * 16}")).status_code == 404
+    assert (await b.status())["jobs"]["store_bytes"] == 0
+    assert list((tmp_path / "jobs-1" / "results").iterdir()) == []
