@@ -407,3 +407,29 @@ async def test_a_storm_of_submits_and_cancels_leaks_no_slot(
     assert all(d["status"] == "succeeded" for d in finals if d["id"] not in victims)
     await proxy.wait_idle()
     assert all(s["heavy_inflight_max"] <= 1 for s in await sims.all_stats())
+
+
+async def test_odd_queries_and_ids_are_client_errors_never_500(
+    sim_pods: SimFactory, proxy_factory: ProxyFactory, tmp_path: Path
+) -> None:
+    proxy = await start(sim_pods, proxy_factory, tmp_path)
+    async with api(proxy, **{"X-Sdproxy-Client": "odd"}) as client:
+        doc = await submit(client, 2)
+        result = f"/-/jobs/{doc['id']}/result"
+        for wait in ("-1", "nan", "inf-", "1e400x", "", "0x10"):
+            resp = await client.get(result, params={"wait": wait})
+            assert resp.status_code in (400, 409) and "error" in resp.json(), (wait, resp.text)
+        assert (await client.get(result, params={"wait": "1e400"})).status_code == 200
+        for query in (
+            {"cursor": "1_0"}, {"cursor": "9" * 40}, {"cursor": "-5"}, {"cursor": "x"},
+            {"limit": "9" * 40}, {"limit": "0"}, {"status": "nope"}, {"tenant": "\u00e9" * 300},
+        ):  # fmt: skip
+            resp = await client.get("/-/jobs", params=query)
+            assert resp.status_code in (200, 400) and resp.json(), (query, resp.text)
+        for job_id in ("..%2F..%2Fjobs.sqlite", "a" * 200, "%00" * 20, "\u00e9" * 20):
+            for method in ("GET", "DELETE"):
+                resp = await client.request(method, f"/-/jobs/{job_id}")
+                assert resp.status_code == 404, (method, job_id, resp.text)
+        for prefer in ("respond-async;;;", ",,,", "respond-async, wait=abc", "x" * 8000):
+            resp = await client.post(TXT2IMG, json=gen_body(1), headers={"Prefer": prefer})
+            assert resp.status_code in (200, 202, 400), (prefer, resp.text)
