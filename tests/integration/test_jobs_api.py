@@ -433,3 +433,23 @@ async def test_odd_queries_and_ids_are_client_errors_never_500(
         for prefer in ("respond-async;;;", ",,,", "respond-async, wait=abc", "x" * 8000):
             resp = await client.post(TXT2IMG, json=gen_body(1), headers={"Prefer": prefer})
             assert resp.status_code in (200, 202, 400), (prefer, resp.text)
+
+
+async def test_the_list_of_a_tenant_caller_shows_its_own_jobs_only(
+    sim_pods: SimFactory, proxy_factory: ProxyFactory, tmp_path: Path
+) -> None:
+    """A tenant's job is owned by the tenant-scoped identity: the list must look it up
+    the same way (it looked up the bare identity: a tenant caller listed nothing)."""
+    proxy = await start(sim_pods, proxy_factory, tmp_path)
+    async with (
+        api(proxy, **{"X-Sdproxy-Client": "same", "X-Sdproxy-Tenant": "a"}) as at_a,
+        api(proxy, **{"X-Sdproxy-Client": "same", "X-Sdproxy-Tenant": "b"}) as at_b,
+        api(proxy, **{"X-Sdproxy-Client": "same"}) as bare,
+    ):
+        doc = await submit(at_a, 1)
+        assert doc["tenant"] == "a"
+        assert [j["id"] for j in (await at_a.get("/-/jobs")).json()["jobs"]] == [doc["id"]]
+        assert (await at_b.get("/-/jobs")).json()["jobs"] == []
+        assert (await bare.get("/-/jobs")).json()["jobs"] == []
+        key = {"Idempotency-Key": "k1"}
+        assert (await submit(at_b, 1, **key))["id"] != (await submit(at_a, 1, **key))["id"]
