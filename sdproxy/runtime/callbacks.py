@@ -225,7 +225,8 @@ class Callbacks:
             async with self._session_for_send().post(
                 url, data=body, headers=headers, timeout=timeout, allow_redirects=False
             ) as resp:
-                await resp.read()
+                # the status is the answer; its body is never read (it could be endless):
+                # leaving the block unread closes the connection
                 ok = 200 <= resp.status < 300
                 if not ok:
                     log.info("callback to %s answered %d", url, resp.status)

@@ -247,3 +247,44 @@ async def test_a_redirect_to_a_refused_address_is_not_followed(
     finally:
         await runner.cleanup()
     assert inside == []
+
+
+async def test_a_callback_answer_is_not_read_whole(
+    sim_pods: SimFactory, proxy_factory: ProxyFactory, tmp_path: Path
+) -> None:
+    """The destination's status says delivered; its body is not the proxy's to hold: an
+    endless one (a hostile receiver) must neither fill memory nor stall the delivery."""
+    allow = ("--callback-allow", "127.0.0.1/32", "--callback-secret", SECRET)
+    proxy = await proxy_with(sim_pods, proxy_factory, tmp_path, *allow)
+    streamed = [0]
+
+    async def endless(request: web.Request) -> web.StreamResponse:
+        await request.read()
+        response = web.StreamResponse()
+        await response.prepare(request)
+        chunk = b"x" * 65536
+        with contextlib.suppress(ConnectionError):
+            while streamed[0] < 2**31:
+                await response.write(chunk)
+                streamed[0] += len(chunk)
+        return response
+
+    app = web.Application()
+    app.router.add_post("/hook", endless)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    url = f"http://127.0.0.1:{runner.addresses[0][1]}/hook"
+    try:
+        async with httpx.AsyncClient(base_url=proxy.url) as client:
+            resp = await client.post(SUBMIT, json=gen_body(1), headers={"X-Sdproxy-Callback": url})
+            assert resp.status_code == 202, resp.text
+
+            async def delivered() -> bool:
+                return metric(proxy, "delivered") == 1
+
+            await eventually(delivered, timeout_s=5.0, what="the callback to be delivered")
+        assert metric(proxy, "retried") == 0
+    finally:
+        await runner.cleanup()
+    assert streamed[0] < 64 * 1024 * 1024, "the proxy stopped reading the answer"
