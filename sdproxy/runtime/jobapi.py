@@ -243,6 +243,8 @@ class AsyncJobs:
     def _idempotent(self, owners: list[str], key: str | None) -> JobRecord | None:
         record = self.store.find_idempotent(owners, key) if key else None
         if record is not None and self.expired(record):
+            if not record.expired:  # past retention, not swept yet: its key is free now
+                self._expire(record)
             return None
         return record
 

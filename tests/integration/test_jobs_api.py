@@ -453,3 +453,24 @@ async def test_the_list_of_a_tenant_caller_shows_its_own_jobs_only(
         assert (await bare.get("/-/jobs")).json()["jobs"] == []
         key = {"Idempotency-Key": "k1"}
         assert (await submit(at_b, 1, **key))["id"] != (await submit(at_a, 1, **key))["id"]
+
+
+async def test_an_idempotency_key_past_retention_starts_a_new_job(
+    sim_pods: SimFactory, proxy_factory: ProxyFactory, tmp_path: Path
+) -> None:
+    """Once a job's retention ended its key is free, also before the sweeper's next
+    round (a resubmit then got the expired job back: its result a 410)."""
+    proxy = await start(sim_pods, proxy_factory, tmp_path, "--jobs-ttl-s", "4")
+    async with api(proxy, **{"X-Sdproxy-Client": "carol"}) as carol:
+        key = {"Idempotency-Key": "once"}
+        one = await submit(carol, 1, **key)
+        await until_status(carol, one["id"], "succeeded")
+
+        async def past_retention() -> bool:
+            return bool((await status_of(carol, one["id"]))["expired"])
+
+        await eventually(past_retention, what="the job to pass its retention")
+        again = await submit(carol, 1, **key)
+        assert again["id"] != one["id"] and again["status"] == "queued"
+        resp = await carol.get(again["urls"]["result"], params={"wait": 10})
+        assert resp.status_code == 200, resp.text
