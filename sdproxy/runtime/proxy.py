@@ -706,6 +706,7 @@ class Proxy:
         with ui.in_use(target.sid):
             if websocket.is_upgrade(request):
                 headers = forward.upstream_headers(request, {"X-Request-Id": ex.request_id})
+                self.strip_tenant_key(request, headers)
                 ex.answering = True
                 with ui.ending(target.sid) as ended:
                     return await websocket.relay(
