@@ -358,3 +358,36 @@ async def test_a_tenant_name_that_is_not_printable_text_is_400_not_500(
     assert status == 200, body
     names = {t["name"] for t in (await proxy.status())["tenants"]}
     assert names == {"\u00e9quipe"}
+
+
+async def test_a_tenant_lists_its_own_asynchronous_jobs_by_its_key(
+    sim_pods: SimFactory, proxy_factory: ProxyFactory, tmp_path: Path
+) -> None:
+    config = tmp_path / "sdproxy.toml"
+    config.write_text('[tenants.team-a]\nkeys = ["key-a"]\n[tenants.team-b]\nkeys = ["key-b"]\n')
+    sims = await sim_pods(1)
+    proxy = await proxy_factory(
+        sims.urls, "--config", str(config), "--jobs-dir", str(tmp_path / "jobs")
+    )
+    ids = {}
+    for key, client in (("key-a", "alice"), ("key-a", None), ("key-b", "alice")):
+        headers = {"X-Sdproxy-Key": key} | ({"X-Sdproxy-Client": client} if client else {})
+        async with proxy.client.post("/-/jobs" + TXT2IMG, json=gen_body(1), headers=headers) as r:
+            assert r.status == 202, await r.text()
+            ids[key, client] = (await r.json())["id"]
+
+    async def listed(**headers: str) -> set[str]:
+        async with proxy.client.get("/-/jobs", headers=headers) as r:
+            assert r.status == 200, await r.text()
+            return {j["id"] for j in (await r.json())["jobs"]}
+
+    # by the identity it gave, and (address identity) what its address sent with none
+    assert await listed(**{"X-Sdproxy-Key": "key-a", "X-Sdproxy-Client": "alice"}) == {
+        ids["key-a", "alice"],
+        ids["key-a", None],
+    }
+    assert await listed(**{"X-Sdproxy-Key": "key-b", "X-Sdproxy-Client": "alice"}) == {
+        ids["key-b", "alice"]
+    }, "the same client name in another tenant is another caller"
+    async with proxy.client.get("/-/jobs", headers={"X-Sdproxy-Client": "alice"}) as r:
+        assert (r.status, (await r.json())["error"]) == (401, "unauthorized")
