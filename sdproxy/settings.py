@@ -333,6 +333,9 @@ def add_arguments(parser: argparse.ArgumentParser, root: type[Any] = Settings) -
             add_option(section, opt)
 
 
+#: the range of a tenant's weight (its share against others: a ratio of 10^6 at most)
+MIN_WEIGHT, MAX_WEIGHT = 0.001, 1000.0
+
 #: the keys of one [tenants.<name>] table, with their types
 _TENANT_KEYS: dict[str, type | tuple[type, ...]] = {
     "keys": list,
@@ -364,6 +367,8 @@ def parse_tenants(path: str, tables: object) -> tuple[Tenant, ...]:
         keys = table.get("keys", [])
         if not all(isinstance(k, str) and k for k in keys):
             raise ConfigError(f"{where}: keys must be non-empty strings")
+        if any(k != k.strip() for k in keys):  # a header's value arrives stripped
+            raise ConfigError(f"{where}: a key starts or ends with spaces: it never matches")
         for key in keys:
             if key in owner:
                 raise ConfigError(f"{where}: a key of tenant {owner[key]!r} is given again")
@@ -372,8 +377,12 @@ def parse_tenants(path: str, tables: object) -> tuple[Tenant, ...]:
         max_queued = table.get("max_queued", 1000)
         max_running = table.get("max_running", 0)
         priority = table.get("max_priority", "high")
-        if not weight > 0 or max_queued < 0 or max_running < 0:
-            raise ConfigError(f"{where}: weight must be > 0, max_queued and max_running >= 0")
+        # bounded: an infinite or denormal weight makes the fair queue's tags inf, then NaN
+        if not MIN_WEIGHT <= weight <= MAX_WEIGHT or max_queued < 0 or max_running < 0:
+            raise ConfigError(
+                f"{where}: weight must be from {MIN_WEIGHT:g} to {MAX_WEIGHT:g}, "
+                "max_queued and max_running >= 0"
+            )
         if priority not in Priority.BY_NAME:
             raise ConfigError(f"{where}: max_priority must be high, normal or low")
         out.append(

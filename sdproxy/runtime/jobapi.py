@@ -336,7 +336,10 @@ def owners_of(caller: Caller) -> list[str]:
 
 
 def _address_key(caller: Caller) -> str:
-    return Caller(header=None, cookie=None, address=caller.address, new_cookie=None).quota_key
+    anonymous = Caller(
+        header=None, cookie=None, address=caller.address, new_cookie=None, tenant=caller.tenant
+    )
+    return anonymous.quota_key  # of the same tenant: never another tenant's jobs
 
 
 def _discard(saving: asyncio.Future[None], path: Path) -> None:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -213,9 +212,10 @@ async def _send_result(
 
 
 async def list_jobs(jobs: AsyncJobs, request: web.Request) -> web.StreamResponse:
-    caller = identify(request, by_address=jobs.proxy.settings.address_identity)
-    # the tenant scopes the caller's keys, as at submit (keyed tenants: its API key, 401)
-    caller = dataclasses.replace(caller, tenant=jobs.proxy.tenants.tenant_of(request.headers))
+    # scoped to its tenant as a submit is (401 without a known key): else it lists nothing
+    caller = jobs.proxy.with_tenant(
+        request, identify(request, by_address=jobs.proxy.settings.address_identity)
+    )
     query = request.query
     status = query.get("status") or None
     if status is not None and status not in {s.value for s in JobStatus}:

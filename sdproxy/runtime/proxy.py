@@ -224,9 +224,7 @@ class Proxy:
                     "paths with '.', '..', empty segments or control characters are "
                     "refused: the proxy must classify the path the pod will route"
                 )
-            tenant = self.tenants.tenant_of(request.headers)
-            if tenant:
-                ex.caller = dataclasses.replace(caller, tenant=tenant)
+            ex.caller = self.with_tenant(request, caller)
             response = await self._route(request, ex)
         except errors.BodyTimeout as exc:
             response = error_response(exc, ex)
@@ -487,6 +485,11 @@ class Proxy:
             deadline_s=deadline_s,
         )
 
+    def with_tenant(self, request: web.Request, caller: Caller) -> Caller:
+        """``caller`` scoped to its tenant (by key: 401 without a known one; by header)."""
+        tenant = self.tenants.tenant_of(request.headers)
+        return dataclasses.replace(caller, tenant=tenant) if tenant else caller
+
     def strip_tenant_key(self, request: web.Request, headers: CIMultiDict[str]) -> None:
         """A tenant's API key is not the pod's business (nor the job store's)."""
         headers.popall(KEY_HEADER, None)
@@ -706,6 +709,7 @@ class Proxy:
         with ui.in_use(target.sid):
             if websocket.is_upgrade(request):
                 headers = forward.upstream_headers(request, {"X-Request-Id": ex.request_id})
+                self.strip_tenant_key(request, headers)
                 ex.answering = True
                 with ui.ending(target.sid) as ended:
                     return await websocket.relay(

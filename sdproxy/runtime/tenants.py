@@ -2,11 +2,13 @@
 
 - Tenant. Without ``[tenants]`` in the config, ``X-Sdproxy-Tenant`` names it (trusted, as
   ``X-Sdproxy-Client`` is: put the proxy behind something that sets it, or configure
-  keys); none is the anonymous tenant "". With ``[tenants.<name>] keys = [...]``, the
+  keys); none is the anonymous tenant "", and one that is not printable text is ``400
+  bad_request`` (it becomes a metric label). With ``[tenants.<name>] keys = [...]``, the
   API key (``X-Sdproxy-Key: KEY`` or ``Authorization: Bearer KEY``) names it, the header
   is ignored, and a missing or unknown key is ``401 unauthorized`` on every proxied
-  route. The key never reaches a pod (``X-Sdproxy-Key`` is dropped; a Bearer
-  ``Authorization`` that carried a key too — sd-webui's own ``--api-auth`` is Basic).
+  route; keys are compared as SHA-256 digests, in constant time. The key never reaches a
+  pod (``X-Sdproxy-Key`` is dropped; a Bearer ``Authorization`` that carried a key too —
+  sd-webui's own ``--api-auth`` is Basic).
 - ``X-Sdproxy-Priority: high | normal | low`` (default normal; lowered to the tenant's
   ``max_priority`` by the core); anything else is ``400 bad_request``.
 - ``X-Sdproxy-Deadline-S: <seconds>`` from arrival (a positive number, else 400).
@@ -14,6 +16,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import math
 from collections.abc import Iterable, Mapping
@@ -35,25 +38,46 @@ class Tenants:
     """The configured tenants' keys, or none (then the header names the tenant)."""
 
     def __init__(self, tenants: Iterable[Tenant]) -> None:
-        self._by_key = {key: t.name for t in tenants for key in t.keys}
-        self.keyed = bool(self._by_key)
+        # digests: every comparison takes the same time, whatever the keys' lengths
+        self._by_digest = [(_digest(key), t.name) for t in tenants for key in t.keys]
+        self.keyed = bool(self._by_digest)
 
     def tenant_of(self, headers: Mapping[str, str]) -> str:
         if not self.keyed:
-            return (headers.get(TENANT_HEADER) or "")[:MAX_TENANT_CHARS]
+            return _tenant_name(headers.get(TENANT_HEADER) or "")
         key = headers.get(KEY_HEADER) or _bearer(headers.get("Authorization"))
         if not key:
             raise errors.Unauthorized(
                 f"an API key is required: {KEY_HEADER}: KEY or Authorization: Bearer KEY"
             )
-        for known, name in self._by_key.items():  # constant time per key compared
-            if hmac.compare_digest(known.encode(), key.encode()):
-                return name
-        raise errors.Unauthorized("unknown API key")
+        given = _digest(key)
+        found: str | None = None
+        for known, name in self._by_digest:  # all compared: no early exit to time
+            if hmac.compare_digest(known, given) and found is None:
+                found = name
+        if found is None:
+            raise errors.Unauthorized("unknown API key")
+        return found
 
     def strips_authorization(self, headers: Mapping[str, str]) -> bool:
         """Whether the request's Authorization carried our key (not for the pod)."""
         return self.keyed and _bearer(headers.get("Authorization")) is not None
+
+
+def _digest(key: str) -> bytes:
+    """The key's SHA-256; a header's bytes that are not UTF-8 (aiohttp keeps them as
+    surrogates) are taken as they came, not a 500."""
+    return hashlib.sha256(key.encode("utf-8", "surrogateescape")).digest()
+
+
+def _tenant_name(value: str) -> str:
+    """The header's tenant: printable text (it becomes a metric label, a status entry
+    and a job-store column), cut to ``MAX_TENANT_CHARS``."""
+    if not value.isprintable():
+        raise errors.BadRequest(
+            f"{TENANT_HEADER} must be printable UTF-8 text (no control characters)"
+        )
+    return value[:MAX_TENANT_CHARS]
 
 
 def _bearer(value: str | None) -> str | None:

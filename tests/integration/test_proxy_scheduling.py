@@ -11,6 +11,7 @@ ejected as an outlier and /-/status says so.
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 from pathlib import Path
 from typing import Any
@@ -308,3 +309,85 @@ async def test_an_asynchronous_job_keeps_its_tenant_and_not_its_key(
     assert tenants["team-a"]["gpu_seconds"] > 0
     stored = b"".join(p.read_bytes() for p in (tmp_path / "jobs").rglob("*") if p.is_file())
     assert b"key-a" not in stored, "the tenant's key is not kept in the job store"
+
+
+async def raw_post(proxy: ProxyUnderTest, headers: bytes) -> tuple[int, Any]:
+    """A heavy POST whose header block is ``headers`` byte for byte (not UTF-8, say)."""
+    host, port = proxy.url.removeprefix("http://").split(":")
+    body = json.dumps(gen_body(1)).encode()
+    reader, writer = await asyncio.open_connection(host, int(port))
+    try:
+        writer.write(
+            f"POST {TXT2IMG} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n".encode()
+            + headers
+            + f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode()
+            + body
+        )
+        answer = await asyncio.wait_for(reader.read(), timeout=10)
+    finally:
+        writer.close()
+    head, _, payload = answer.partition(b"\r\n\r\n")
+    return int(head.split(b" ")[1]), json.loads(payload)
+
+
+async def test_a_key_that_is_not_utf8_is_401_not_500(
+    sim_pods: SimFactory, proxy_factory: ProxyFactory, tmp_path: Path
+) -> None:
+    config = tmp_path / "sdproxy.toml"
+    config.write_text('[tenants.team-a]\nkeys = ["key-a"]\n')
+    sims = await sim_pods(1)
+    proxy = await proxy_factory(sims.urls, "--config", str(config))
+    for headers in (b"X-Sdproxy-Key: key-\xff\r\n", b"Authorization: Bearer \xff\xfe\r\n"):
+        status, body = await raw_post(proxy, headers)
+        assert (status, body["error"]) == (401, "unauthorized"), headers
+    status, body = await raw_post(proxy, b"X-Sdproxy-Key: key-a\r\nX-Sdproxy-Tenant: other\r\n")
+    assert status == 200, body
+    names = {t["name"] for t in (await proxy.status())["tenants"]}
+    assert names == {"team-a"}, "with keys, the header names no tenant"
+
+
+async def test_a_tenant_name_that_is_not_printable_text_is_400_not_500(
+    sim_pods: SimFactory, proxy_factory: ProxyFactory
+) -> None:
+    sims = await sim_pods(1)
+    proxy = await proxy_factory(sims.urls)
+    for headers in (b"X-Sdproxy-Tenant: t\xff\r\n", b"X-Sdproxy-Tenant: t\xc2\x85\xe2\x80\xae\r\n"):
+        status, body = await raw_post(proxy, headers)
+        assert (status, body["error"]) == (400, "bad_request"), headers
+    status, body = await raw_post(proxy, b"X-Sdproxy-Tenant: \xc3\xa9quipe\r\n")
+    assert status == 200, body
+    names = {t["name"] for t in (await proxy.status())["tenants"]}
+    assert names == {"\u00e9quipe"}
+
+
+async def test_a_tenant_lists_its_own_asynchronous_jobs_by_its_key(
+    sim_pods: SimFactory, proxy_factory: ProxyFactory, tmp_path: Path
+) -> None:
+    config = tmp_path / "sdproxy.toml"
+    config.write_text('[tenants.team-a]\nkeys = ["key-a"]\n[tenants.team-b]\nkeys = ["key-b"]\n')
+    sims = await sim_pods(1)
+    proxy = await proxy_factory(
+        sims.urls, "--config", str(config), "--jobs-dir", str(tmp_path / "jobs")
+    )
+    ids = {}
+    for key, client in (("key-a", "alice"), ("key-a", None), ("key-b", "alice")):
+        headers = {"X-Sdproxy-Key": key} | ({"X-Sdproxy-Client": client} if client else {})
+        async with proxy.client.post("/-/jobs" + TXT2IMG, json=gen_body(1), headers=headers) as r:
+            assert r.status == 202, await r.text()
+            ids[key, client] = (await r.json())["id"]
+
+    async def listed(**headers: str) -> set[str]:
+        async with proxy.client.get("/-/jobs", headers=headers) as r:
+            assert r.status == 200, await r.text()
+            return {j["id"] for j in (await r.json())["jobs"]}
+
+    # by the identity it gave, and (address identity) what its address sent with none
+    assert await listed(**{"X-Sdproxy-Key": "key-a", "X-Sdproxy-Client": "alice"}) == {
+        ids["key-a", "alice"],
+        ids["key-a", None],
+    }
+    assert await listed(**{"X-Sdproxy-Key": "key-b", "X-Sdproxy-Client": "alice"}) == {
+        ids["key-b", "alice"]
+    }, "the same client name in another tenant is another caller"
+    async with proxy.client.get("/-/jobs", headers={"X-Sdproxy-Client": "alice"}) as r:
+        assert (r.status, (await r.json())["error"]) == (401, "unauthorized")

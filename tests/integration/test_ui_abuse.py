@@ -10,6 +10,7 @@ import contextlib
 import json
 import logging
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import aiohttp
 import pytest
@@ -29,6 +30,8 @@ class Tap:
         host, port = upstream.removeprefix("http://").split(":")
         self.upstream = (host, int(port))
         self.bytes_up = 0
+        #: everything sent up to the pod
+        self.sent = bytearray()
         self.frozen = asyncio.Event()
         self.server: asyncio.Server | None = None
         self._writers: list[asyncio.StreamWriter] = []
@@ -45,6 +48,7 @@ class Tap:
                     await asyncio.Event().wait()  # swallow it, answer nothing, forever
                 if up:
                     self.bytes_up += len(chunk)
+                    self.sent += chunk
                 writer.write(chunk)
                 await writer.drain()
             writer.close()
@@ -242,3 +246,20 @@ async def test_a_browser_that_vanishes_with_its_websocket_open_does_not_keep_the
             await eventually(ended, timeout_s=10, what="the vanished browser's session to end")
             assert not proxy.services.proxy.ui._websockets  # type: ignore[union-attr]
             ws._response.connection.transport.abort()  # type: ignore[union-attr]
+
+
+async def test_a_tenants_key_does_not_reach_the_pod_on_a_websocket(
+    ui_sims: UiSims, proxy_factory: ProxyFactory, tmp_path: Path
+) -> None:
+    config = tmp_path / "sdproxy.toml"
+    config.write_text('[tenants.team-a]\nkeys = ["key-a-secret"]\n')
+    async with tap(ui_sims.urls[0]) as pod:
+        proxy = await proxy_factory([pod.url], "--ui", "--config", str(config))
+        async with browser(proxy) as session:
+            session.headers["X-Sdproxy-Key"] = "key-a-secret"
+            assert (await open_page(session))[0] == 200
+            async with session.ws_connect("/queue/join") as ws:
+                await ws.send_str(json.dumps({"hash": "x"}))
+                await ws.receive(timeout=5)
+        assert b"GET /queue/join" in pod.sent, "the websocket went through the tap"
+        assert b"key-a-secret" not in pod.sent, "the key reached the pod"
