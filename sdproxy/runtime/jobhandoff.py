@@ -8,8 +8,10 @@ file, and every job still queued with its body file, to the first peer that take
 (``POST /-/peer/jobs/import``: the record as JSON in ``X-Sdproxy-Job-Record``, the file as
 the body), and then forgets it, so a restart with the same directory never runs a job a
 peer took over. The peer stores it under the same id (ids are 96 random bits, the
-capability the client holds) and queues the queued ones. A client then reaches its job
-through any remaining replica (``GET /-/jobs/{id}`` asks the peers).
+capability the client holds), queues the queued ones and sends a finished one's callback
+still pending (at least once: the leaving replica may have been sending it as it left).
+A client then reaches its job through any remaining replica (``GET /-/jobs/{id}`` asks
+the peers).
 
 The import endpoint is an operational one (``--ops-listen``, ``--ops-token``, which the
 replicas share and send) and answers only a sender that names itself with a replica id
@@ -31,7 +33,7 @@ from sdproxy import errors
 from sdproxy.core.sdapi import inspect_body
 from sdproxy.runtime.jobrun import body_prefix, open_io, run_io
 from sdproxy.runtime.jobs import JOB_ID
-from sdproxy.runtime.jobstore import JobRecord, JobStatus
+from sdproxy.runtime.jobstore import CALLBACK_PENDING, JobRecord, JobStatus
 from sdproxy.runtime.podgate import REPLICA_HEADER
 
 if TYPE_CHECKING:
@@ -147,6 +149,8 @@ async def import_job(jobs: AsyncJobs, request: web.Request, *, replica: str) -> 
     else:
         record = dataclasses.replace(record, body_bytes=size)
     record = jobs.store.insert(record)
+    if finished and record.callback_url and record.callback_state == CALLBACK_PENDING:
+        jobs.runner.notify(record)  # it ended as its replica drained: not yet called back
     if not finished:
         prefix, complete = await body_prefix(path)
         try:

@@ -90,7 +90,7 @@ async def test_peers_ask_each_other_with_the_ops_token(
         assert not_here.status_code == 404, "a peer answers from its own store only"
 
 
-def _imported(job_id: str, *, status: str = "succeeded") -> str:
+def _imported(job_id: str, *, status: str = "succeeded", **more: Any) -> str:
     import json
 
     return json.dumps(
@@ -101,7 +101,7 @@ def _imported(job_id: str, *, status: str = "succeeded") -> str:
             "error": None, "idempotency_key": None, "body_bytes": 0, "result_bytes": 0,
             "result_status": 200, "result_headers": [], "expired": False,
             "callback_url": None, "callback_state": None,
-        }
+        } | more
     )  # fmt: skip
 
 
@@ -153,3 +153,30 @@ async def test_the_import_endpoint_keeps_to_jobs_max_mb(
         assert (await at_b.get(f"/-/jobs/{'H' * 16}")).status_code == 404
     assert (await b.status())["jobs"]["store_bytes"] == 0
     assert list((tmp_path / "jobs-1" / "results").iterdir()) == []
+
+
+async def test_a_handed_over_job_with_a_pending_callback_still_calls_back(
+    gated_pods: GatedFactory, proxy_factory: ProxyFactory, tmp_path: Path
+) -> None:
+    """A job that ended while its replica drained may hand over before its callback
+    went out: the replica that takes it sends it (it stayed pending until a restart)."""
+    from tests.integration.test_jobs_callbacks import SECRET, receiver
+
+    cluster = await gated_pods(1)
+    flags = ("--callback-allow", "127.0.0.1/32", "--callback-secret", SECRET)
+    _a, b = await peered(proxy_factory, cluster.urls, tmp_path, *flags)
+    sender = next(iter(b.services.peers.known))
+    async with receiver() as hook, httpx.AsyncClient(base_url=b.url) as at_b:
+        record = _imported("C" * 16, callback_url=hook.url, callback_state="pending")
+        resp = await at_b.post(
+            "/-/peer/jobs/import",
+            content=b"{}",
+            headers={"X-Sdproxy-Replica": sender, "X-Sdproxy-Job-Record": record},
+        )
+        assert resp.status_code == 200, resp.text
+
+        async def called() -> bool:
+            return len(hook.received) == 1
+
+        await eventually(called, what="the handed-over job's callback")
+        assert b'"id":"CCCCCCCCCCCCCCCC"' in hook.received[0][0]
