@@ -360,6 +360,30 @@ async def test_a_tenant_name_that_is_not_printable_text_is_400_not_500(
     assert names == {"\u00e9quipe"}
 
 
+async def test_header_named_tenants_are_bounded(
+    sim_pods: SimFactory, proxy_factory: ProxyFactory
+) -> None:
+    """Any caller may make up tenant names, and each keeps fair-queue state and a metric
+    series: past MAX_HEADER_TENANTS distinct names a new one is 400, known ones work."""
+    from sdproxy.runtime.tenants import MAX_HEADER_TENANTS
+
+    sims = await sim_pods(1)
+    proxy = await proxy_factory(sims.urls)
+    for index in range(MAX_HEADER_TENANTS):
+        headers = {"X-Sdproxy-Tenant": f"team-{index}"}
+        async with proxy.client.get("/sdapi/v1/sd-models", headers=headers) as resp:
+            assert resp.status == 200, index
+    async with proxy.client.get(
+        "/sdapi/v1/sd-models", headers={"X-Sdproxy-Tenant": "one-too-many"}
+    ) as resp:
+        assert resp.status == 400
+        body = await resp.json()
+        assert body["error"] == "bad_request" and "[tenants]" in body["detail"]
+    for headers in ({"X-Sdproxy-Tenant": "team-7"}, {}):  # a known name, the anonymous one
+        async with proxy.client.post(TXT2IMG, json=gen_body(1), headers=headers) as resp:
+            assert resp.status == 200
+
+
 async def test_a_tenant_lists_its_own_asynchronous_jobs_by_its_key(
     sim_pods: SimFactory, proxy_factory: ProxyFactory, tmp_path: Path
 ) -> None:
