@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import socket
+from typing import NoReturn
 
 import pytest
 
@@ -14,7 +15,11 @@ def require_binary(name: str, *, install: str) -> str:
     path = shutil.which(name)
     if path:
         return path
-    message = f"{name} not found; install it with: {install}"
+    unavailable(f"{name} not found; install it with: {install}")
+
+
+def unavailable(message: str) -> NoReturn:
+    """Skip with ``message`` locally; fail in CI (CI=true), where everything must work."""
     if os.environ.get("CI", "").lower() == "true":
         pytest.fail(message)
     pytest.skip(message)

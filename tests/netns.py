@@ -33,11 +33,9 @@ import time
 from collections.abc import Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NoReturn, TypeVar
+from typing import Any, TypeVar
 
-import pytest
-
-from tests.conftest import require_binary
+from tests.conftest import require_binary, unavailable
 
 T = TypeVar("T")
 
@@ -51,13 +49,6 @@ COMMAND_TIMEOUT_S = 10.0
 STOP_GRACE_S = 3.0
 
 _libc = ctypes.CDLL(None, use_errno=True)
-
-
-def unavailable(message: str) -> NoReturn:
-    """Skip with ``message`` locally; fail in CI (CI=true), where the lab must work."""
-    if os.environ.get("CI", "").lower() == "true":
-        pytest.fail(message)
-    pytest.skip(message)
 
 
 def child_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:

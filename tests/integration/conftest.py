@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import importlib.util
-import os
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -28,8 +27,10 @@ from sdproxy import settings
 from sdproxy.cli import build_parser
 from sdproxy.runtime.app import SERVICES, Services, build_app
 from sdproxy.runtime.podgate import build_gate_app
+from sdproxy.runtime.ui import UiFront
 from sdproxy.sim.config import SimConfig
 from sdproxy.sim.server import run_pods
+from tests.conftest import unavailable
 
 TXT2IMG = "/sdapi/v1/txt2img"
 #: how long a wait for a condition may take on a busy 2-core machine before failing
@@ -116,6 +117,13 @@ class ProxyUnderTest:
     @property
     def services(self) -> Services:
         return self.app[SERVICES]
+
+    @property
+    def ui(self) -> UiFront:
+        """The proxy's browser-UI front (the proxy runs with --ui)."""
+        proxy = self.services.proxy
+        assert proxy is not None and proxy.ui is not None, "a proxy started with --ui"
+        return proxy.ui
 
     async def status(self) -> dict[str, Any]:
         async with self.client.get("/-/status", headers={"Accept": "application/json"}) as r:
@@ -248,10 +256,7 @@ class UiSims:
 def require_gradio() -> None:
     """The ``ui`` extra: skipped without it, except in CI (``CI=true`` never skips)."""
     if importlib.util.find_spec("gradio") is None:
-        message = "gradio not installed: pip install -e '.[dev,ui]'"
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail(message)
-        pytest.skip(message)
+        unavailable("gradio not installed: pip install -e '.[dev,ui]'")
 
 
 def _start_ui_sims(count: int) -> tuple[subprocess.Popen[bytes], list[str]]:

@@ -96,7 +96,7 @@ async def test_a_left_sessions_websocket_is_closed_and_the_next_browser_has_the_
         assert ws.close_code == aiohttp.WSCloseCode.GOING_AWAY
         status, pod, kind = await open_page(second)
         assert (status, kind) == (200, "") and pod is not None
-    ui = proxy.services.proxy.ui  # type: ignore[union-attr]
+    ui = proxy.ui
 
     async def relay_gone() -> bool:
         return ui is not None and not ui._websockets
@@ -204,7 +204,7 @@ async def test_a_pod_given_to_a_lobby_tab_that_was_closed_goes_to_the_next_brows
     """Before: the closed tab's session held the pod for --ui-idle-s (900 s), its GPU
     idle and closed to API jobs, while the next browser waited in the lobby."""
     proxy = await proxy_factory(ui_sims.urls[:1], "--ui")
-    ui = proxy.services.proxy.ui  # type: ignore[union-attr]
+    ui = proxy.ui
     assert ui is not None
     async with browser(proxy) as first, browser(proxy) as closed, browser(proxy) as third:
         assert (await open_page(first))[0] == 200
@@ -244,8 +244,12 @@ async def test_a_browser_that_vanishes_with_its_websocket_open_does_not_keep_the
                 return not (await proxy.status())["ui"]["sessions"]
 
             await eventually(ended, timeout_s=10, what="the vanished browser's session to end")
-            assert not proxy.services.proxy.ui._websockets  # type: ignore[union-attr]
-            ws._response.connection.transport.abort()  # type: ignore[union-attr]
+            assert not proxy.ui._websockets
+            # aiohttp's client websocket has no public abort, and a close would wait for
+            # the frozen peer's answer: drop the connection under it
+            connection = ws._response.connection
+            assert connection is not None and connection.transport is not None
+            connection.transport.abort()
 
 
 async def test_a_tenants_key_does_not_reach_the_pod_on_a_websocket(

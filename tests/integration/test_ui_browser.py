@@ -59,7 +59,7 @@ async def session_pod(proxy: ProxyUnderTest, browser: Browser) -> str:
     (cookie,) = [c for c in await browser.cookies() if c["name"] == "sdproxy_ui"]
     assert cookie["httpOnly"] and cookie["sameSite"] == "Lax"
     sid = cookie["value"].split(".")[0]
-    ui = proxy.services.proxy.ui  # type: ignore[union-attr]
+    ui = proxy.ui
     assert ui is not None
     session = ui.sessions.find(sid)
     assert session is not None, "the browser's cookie names no live session"

@@ -332,11 +332,13 @@ async def test_replicas_share_their_sessions_through_the_peers(
     one = await proxy_factory(ui_sims.urls[:1], "--ui")
     two = await proxy_factory(ui_sims.urls[:1], "--ui")
     for a, b in ((one, two), (two, one)):
-        a.services.peers.set_urls([b.url])  # type: ignore[union-attr]
+        peers = a.services.peers
+        assert peers is not None
+        peers.set_urls([b.url])
 
     async def two_sees(count: int) -> bool:
-        ui = two.services.proxy.ui  # type: ignore[union-attr]
-        return ui is not None and len(ui.peer_view(ui.clock()).sessions) == count
+        ui = two.ui
+        return len(ui.peer_view(ui.clock()).sessions) == count
 
     async with browser(one) as first, browser(two) as second:
         _, pod, _ = await open_page(first)
@@ -368,9 +370,9 @@ async def test_replicas_share_their_sessions_through_the_peers(
             assert (await resp.json())["ended"] is True
 
         async def one_knows() -> bool:
-            ui = one.services.proxy.ui  # type: ignore[union-attr]
+            ui = one.ui
             key = session_key(cookie.split(".")[0])
-            return ui is not None and key in ui.peer_view(ui.clock()).ended
+            return key in ui.peer_view(ui.clock()).ended
 
         await eventually(one_knows, what="the other replica to learn of the end")
         page = {**PAGE, "Cookie": f"sdproxy_ui={cookie}"}

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import Literal
 
 import pytest
 from hypothesis import HealthCheck, settings
@@ -19,7 +20,7 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, precondition,
 
 from sdproxy.core.admission import Admission, AdmissionConfig
 from sdproxy.core.cost import switches
-from sdproxy.core.effects import Effects, Outcome, RejectReason
+from sdproxy.core.effects import Effects, Outcome, Reject, RejectReason
 from sdproxy.core.eta import SpeedModel
 from sdproxy.core.pods import Endpoint, PodId
 from sdproxy.core.queue import FairQueue, FifoQueue, Job, Priority, TicketId
@@ -38,6 +39,12 @@ def loaded(d: Driver, **checkpoints: str) -> Driver:
     for name, checkpoint in checkpoints.items():
         d.observe_catalog(name, {"sd15", "sdxl", "anime"}, loaded=checkpoint, asked_at=d.now)
     return d
+
+
+def reason_of(decision: object) -> RejectReason:
+    """The reason of a decision that must be a rejection."""
+    assert isinstance(decision, Reject), decision
+    return decision.reason
 
 
 # ---- what a job switches ------------------------------------------------------------
@@ -276,7 +283,7 @@ def test_tenant_max_queued_and_max_priority() -> None:
     d.submit(1, tenant="t")
     assert d.submit(2, tenant="t", priority=HIGH) == queued(2, 1)
     assert next(iter(d.adm.queue)).priority == NORMAL, "capped at the tenant's maximum"
-    assert d.submit(3, tenant="t").reason is RejectReason.CLIENT_QUOTA  # type: ignore[union-attr]
+    assert reason_of(d.submit(3, tenant="t")) is RejectReason.CLIENT_QUOTA
     # t already runs one: the other tenant's first job goes ahead of t's second
     assert d.submit(4, tenant="other") == queued(4, 1)
 
@@ -305,7 +312,8 @@ def test_an_unmeetable_deadline_is_refused_at_once_with_the_eta() -> None:
 
 def test_a_deadline_longer_than_the_job_on_a_free_pod_dispatches() -> None:
     d = Driver(ep("a"), seconds_per_unit=1.0)
-    assert d.submit(1, cost=5.0, deadline_s=4.0).reason is RejectReason.DEADLINE_UNMEETABLE  # type: ignore[union-attr]
+    refused = d.submit(1, cost=5.0, deadline_s=4.0)
+    assert reason_of(refused) is RejectReason.DEADLINE_UNMEETABLE
     assert d.submit(2, cost=5.0, deadline_s=6.0) == dispatch(2, "a")
 
 
@@ -398,14 +406,14 @@ class FairStorm(RuleBasedStateMachine):
         self.first_passed: dict[TicketId, float] = {}
 
     @initialize(skip=st.sampled_from([0.0, 4.0]), policy=st.just("fair"))
-    def configure(self, skip: float, policy: str) -> None:
+    def configure(self, skip: float, policy: Literal["fair", "fifo"]) -> None:
         config = AdmissionConfig(
             max_inflight=1,
             max_queue=60,
             queue_timeout_s=1e9,
             seconds_per_unit=1.0,
             affinity_max_skip_s=skip,
-            policy=policy,  # type: ignore[arg-type]
+            policy=policy,
         )
         self.skip = skip
         self.adm = Admission(config, tenants=TENANTS.values())
@@ -553,7 +561,7 @@ def test_an_unconfigured_tenant_is_bounded_by_the_queue_only() -> None:
     d.submit(1)
     decisions = [d.submit(n) for n in range(2, 1503)]
     assert all(isinstance(x, type(queued(0, 1))) for x in decisions[:1500])
-    assert decisions[-1].reason is RejectReason.QUEUE_FULL  # type: ignore[union-attr]
+    assert reason_of(decisions[-1]) is RejectReason.QUEUE_FULL
 
 
 def test_the_oldest_job_is_the_first_in_not_the_head() -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from sdproxy.core.admission import Admission, AdmissionConfig, Job, TicketId
@@ -12,7 +14,7 @@ A, B = PodId("a"), PodId("b")
 
 
 def sessions(**overrides: float) -> UiSessions:
-    return UiSessions(UiConfig(ui=True, ui_idle_s=100.0, **overrides))  # type: ignore[arg-type]
+    return UiSessions(dataclasses.replace(UiConfig(ui=True, ui_idle_s=100.0), **overrides))
 
 
 def pods(*ids: PodId, load: int = 0) -> list[Candidate]:
@@ -162,7 +164,8 @@ def test_an_ended_browser_that_rejoins_stands_in_line_again() -> None:
 def test_adopt_takes_another_replicas_session_only_onto_a_pod_with_room() -> None:
     ui = sessions()
     assert ui.adopt("s1", A, pods(A, B), now=0.0)
-    assert ui.find("s1") is not None and ui.find("s1").pod_id == A  # type: ignore[union-attr]
+    found = ui.find("s1")
+    assert found is not None and found.pod_id == A
     assert not ui.adopt("s2", A, pods(A, B), now=0.0), "A is full"
     assert not ui.adopt("s3", PodId("gone"), pods(A, B), now=0.0), "not a candidate"
     ui.leave("s1", now=1.0)
