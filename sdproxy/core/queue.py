@@ -150,14 +150,51 @@ class _Depths:
             self.counts.pop(priority, None)
 
 
+class _Deadlines:
+    """Each queued job's deadline, the earliest first: a heap with lazy deletion (a
+    removed or re-dated ticket's old entry is skipped, and the heap rebuilt when most of
+    it is dead). Both queue policies keep theirs here."""
+
+    def __init__(self) -> None:
+        self._deadline: dict[TicketId, float] = {}
+        self._heap: list[tuple[float, TicketId]] = []
+
+    def add(self, ticket: TicketId, deadline: float) -> None:
+        self._deadline[ticket] = deadline
+        heapq.heappush(self._heap, (deadline, ticket))
+
+    def discard(self, ticket: TicketId) -> None:
+        self._deadline.pop(ticket, None)
+        if len(self._heap) > 2 * len(self._deadline) + 64:
+            self._heap = [(d, t) for d, t in self._heap if self._deadline.get(t) == d]
+            heapq.heapify(self._heap)
+
+    def first(self) -> tuple[float, TicketId] | None:
+        """The earliest live (deadline, ticket)."""
+        while self._heap:
+            deadline, ticket = self._heap[0]
+            if self._deadline.get(ticket) == deadline:
+                return deadline, ticket
+            heapq.heappop(self._heap)
+        return None
+
+    def due(self, now: float) -> list[TicketId]:
+        """The tickets whose deadline is at or before ``now`` (forgotten here)."""
+        out: list[TicketId] = []
+        while (head := self.first()) is not None and head[0] <= now:
+            heapq.heappop(self._heap)
+            del self._deadline[head[1]]
+            out.append(head[1])
+        return out
+
+
 class FifoQueue:
     """First in, first out, with O(1) removal of any job."""
 
     def __init__(self) -> None:
         self._order: deque[_Entry] = deque()
         self._live: dict[TicketId, _Entry] = {}
-        self._deadline: dict[TicketId, float] = {}
-        self._heap: list[tuple[float, TicketId]] = []
+        self._deadlines = _Deadlines()
         self._depths = _Depths()
 
     def __len__(self) -> int:
@@ -189,8 +226,7 @@ class FifoQueue:
         entry = _Entry(job)
         self._live[job.ticket] = entry
         self._depths.add(job.priority, 1)
-        self._deadline[job.ticket] = deadline
-        heapq.heappush(self._heap, (deadline, job.ticket))
+        self._deadlines.add(job.ticket, deadline)
         return entry
 
     def take(self, ticket: TicketId) -> Job | None:
@@ -203,12 +239,9 @@ class FifoQueue:
         entry = self._live.pop(ticket, None)
         if entry is not None:
             self._depths.add(entry.job.priority, -1)
-        self._deadline.pop(ticket, None)
+        self._deadlines.discard(ticket)
         if len(self._order) > 2 * len(self._live) + 64:
             self._order = deque(e for e in self._order if self._alive(e))
-        if len(self._heap) > 2 * len(self._live) + 64:
-            self._heap = [(d, t) for d, t in self._heap if self._deadline.get(t) == d]
-            heapq.heapify(self._heap)
         return None if entry is None else entry.job
 
     def _skip_dead(self) -> None:
@@ -219,25 +252,11 @@ class FifoQueue:
         self._skip_dead()
         return next((job for job in self if accepts(job)), None)
 
-    def _live_deadline(self) -> tuple[float, TicketId] | None:
-        while self._heap:
-            deadline, ticket = self._heap[0]
-            if self._deadline.get(ticket) == deadline:
-                return deadline, ticket
-            heapq.heappop(self._heap)
-        return None
-
     def expired(self, now: float) -> list[Job]:
-        out: list[Job] = []
-        while (head := self._live_deadline()) is not None and head[0] <= now:
-            heapq.heappop(self._heap)
-            job = self.remove(head[1])
-            if job is not None:
-                out.append(job)
-        return out
+        return [job for t in self._deadlines.due(now) if (job := self.remove(t)) is not None]
 
     def next_deadline(self) -> float | None:
-        head = self._live_deadline()
+        head = self._deadlines.first()
         return None if head is None else head[0]
 
     def oldest(self) -> Job | None:
@@ -270,8 +289,7 @@ class FairQueue:
         self._order: list[tuple[int, float, int]] = []
         self._jobs: dict[tuple[int, float, int], Job] = {}
         self._key: dict[TicketId, tuple[int, float, int]] = {}
-        self._deadline: dict[TicketId, float] = {}
-        self._heap: list[tuple[float, TicketId]] = []
+        self._deadlines = _Deadlines()
         #: (enqueued_at, sequence, ticket): the oldest job in O(log n), dead ones skipped
         self._ages: list[tuple[float, int, TicketId]] = []
         self._depths = _Depths()
@@ -314,8 +332,7 @@ class FairQueue:
         self._depths.add(job.priority, 1)
         bisect.insort(self._order, key)
         heapq.heappush(self._ages, (job.enqueued_at, key[2], job.ticket))
-        self._deadline[job.ticket] = deadline
-        heapq.heappush(self._heap, (deadline, job.ticket))
+        self._deadlines.add(job.ticket, deadline)
         return bisect.bisect_left(self._order, key) + 1
 
     def remove(self, ticket: TicketId) -> Job | None:
@@ -324,10 +341,7 @@ class FairQueue:
             return None
         del self._order[bisect.bisect_left(self._order, key)]
         self._depths.add(-key[0], -1)
-        self._deadline.pop(ticket, None)
-        if len(self._heap) > 2 * len(self._key) + 64:
-            self._heap = [(d, t) for d, t in self._heap if self._deadline.get(t) == d]
-            heapq.heapify(self._heap)
+        self._deadlines.discard(ticket)
         if len(self._ages) > 2 * len(self._key) + 64:
             self._ages = [a for a in self._ages if self._age_alive(a)]
             heapq.heapify(self._ages)
@@ -355,25 +369,11 @@ class FairQueue:
     def next_for(self, accepts: Callable[[Job], bool]) -> Job | None:
         return next((job for job in self if accepts(job)), None)
 
-    def _live_deadline(self) -> tuple[float, TicketId] | None:
-        while self._heap:
-            deadline, ticket = self._heap[0]
-            if self._deadline.get(ticket) == deadline:
-                return deadline, ticket
-            heapq.heappop(self._heap)
-        return None
-
     def expired(self, now: float) -> list[Job]:
-        out: list[Job] = []
-        while (head := self._live_deadline()) is not None and head[0] <= now:
-            heapq.heappop(self._heap)
-            job = self.remove(head[1])
-            if job is not None:
-                out.append(job)
-        return out
+        return [job for t in self._deadlines.due(now) if (job := self.remove(t)) is not None]
 
     def next_deadline(self) -> float | None:
-        head = self._live_deadline()
+        head = self._deadlines.first()
         return None if head is None else head[0]
 
     def oldest(self) -> Job | None:

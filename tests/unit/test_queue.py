@@ -131,7 +131,7 @@ def test_many_removals_compact_the_backing_deque_and_heap() -> None:
         q.remove(TicketId(n))
     assert len(q) == 1
     assert len(q._order) <= 2 * len(q) + 64
-    assert len(q._heap) <= 2 * len(q) + 64
+    assert len(q._deadlines._heap) <= 2 * len(q) + 64
     assert order(q) == [1]
 
 
