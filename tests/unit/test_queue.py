@@ -192,5 +192,5 @@ def test_behaves_like_a_list(script: list[tuple[str, int, int]]) -> None:
         assert q.next_deadline() == (min(float(m[1]) for m in model) if model else None)
         if op in ("remove", "take_head", "expire"):  # compaction bounds the dead entries
             assert len(q._order) <= 2 * len(model) + 64
-            assert len(q._heap) <= 2 * len(model) + 64
+            assert len(q._deadlines._heap) <= 2 * len(model) + 64
     assert [q.position(TicketId(m[0])) for m in model] == list(range(1, len(model) + 1))
